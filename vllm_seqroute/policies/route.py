@@ -1,0 +1,142 @@
+"""``route``: the public entry point from router scores to (ids, weights)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vllm_seqroute.ledger import CausalLedger
+from vllm_seqroute.policies.base import REGISTRY, Candidates, History, Selection, TokenParams
+from vllm_seqroute.policies.config import RoutingConfig
+from vllm_seqroute.policies.layout import BatchLayout
+from vllm_seqroute.policies.ordering import ordered_int, top_candidates
+
+
+def build_candidates(
+    scores: torch.Tensor,
+    width: int,
+    bias: torch.Tensor | None = None,
+    *,
+    with_mass: bool = True,
+    with_entropy: bool = True,
+) -> Candidates:
+    """Each token's best ``width`` experts by ``scores + bias``, weights from ``scores``."""
+    s = scores.to(torch.float32)
+    rank = s if bias is None else s + bias.to(torch.float32)
+    ids = top_candidates(rank, width)
+    mass = ent = None
+    if with_mass or with_entropy:
+        s64 = s.to(torch.float64)
+        mass = s64.sum(1)
+        if with_entropy:
+            e = s.shape[1]
+            prob = s64 / mass.clamp_min(1e-300)[:, None]
+            h = -(torch.where(prob > 0, prob * torch.log(prob), 0.0)).sum(1)
+            ent = h / math.log(e) if e > 1 else torch.zeros_like(h)
+    return Candidates(
+        ids=ids,
+        weights=torch.gather(s, 1, ids),
+        keys=torch.gather(ordered_int(rank), 1, ids),
+        mass=mass,
+        entropy=ent,
+    )
+
+
+def token_params(cfg: RoutingConfig, n: int, device: torch.device) -> TokenParams:
+    """Broadcast a resolved config to per-token parameter tensors."""
+
+    def full(v: float | int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.full((n,), v, dtype=dtype, device=device)
+
+    i64 = torch.int64
+    return TokenParams(
+        budget=full(cfg.budget or 0, i64),
+        cap=full(cfg.cap, i64),
+        floor=full(cfg.floor, i64),
+        p=full(cfg.p, torch.float64),
+        k_min=full(cfg.k_min, i64),
+        k_max=full(cfg.k_max or cfg.cap, i64),
+    )
+
+
+def history_of(ledger: CausalLedger, row: torch.Tensor) -> History:
+    return History(
+        seen=ledger.seen[row], used=ledger.used[row], past_counts=lambda keys: ledger.past_counts(row, keys)
+    )
+
+
+def assemble(
+    cand: Candidates, sel: Selection, *, renormalize: bool, empty_id: int | None = -1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output contract: ``ids [N, U] int32`` (best first; empty slots ``empty_id``, or the
+    unused candidate itself when ``None``) and ``weights [N, U] float32`` (0 in empty slots)."""
+    j = torch.arange(cand.width, device=cand.ids.device)
+    keep = j[None, :] < sel.count[:, None]
+    ids = cand.ids if empty_id is None else torch.where(keep, cand.ids, empty_id)
+    w = torch.where(keep, cand.weights, 0.0)
+    if renormalize:
+        w = w / w.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return ids.to(torch.int32), w.to(torch.float32)
+
+
+def _check_inputs(scores: torch.Tensor, cu_seqlens: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if scores.dim() != 2 or not scores.is_floating_point():
+        raise ValueError(
+            f"scores: expected a floating [N, E] tensor, got {tuple(scores.shape)} {scores.dtype}"
+        )
+    if scores.shape[1] < 1:
+        raise ValueError("scores: need at least one expert")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.is_floating_point():
+        raise ValueError(f"cu_seqlens: expected an integer [S+1] tensor, got {tuple(cu_seqlens.shape)}")
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0 or cu[-1] != scores.shape[0] or any(b < a for a, b in zip(cu, cu[1:], strict=False)):
+        raise ValueError(f"cu_seqlens: must rise from 0 to N={scores.shape[0]}, got {cu[:8]}...")
+    if bias is not None and tuple(bias.shape) != (scores.shape[1],):
+        raise ValueError(f"bias: expected shape ({scores.shape[1]},), got {tuple(bias.shape)}")
+
+
+def route(
+    scores: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    cfg: RoutingConfig,
+    *,
+    ledger: CausalLedger | None = None,
+    slots: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Route ``scores [N, E]`` (router probabilities) of ``S`` segments (``cu_seqlens [S+1]``).
+
+    Returns ``ids [N, cap] int32`` (``-1`` empty, best first) and ``weights [N, cap] float32``.
+    ``ledger`` carries the causal state across calls (segment ``i`` uses ``slots[i]``, default
+    ``i``); without one each segment starts with no history. ``bias`` ranks only.
+    """
+    _check_inputs(scores, cu_seqlens, bias)
+    n, e = scores.shape
+    cfg = cfg.resolve(e)
+    cand = build_candidates(
+        scores, cfg.cap, bias, with_mass=cfg.policy == "topp", with_entropy=cfg.policy == "entropy"
+    )
+    if n == 0:
+        return assemble(
+            cand, Selection(*(torch.zeros(0, dtype=torch.int64),) * 2), renormalize=cfg.renormalize
+        )
+    num_seg = cu_seqlens.numel() - 1
+    if slots is not None and (slots.dim() != 1 or slots.numel() != num_seg):
+        raise ValueError(f"slots: expected [S]={num_seg} slot ids, got {tuple(slots.shape)}")
+    layout = BatchLayout.from_cu_seqlens(cu_seqlens.to(scores.device), n, slots)
+    params = token_params(cfg, n, scores.device)
+    if cfg.policy != "seqtopk":
+        sel = REGISTRY[cfg.policy](cand, layout, params, None)
+        return assemble(cand, sel, renormalize=cfg.renormalize)
+    if ledger is None:
+        ledger = CausalLedger(num_seg, pool=cfg.pool, device=scores.device)
+    elif ledger.pool != cfg.pool:
+        raise ValueError(f"pool: config asks for {cfg.pool!r} but the ledger keeps {ledger.pool!r}")
+    row = ledger.rows(layout.token_slot)
+    sel = REGISTRY["seqtopk"](
+        cand, layout, params, history_of(ledger, row), rule=cfg.rule, exact=cfg.pool == "exact"
+    )
+    j = torch.arange(cfg.cap, device=scores.device)
+    ledger.commit(row, cand.keys, j[None, :] < params.cap[:, None], sel.charged)
+    return assemble(cand, sel, renormalize=cfg.renormalize)

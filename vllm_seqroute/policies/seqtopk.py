@@ -1,0 +1,155 @@
+"""Sequence-level TopK (SeqTopK): a request's tokens share ``budget`` experts per token.
+
+Pairs are ordered by ranking score (higher first), then token index, then expert id (lower
+first); a token's candidates are its best ``cap`` experts (the pool holds them all).
+
+- ``window``: the segment's pairs of this call compete; the best ``(seen+T)*budget - used``
+  are taken (a fresh request: ``T*budget``).
+- ``causal``: token t (1-based over the whole request) takes its j-th candidate iff
+  ``j + #(pool pairs of earlier tokens ranking above it) < t*budget``, then a hard ledger clips
+  the running total to ``t*budget``. The bounded pool compares earlier pairs by histogram bin
+  (same bin counts as above); its own candidates are compared exactly.
+
+Both then apply the floor (uncharged) and the cap.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_seqroute.policies.base import Candidates, History, Selection, TokenParams, register_policy
+from vllm_seqroute.policies.layout import BatchLayout
+from vllm_seqroute.policies.ordering import pool_bin
+
+_SEG_SHIFT = 32
+_KEY_TOP = (1 << 31) - 1
+_BIG = 1 << 40  # separates segments in the segmented cummin
+
+
+def _segment_sort(key: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
+    """Stable order of the flattened ``[N*U]`` pairs by (segment, key descending)."""
+    seg = layout.seg[:, None].expand_as(key)
+    sort_key = (seg << _SEG_SHIFT) | (_KEY_TOP - key.to(torch.int64))
+    return torch.sort(sort_key.flatten(), stable=True).indices
+
+
+def _count_less_before(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """For each position ``p``: ``#{q < p : v[q] < x[..., p]}``; ``x`` is ``[Q, M]``.
+
+    Merge-sort levels: a position in the right half of a block counts the left half's values
+    below its queries with one batched ``searchsorted``; ``log2 M`` sorts in all.
+    """
+    m = v.numel()
+    q = x.shape[0]
+    size = 1 << max(m - 1, 0).bit_length()
+    pad = size - m
+    big = torch.iinfo(torch.int64).max
+    srt = torch.nn.functional.pad(v, (0, pad), value=big)  # sorted within blocks of size h
+    xs = torch.nn.functional.pad(x, (0, pad))
+    acc = torch.zeros(q, size, dtype=torch.int64, device=v.device)
+    h = 1
+    while h < size:
+        blocks = srt.view(-1, 2 * h)
+        left = blocks[:, :h].contiguous()
+        queries = xs.view(q, -1, 2 * h)[:, :, h:].permute(1, 0, 2).reshape(-1, q * h)
+        found = torch.searchsorted(left, queries.contiguous())
+        acc.view(q, -1, 2 * h)[:, :, h:] += found.view(-1, q, h).permute(1, 0, 2)
+        srt = torch.sort(blocks, dim=1).values.flatten()
+        h *= 2
+    return acc[:, :m]
+
+
+def _inverse(order: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(values)
+    out[order] = values
+    return out
+
+
+def _segmented_cumsum(a: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
+    cs = torch.cumsum(a, 0)
+    start = layout.seg_start
+    return cs - (cs[start] - a[start])
+
+
+def _ledger_clip(n_rank: torch.Tensor, limit: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
+    """Budget charged per token under ``u_t = min(u_{t-1} + n_t, limit_t)``, ``u_0 = 0``.
+
+    Closed form ``u_t = A_t + min(0, min_{k<=t} (limit_k - A_k))`` with ``A`` the running sum:
+    a segmented cummin, no sequential loop.
+    """
+    acc = _segmented_cumsum(n_rank, layout)
+    off = layout.seg * _BIG
+    run_min = torch.cummin(limit - acc - off, 0).values + off
+    u = acc + torch.clamp(run_min, max=0)
+    prev = torch.where(layout.pos == 0, 0, torch.roll(u, 1))
+    return u - prev
+
+
+def _finish(n_rank: torch.Tensor, charged: torch.Tensor, params: TokenParams) -> Selection:
+    count = torch.minimum(torch.maximum(charged, params.floor), params.cap)
+    return Selection(count=count, charged=torch.minimum(charged, count))
+
+
+def _masked_keys(cand: Candidates, params: TokenParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys with slots beyond a token's cap pushed to the bottom; and the in-cap mask."""
+    j = torch.arange(cand.width, device=cand.keys.device)
+    in_cap = j[None, :] < params.cap[:, None]
+    keys = torch.where(in_cap, cand.keys, torch.iinfo(torch.int32).min)
+    return keys, in_cap
+
+
+def window(cand: Candidates, layout: BatchLayout, params: TokenParams, history: History | None) -> Selection:
+    n, u = cand.ids.shape
+    keys, in_cap = _masked_keys(cand, params)
+    seen = history.seen if history is not None else 0
+    used = history.used if history is not None else 0
+    grant = (seen + layout.seg_len) * params.budget - used  # [N], equal within a segment
+    order = _segment_sort(keys, layout)
+    tok = order // u
+    rank = torch.arange(n * u, device=keys.device) - layout.seg_start[tok] * u
+    take = _inverse(order, rank < grant[tok]).view(n, u) & in_cap
+    n_rank = take.sum(1)
+    return _finish(n_rank, n_rank, params)
+
+
+def causal(
+    cand: Candidates,
+    layout: BatchLayout,
+    params: TokenParams,
+    history: History | None,
+    *,
+    exact: bool = False,
+) -> Selection:
+    n, u = cand.ids.shape
+    keys, in_cap = _masked_keys(cand, params)
+    cmp = keys.to(torch.int64) if exact else pool_bin(keys)
+    order = _segment_sort(cmp, layout)
+    tok = order // u
+    x = torch.stack([tok, layout.seg_start[tok]])
+    lt = _count_less_before(tok, x)
+    within = _inverse(order, lt[0] - lt[1]).view(n, u)
+    past = within
+    if history is not None:
+        past = past + history.past_counts(keys)
+    seen = history.seen if history is not None else 0
+    used = history.used if history is not None else 0
+    j = torch.arange(u, device=keys.device)
+    allowed = (seen + layout.pos + 1) * params.budget  # t * budget, t over the whole request
+    n_rank = ((j[None, :] + past < allowed[:, None]) & in_cap).sum(1)
+    charged = _ledger_clip(n_rank, allowed - used, layout)
+    return _finish(n_rank, charged, params)
+
+
+@register_policy("seqtopk")
+def seqtopk(
+    cand: Candidates,
+    layout: BatchLayout,
+    params: TokenParams,
+    history: History | None,
+    *,
+    rule: str = "causal",
+    exact: bool = False,
+) -> Selection:
+    if rule == "window":
+        return window(cand, layout, params, history)
+    return causal(cand, layout, params, history, exact=exact)

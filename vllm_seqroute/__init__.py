@@ -4,4 +4,7 @@ __version__ = "0.1.0"
 
 
 def register() -> None:
-    """vLLM general-plugin entry point (filled in by the vLLM integration)."""
+    """vLLM general-plugin entry point (``vllm.general_plugins: seqroute``)."""
+    from vllm_seqroute.vllm_glue import register as _register
+
+    _register()

@@ -1,0 +1,108 @@
+"""Startup configuration: ``--routing*`` flags on vLLM's own parser, carried to every process in
+``additional_config["seqroute"]`` (also settable directly), validated before the engine starts."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from vllm_seqroute.options import FIELDS, user_message
+from vllm_seqroute.policies.config import POLICIES, RULES, RoutingConfig
+
+logger = logging.getLogger("vllm_seqroute")
+KEY = "seqroute"
+
+_FLAG_HELP = {
+    "routing": "MoE routing policy for every MoE layer (vllm-seqroute); per request: vllm_xargs.routing",
+    "routing_budget": "Experts per token: topk exactly, seqtopk on average over a request "
+                      "(default: the model's num_experts_per_tok)",
+    "routing_cap": "Per-token maximum and routing width (default min(E, 2*budget); entropy: k_max)",
+    "routing_floor": "Experts every token keeps (seqtopk/topp; default 1)",
+    "routing_rule": "SeqTopK rule: causal (online, default) or window",
+    "routing_p": "Top-p threshold (topp; default 0.4)",
+    "routing_k_min": "Entropy policy: experts at zero entropy (default 1)",
+    "routing_k_max": "Entropy policy: experts at maximum entropy (default 2*budget)",
+    "routing_pool": "Causal pool summary: bounded (default) or exact (reference, unbounded memory)",
+}
+
+
+def flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def add_routing_args(parser: Any) -> Any:
+    """Add the ``--routing*`` flags to a vLLM argument parser (idempotent)."""
+    if any("--routing" in a.option_strings for a in parser._actions):
+        return parser
+    group = parser.add_argument_group("vllm-seqroute", "MoE expert routing (vllm-seqroute plugin)")
+    for key, (_, typ) in FIELDS.items():
+        choices = {"routing": POLICIES, "routing_rule": RULES}.get(key)
+        group.add_argument(flag(key), dest=f"seqroute_{key}", type=typ, default=None, choices=choices,
+                           help=_FLAG_HELP[key])
+    group.add_argument("--routing-pool", dest="seqroute_routing_pool", default=None,
+                       choices=("bounded", "exact"), help=_FLAG_HELP["routing_pool"])
+    return parser
+
+
+def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--routing*`` values a user gave (others omitted)."""
+    out = {}
+    for key in (*FIELDS, "routing_pool"):
+        v = getattr(args, f"seqroute_{key}", None)
+        if v is not None:
+            out[key] = v
+    return out
+
+
+def config_from_options(options: dict[str, Any]) -> RoutingConfig:
+    """Validated server config; ``ValueError`` names the flag (``--routing-budget: ...``)."""
+    opts = dict(options)
+    pool = opts.pop("pool", opts.pop("routing_pool", "bounded"))
+    unknown = sorted(k for k in opts if k not in FIELDS)
+    if unknown:
+        raise ValueError(f"{flag(unknown[0])}: unknown routing option (additional_config.{KEY})")
+    kw = {FIELDS[k][0]: v for k, v in opts.items()}
+    kw.setdefault("policy", "topk")
+    try:
+        for k, v in opts.items():
+            from vllm_seqroute.options import coerce
+
+            coerce(k, v)
+        return RoutingConfig(pool=pool, **kw)
+    except ValueError as e:
+        msg = user_message(str(e))
+        key, _, rest = msg.partition(":")
+        raise ValueError(f"{flag(key)}:{rest}" if key in FIELDS else msg) from None
+
+
+def server_config() -> tuple[Any, RoutingConfig | None]:
+    """(vllm_config, the server's routing config or None when the plugin is off)."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    vc = get_current_vllm_config_or_none()
+    if vc is None:
+        return None, None
+    opts = (vc.additional_config or {}).get(KEY)
+    if opts is None:
+        return vc, None
+    return vc, config_from_options(opts)
+
+
+def apply_to_engine_args(engine_args: Any) -> None:
+    """Validate ``additional_config["seqroute"]`` and turn prefix caching off for seqtopk."""
+    opts = (engine_args.additional_config or {}).get(KEY)
+    if opts is None:
+        return
+    if not isinstance(opts, dict):
+        raise ValueError(f"--additional-config: {KEY} must be a JSON object, got {opts!r}")
+    cfg = config_from_options(opts)
+    if cfg.policy == "seqtopk" and engine_args.enable_prefix_caching is None:
+        engine_args.enable_prefix_caching = False
+        logger.info("vllm_seqroute: prefix caching off for seqtopk (cached tokens were never routed "
+                    "in this request); pass --enable-prefix-caching to insist")
+    if getattr(engine_args, "speculative_config", None) and cfg.policy == "seqtopk":
+        raise ValueError("--routing: seqtopk does not support speculative decoding yet")
+    if getattr(engine_args, "enable_return_routed_experts", False):
+        raise ValueError("--routing: --enable-return-routed-experts assumes width top_k; "
+                         "not supported with vllm-seqroute routing")

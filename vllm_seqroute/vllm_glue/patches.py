@@ -1,0 +1,81 @@
+"""Everything ``register()`` changes in vLLM, each patch narrow and applied once."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+logger = logging.getLogger("vllm_seqroute")
+_APPLIED = False
+
+
+def apply_all() -> None:
+    global _APPLIED
+    if _APPLIED:
+        return
+    _APPLIED = True
+    _patch_engine_args()
+    _patch_router_factory()
+    _patch_worker_rpc()
+    from vllm_seqroute.vllm_glue import runner_hooks, select_op
+
+    select_op.register_op()
+    runner_hooks.patch_v1()
+    try:
+        runner_hooks.patch_v2()
+    except ImportError as e:  # the CPU build may not ship V2 runner dependencies
+        logger.debug("vllm_seqroute: V2 runner hooks not installed: %s", e)
+
+
+def _patch_router_factory() -> None:
+    from vllm.model_executor.layers.fused_moe import layer
+
+    from vllm_seqroute.vllm_glue.router import make_router_factory
+
+    if not hasattr(layer.create_fused_moe_router, "__wrapped__"):
+        layer.create_fused_moe_router = make_router_factory(layer.create_fused_moe_router)
+
+
+def _patch_engine_args() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_seqroute.vllm_glue import config
+
+    add_orig = EngineArgs.add_cli_args
+    from_orig = EngineArgs.from_cli_args.__func__
+    create_orig = EngineArgs.create_engine_config
+
+    def add_cli_args(parser: Any, *a: Any, **k: Any) -> Any:
+        return config.add_routing_args(add_orig(parser, *a, **k))
+
+    def from_cli_args(cls: type, args: Any) -> Any:
+        engine_args = from_orig(cls, args)
+        flags = config.options_from_args(args)
+        if flags:
+            ac = dict(engine_args.additional_config or {})
+            ac[config.KEY] = {**(ac.get(config.KEY) or {}), **flags}
+            engine_args.additional_config = ac
+        try:
+            config.apply_to_engine_args(engine_args)
+        except ValueError as e:  # a bad flag stops startup with one sentence
+            raise SystemExit(f"vllm-seqroute: {e}") from None
+        return engine_args
+
+    def create_engine_config(self: Any, *a: Any, **k: Any) -> Any:
+        config.apply_to_engine_args(self)
+        return create_orig(self, *a, **k)
+
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)
+    EngineArgs.from_cli_args = classmethod(from_cli_args)
+    EngineArgs.create_engine_config = create_engine_config
+
+
+def _patch_worker_rpc() -> None:
+    from vllm.v1.worker.worker_base import WorkerWrapperBase
+
+    def seqroute_stats(self: Any, reset: bool = False) -> dict[str, Any] | None:
+        from vllm_seqroute.vllm_glue import state
+
+        return state.STATE.stats(reset=reset) if state.STATE is not None else None
+
+    WorkerWrapperBase.seqroute_stats = seqroute_stats

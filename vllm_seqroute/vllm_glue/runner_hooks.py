@@ -1,0 +1,126 @@
+"""Model-runner hooks: keep the plugin's request -> slot table and fill the per-step
+token -> slot map. The plugin keeps its own table for both runners (V1 moves rows between
+steps; V2's slots are stable but private), so one code path serves both."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from vllm_seqroute.vllm_glue import state as st
+
+logger = logging.getLogger("vllm_seqroute")
+
+
+def _extra_args(params: Any) -> dict[str, Any] | None:
+    return getattr(params, "extra_args", None) if params is not None else None
+
+
+def on_scheduler_output(so: Any, resumed_params: Callable[[str], Any] | None = None) -> None:
+    """Free finished/preempted requests, give new and resumed ones fresh slots."""
+    s = st.STATE
+    if s is None:
+        return
+    for req_id in sorted(set(so.finished_req_ids) | set(so.preempted_req_ids or ())):
+        s.remove_request(req_id)
+    for new in so.scheduled_new_reqs:
+        s.add_request(new.req_id, _extra_args(new.sampling_params), new.num_computed_tokens)
+    cached = so.scheduled_cached_reqs
+    if resumed_params is not None:
+        for req_id, computed in zip(cached.req_ids, cached.num_computed_tokens, strict=True):
+            if req_id in cached.resumed_req_ids:
+                s.add_request(req_id, _extra_args(resumed_params(req_id)), computed)
+
+
+def _wrap(cls: type, name: str, make: Callable[[Callable], Callable]) -> None:
+    original = cls.__dict__[name]
+    if getattr(original, "_seqroute", False):
+        return
+    wrapped = functools.wraps(original)(make(original))
+    wrapped._seqroute = True
+    setattr(cls, name, wrapped)
+
+
+def _log_if_no_moe(runner: Any) -> None:
+    from vllm_seqroute.vllm_glue.config import server_config
+
+    _, base = server_config()
+    if base is not None and st.STATE is None:
+        logger.info("vllm_seqroute: the model has no MoE layers to route; it is served unchanged")
+
+
+def patch_v1() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    def update_states(orig: Callable) -> Callable:
+        def f(self: Any, so: Any, *a: Any, **k: Any) -> Any:
+            on_scheduler_output(so, lambda r: getattr(self.requests.get(r), "sampling_params", None))
+            return orig(self, so, *a, **k)
+        return f
+
+    def prepare_inputs(orig: Callable) -> Callable:
+        def f(self: Any, so: Any, num_scheduled_tokens: Any, *a: Any, **k: Any) -> Any:
+            if st.STATE is not None:
+                n = self.input_batch.num_reqs
+                st.STATE.set_step(self.input_batch.req_ids[:n], num_scheduled_tokens)
+            return orig(self, so, num_scheduled_tokens, *a, **k)
+        return f
+
+    _wrap(GPUModelRunner, "_update_states", update_states)
+    _wrap(GPUModelRunner, "_prepare_inputs", prepare_inputs)
+    _wrap(GPUModelRunner, "_dummy_run", _clear_before)
+    _wrap(GPUModelRunner, "load_model", _log_after_load)
+    try:
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    except ImportError:  # GPU builds may lack CPU runner deps
+        return
+    if "load_model" in CPUModelRunner.__dict__:
+        _wrap(CPUModelRunner, "load_model", _log_after_load)
+
+
+def patch_v2() -> None:
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2Runner
+
+    def finish_requests(orig: Callable) -> Callable:
+        def f(self: Any, so: Any, *a: Any, **k: Any) -> Any:
+            on_scheduler_output(so)  # V2 re-adds resumed requests as new ones
+            return orig(self, so, *a, **k)
+        return f
+
+    def prepare_inputs(orig: Callable) -> Callable:
+        def f(self: Any, *a: Any, **k: Any) -> Any:
+            batch = orig(self, *a, **k)
+            if st.STATE is not None:
+                st.STATE.set_step(list(batch.req_ids), batch.num_scheduled_tokens)
+            return batch
+        return f
+
+    def execute_model(orig: Callable) -> Callable:
+        def f(self: Any, *a: Any, dummy_run: bool = False, **k: Any) -> Any:
+            if dummy_run and st.STATE is not None:
+                st.STATE.clear_step()
+            return orig(self, *a, dummy_run=dummy_run, **k)
+        return f
+
+    _wrap(V2Runner, "finish_requests", finish_requests)
+    _wrap(V2Runner, "prepare_inputs", prepare_inputs)
+    _wrap(V2Runner, "execute_model", execute_model)
+    _wrap(V2Runner, "load_model", _log_after_load)
+
+
+def _clear_before(orig: Callable) -> Callable:
+    def f(self: Any, *a: Any, **k: Any) -> Any:
+        if st.STATE is not None:
+            st.STATE.clear_step()
+        return orig(self, *a, **k)
+    return f
+
+
+def _log_after_load(orig: Callable) -> Callable:
+    def f(self: Any, *a: Any, **k: Any) -> Any:
+        out = orig(self, *a, **k)
+        _log_if_no_moe(self)
+        return out
+    return f

@@ -1,0 +1,151 @@
+"""The routing op: one opaque custom op per MoE layer call. It reads the persistent state
+(token -> slot, per-slot parameters, ledgers), selects with the policies, updates ledgers and
+counters in place, and returns fixed-width ``(weights, ids)``. Opaque so Dynamo never traces
+per-step Python; static shapes so it can run inside captured graphs."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vllm_seqroute.policies import seqtopk as seq
+from vllm_seqroute.policies.base import Candidates, History, TokenParams, bounded
+from vllm_seqroute.policies.layout import BatchLayout
+from vllm_seqroute.policies.ordering import ordered_int
+from vllm_seqroute.policies.token_policies import entropy, topp
+from vllm_seqroute.vllm_glue import state as st
+
+SOFTMAX, SIGMOID = 0, 1
+
+
+def _scores(logits: torch.Tensor, scoring: int) -> torch.Tensor:
+    x = logits.to(torch.float32)
+    return torch.softmax(x, dim=-1) if scoring == SOFTMAX else torch.sigmoid(x)
+
+
+def _sorted_candidates(rank: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Order given candidate ids best first (rank score, then lower id), padding ``-1`` last."""
+    key = (ordered_int(torch.gather(rank, 1, ids.clamp(min=0))).to(torch.int64) << 16) | (0xFFFF - ids)
+    key = torch.where(ids < 0, torch.iinfo(torch.int64).min, key)
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices
+    return torch.gather(ids, 1, order)
+
+
+def select(router_logits: torch.Tensor, group_ids: torch.Tensor, van_w: torch.Tensor,
+           van_ids: torch.Tensor, bias: torch.Tensor | None, layer: int, scoring: int,
+           renormalize: bool, scale: float, skip_empty: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    state = st.STATE
+    info = state.layers[layer]
+    n, e = router_logits.shape
+    u = info.width
+    scores = _scores(router_logits, scoring)
+    rank = scores if bias is None else scores + bias.to(torch.float32)
+    if group_ids.shape[1] == u:  # group-limited candidates from the model's own router
+        ids = _sorted_candidates(rank, group_ids.to(torch.int64))
+    else:
+        from vllm_seqroute.policies.ordering import top_candidates
+
+        ids = top_candidates(rank, u)
+    safe = ids.clamp(min=0)
+    active = state.step_policies
+    mass = scores.to(torch.float64).sum(1) if st.POLICY_ID["topp"] in active else None
+    ent = None
+    if st.POLICY_ID["entropy"] in active:
+        prob = scores.to(torch.float64) / scores.to(torch.float64).sum(1, keepdim=True)
+        h = -(torch.where(prob > 0, prob * torch.log(prob), 0.0)).sum(1)
+        ent = h / math.log(e) if e > 1 else torch.zeros_like(h)
+    cand = Candidates(ids=safe, weights=torch.gather(scores, 1, safe),
+                      keys=torch.gather(ordered_int(rank), 1, safe), mass=mass, entropy=ent)
+
+    token_slot = state.token_slot[:n]
+    ledger = info.ledger
+    row = ledger.rows(token_slot)
+    prow = torch.where(token_slot < 0, state.max_slots, token_slot)
+    params = TokenParams(budget=state.budget[prow], cap=state.cap[prow], floor=state.floor[prow],
+                         p=state.p[prow], k_min=state.k_min[prow], k_max=state.k_max[prow])
+    policy = state.policy[prow]
+    layout = BatchLayout.from_token_slots(token_slot)
+    history = History(seen=ledger.seen[row], used=ledger.used[row],
+                      past_counts=lambda keys: ledger.past_counts(row, keys))
+    count = torch.zeros(n, dtype=torch.int64, device=ids.device)
+    charged = torch.zeros_like(count)
+    for pid in sorted(active):  # at most five policies, each vectorised over the batch
+        if pid == st.POLICY_ID["topk"]:
+            sel = bounded(params.budget, params)
+        elif pid == st.POLICY_ID["topp"]:
+            sel = topp(cand, layout, params, None)
+        elif pid == st.POLICY_ID["entropy"]:
+            sel = entropy(cand, layout, params, None)
+        elif pid == st.SEQ_WINDOW:
+            sel = seq.window(cand, layout, params, history)
+        else:
+            sel = seq.causal(cand, layout, params, history, exact=ledger.pool == "exact")
+        mine = policy == pid
+        count = torch.where(mine, sel.count, count)
+        charged = torch.where(mine, sel.charged, charged)
+    j = torch.arange(u, device=ids.device)
+    ledger.commit(row, cand.keys, (j[None, :] < params.cap[:, None]) & (ids >= 0), charged)
+
+    keep = (j[None, :] < count[:, None]) & (ids >= 0)
+    w = torch.where(keep, cand.weights, 0.0)
+    if renormalize:
+        w = w / w.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    if scale != 1.0:
+        w = w * scale
+    out_ids = torch.where(keep, ids, -1) if skip_empty else safe
+    # TopK at the model's own K: the model's router output itself, bit for bit.
+    k = van_ids.shape[1]
+    vanilla = (policy == st.POLICY_ID["topk"]) & (params.budget == info.model_k)
+    v_ids = torch.cat([van_ids.to(torch.int64), out_ids[:, k:] if not skip_empty
+                       else torch.full_like(out_ids[:, k:], -1)], dim=1)
+    v_w = torch.cat([van_w.to(torch.float32), torch.zeros_like(w[:, k:])], dim=1)
+    out_ids = torch.where(vanilla[:, None], v_ids, out_ids)
+    w = torch.where(vanilla[:, None], v_w, w)
+    n_used = torch.where(vanilla, k, keep.sum(1))
+
+    _count(state, layer, policy, token_slot, out_ids, w, n_used, charged)
+    return w.contiguous(), out_ids.to(torch.int32).contiguous()
+
+
+def _count(state: st.RoutingState, layer: int, policy: torch.Tensor, token_slot: torch.Tensor,
+           ids: torch.Tensor, w: torch.Tensor, n_used: torch.Tensor, charged: torch.Tensor) -> None:
+    """Integer counters on the device (no host sync): padding tokens count nowhere."""
+    real = token_slot >= 0
+    pol = torch.where(policy == st.SEQ_WINDOW, st.POLICY_ID["seqtopk"], policy)
+    one = real.to(torch.int64)
+    state.tokens_by_policy.index_add_(0, pol, one)
+    state.pairs_by_policy.index_add_(0, pol, n_used * one)
+    state.granted_by_policy.index_add_(0, pol, charged * one)
+    used_pair = (w > 0) & (ids >= 0) & real[:, None]
+    load = state.expert_load[layer]
+    load.index_add_(0, ids.clamp(min=0).flatten(), used_pair.flatten().to(torch.int64))
+    hist = state.experts_per_token[layer]
+    hist.index_add_(0, n_used.clamp(max=hist.shape[0] - 1), one)
+    sel = state.selected[layer]
+    sel.index_add_(0, torch.where(real, token_slot, state.max_slots), n_used * one)
+
+
+def select_fake(router_logits: torch.Tensor, group_ids: torch.Tensor, van_w: torch.Tensor,
+                van_ids: torch.Tensor, bias: torch.Tensor | None, layer: int, scoring: int,
+                renormalize: bool, scale: float, skip_empty: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    n = router_logits.shape[0]
+    u = st.STATE.layers[layer].width if st.STATE is not None else van_ids.shape[1]
+    return (router_logits.new_empty((n, u), dtype=torch.float32),
+            router_logits.new_empty((n, u), dtype=torch.int32))
+
+
+_LIB = None
+
+
+def register_op() -> None:
+    """Register ``torch.ops.vllm_seqroute.select`` once per process."""
+    global _LIB
+    if _LIB is not None:
+        return
+    from torch.library import Library
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    _LIB = Library("vllm_seqroute", "FRAGMENT")
+    direct_register_custom_op("select", select, mutates_args=[], fake_impl=select_fake,
+                              target_lib=_LIB)

@@ -1,0 +1,178 @@
+"""Per-worker routing state: persistent tensors the routing op reads (token -> slot map,
+per-slot parameters, one causal ledger per MoE layer, integer counters), and the host-side
+request -> slot table that the model-runner hooks keep."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vllm_seqroute.ledger import CausalLedger
+from vllm_seqroute.options import request_config
+from vllm_seqroute.policies.config import POLICIES, RoutingConfig
+
+logger = logging.getLogger("vllm_seqroute")
+
+POLICY_ID = {name: i for i, name in enumerate(POLICIES)}
+# policy ids of the step kernels: seqtopk splits by rule
+SEQ_WINDOW = len(POLICIES)
+POLICY_NAME = [*POLICIES, "seqtopk"]
+
+
+@dataclass
+class LayerInfo:
+    num_experts: int
+    model_k: int
+    width: int
+    ledger: CausalLedger
+
+
+@dataclass
+class RoutingState:
+    """Everything the routing op reads, allocated once (graph-safe: never reallocated)."""
+
+    base: RoutingConfig
+    max_slots: int
+    max_tokens: int
+    device: torch.device
+    layers: list[LayerInfo] = field(default_factory=list)
+    slot_of_req: dict[str, int] = field(default_factory=dict)
+    free_slots: list[int] = field(default_factory=list)
+    step_policies: set[int] = field(default_factory=set)  # host-known policies of this step
+    slot_policy_host: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        s, dev = self.max_slots + 1, self.device  # last row: padding / unknown tokens
+        self.token_slot = torch.full((self.max_tokens,), -1, dtype=torch.int64, device=dev)
+        i64 = dict(dtype=torch.int64, device=dev)
+        self.policy = torch.zeros(s, **i64)
+        self.budget = torch.zeros(s, **i64)
+        self.cap = torch.zeros(s, **i64)
+        self.floor = torch.zeros(s, **i64)
+        self.k_min = torch.ones(s, **i64)
+        self.k_max = torch.ones(s, **i64)
+        self.p = torch.ones(s, dtype=torch.float64, device=dev)
+        self.free_slots = list(range(self.max_slots - 1, -1, -1))
+        self.slot_policy_host = [0] * s
+        # counters (integers: deterministic across tensor-parallel ranks)
+        self.tokens_by_policy = torch.zeros(len(POLICIES), **i64)
+        self.pairs_by_policy = torch.zeros(len(POLICIES), **i64)
+        self.granted_by_policy = torch.zeros(len(POLICIES), **i64)
+        self.expert_load: list[torch.Tensor] = []
+        self.experts_per_token: list[torch.Tensor] = []
+        self.selected: list[torch.Tensor] = []  # per layer [slots+1]: pairs each request took
+        self.finished: dict[str, dict[str, Any]] = {}  # last requests' final counters
+
+    # --- layers -------------------------------------------------------------------------
+    def add_layer(self, num_experts: int, model_k: int, width: int) -> int:
+        ledger = CausalLedger(self.max_slots, pool=self.base.pool, device=self.device)
+        self.layers.append(LayerInfo(num_experts, model_k, width, ledger))
+        self.expert_load.append(torch.zeros(num_experts, dtype=torch.int64, device=self.device))
+        self.experts_per_token.append(torch.zeros(width + 1, dtype=torch.int64, device=self.device))
+        self.selected.append(torch.zeros(self.max_slots + 1, dtype=torch.int64, device=self.device))
+        if len(self.layers) == 1:
+            self._write_slot(self.max_slots, self.request_config(None))  # padding: server default
+        return len(self.layers) - 1
+
+    # --- requests -----------------------------------------------------------------------
+    def request_config(self, extra_args: dict[str, Any] | None) -> RoutingConfig:
+        info = self.layers[0]
+        return request_config(self.base, extra_args, num_experts=info.num_experts,
+                              model_k=info.model_k, width=info.width)
+
+    def add_request(self, req_id: str, extra_args: dict[str, Any] | None, num_computed: int) -> None:
+        """Give a new (or resumed) request a slot with fresh state."""
+        self.remove_request(req_id)
+        if not self.layers:
+            return
+        if not self.free_slots:
+            raise RuntimeError("vllm_seqroute: no free routing slot (more requests than max_num_seqs)")
+        try:
+            cfg = self.request_config(extra_args)
+        except ValueError as e:  # the HTTP layer rejects these first; offline use lands here
+            logger.warning("request %s: %s; using the server's routing", req_id, e)
+            cfg = self.request_config(None)
+        slot = self.free_slots.pop()
+        self.slot_of_req[req_id] = slot
+        self._write_slot(slot, cfg)
+        idx = torch.tensor([slot], device=self.device)
+        for layer, sel in zip(self.layers, self.selected, strict=True):
+            layer.ledger.reset(idx)
+            sel[slot] = 0
+            if num_computed:  # prefix-cache hit: skipped tokens count as neutral history
+                layer.ledger.seen[slot] = num_computed
+                layer.ledger.used[slot] = num_computed * cfg.budget if cfg.budget else 0
+
+    def remove_request(self, req_id: str) -> None:
+        slot = self.slot_of_req.pop(req_id, None)
+        if slot is not None:
+            self.finished[req_id] = self._slot_record(slot)
+            while len(self.finished) > 4096:  # bounded: oldest first
+                self.finished.pop(next(iter(self.finished)))
+            self.free_slots.append(slot)
+
+    def _slot_record(self, slot: int) -> dict[str, Any]:
+        return {
+            "policy": POLICY_NAME[self.slot_policy_host[slot]],
+            "budget": int(self.budget[slot]),
+            "seen": [int(x.ledger.seen[slot]) for x in self.layers],
+            "used": [int(x.ledger.used[slot]) for x in self.layers],
+            "selected": [int(t[slot]) for t in self.selected],
+        }
+
+    def _write_slot(self, slot: int, cfg: RoutingConfig) -> None:
+        pid = POLICY_ID[cfg.policy]
+        if cfg.policy == "seqtopk" and cfg.rule == "window":
+            pid = SEQ_WINDOW
+        self.slot_policy_host[slot] = pid
+        self.policy[slot] = pid
+        self.budget[slot] = cfg.budget or 0
+        self.cap[slot] = cfg.cap
+        self.floor[slot] = min(cfg.floor, cfg.cap)
+        self.k_min[slot] = cfg.k_min
+        self.k_max[slot] = cfg.k_max or cfg.cap
+        self.p[slot] = cfg.p
+
+    # --- steps --------------------------------------------------------------------------
+    def set_step(self, req_ids: list[str], num_scheduled: Any) -> None:
+        """Token -> slot map for a step whose tokens are ``req_ids`` repeated ``num_scheduled``."""
+        import numpy as np
+
+        slots = np.fromiter((self.slot_of_req.get(r, -1) for r in req_ids), dtype=np.int64,
+                            count=len(req_ids))
+        tok = np.repeat(slots, np.asarray(num_scheduled, dtype=np.int64))
+        n = min(tok.shape[0], self.max_tokens)
+        self.token_slot[:n].copy_(torch.from_numpy(tok[:n]), non_blocking=True)
+        self.token_slot[n:].fill_(-1)
+        self.step_policies = {self.slot_policy_host[s] for s in slots.tolist()}
+        if (slots < 0).any():
+            self.step_policies.add(self.slot_policy_host[self.max_slots])
+
+    def clear_step(self) -> None:
+        """Dummy / profile runs: every token is padding with the server's policy."""
+        self.token_slot.fill_(-1)
+        self.step_policies = {self.slot_policy_host[self.max_slots]}
+
+    # --- stats --------------------------------------------------------------------------
+    def stats(self, reset: bool = False) -> dict[str, Any]:
+        out = {
+            "policies": list(POLICIES),
+            "tokens_by_policy": self.tokens_by_policy.tolist(),
+            "pairs_by_policy": self.pairs_by_policy.tolist(),
+            "granted_by_policy": self.granted_by_policy.tolist(),
+            "expert_load": [t.tolist() for t in self.expert_load],
+            "experts_per_token": [t.tolist() for t in self.experts_per_token],
+            "requests": {**self.finished,
+                         **{r: self._slot_record(s) for r, s in self.slot_of_req.items()}},
+        }
+        if reset:
+            for t in (self.tokens_by_policy, self.pairs_by_policy, self.granted_by_policy,
+                      *self.expert_load, *self.experts_per_token):
+                t.zero_()
+        return out
+
+
+STATE: RoutingState | None = None

@@ -120,6 +120,7 @@ def _clear_before(orig: Callable) -> Callable:
 
 def _log_after_load(orig: Callable) -> Callable:
     def f(self: Any, *a: Any, **k: Any) -> Any:
+        st.STATE = None  # a model (re)load builds its routers, and their state, afresh
         out = orig(self, *a, **k)
         _log_if_no_moe(self)
         return out

@@ -1,0 +1,106 @@
+"""The plugin inside a real vLLM engine (CPU build): every MoE layer routed, topk identical to
+vLLM, SeqTopK within budget and independent of batching and chunking."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.conftest import has_vllm
+
+pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not has_vllm(), reason="needs vLLM")]
+
+PROMPTS = ["def add(a, b):\n    return", "import numpy as np\nx = np.", "the model expert token",
+           "class Server:\n    def __init__(self", "for i in range(10):\n    print("]
+
+
+def greedy(llm: Any, prompts: list[str], max_tokens: int = 16, **kw: Any) -> list[list[int]]:
+    from vllm import SamplingParams
+
+    params = [SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
+                             extra_args=kw.get("extra", [None] * len(prompts))[i])
+              for i in range(len(prompts))]
+    return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def stats(llm: Any) -> dict[str, Any]:
+    return llm.collective_rpc("seqroute_stats")[0]
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_grouped"])
+def test_topk_at_model_k_is_token_identical(model_dir: Any, engine: Any, family: str) -> None:
+    from vllm_seqroute.testing.tiny_models import model_info
+
+    path = model_dir(family)
+    plain = greedy(engine(path), PROMPTS)
+    llm = engine(path, {"routing": "topk"})
+    assert greedy(llm, PROMPTS) == plain
+    s = stats(llm)
+    info = model_info(path)
+    assert len(s["expert_load"]) == info["num_moe_layers"]  # every MoE layer routed by the plugin
+    assert s["tokens_by_policy"][0] > 0
+    # every routed token used exactly K experts in every layer
+    for hist in s["experts_per_token"]:
+        assert sum(hist) == hist[info["top_k"]] > 0
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_grouped"])
+def test_seqtopk_varies_experts_and_keeps_budget(model_dir: Any, engine: Any, family: str) -> None:
+    from vllm_seqroute.testing.tiny_models import model_info
+
+    path = model_dir(family)
+    info = model_info(path)
+    llm = engine(path, {"routing": "seqtopk"})
+    greedy(llm, PROMPTS, max_tokens=24)
+    s = stats(llm)
+    k = info["top_k"]
+    for hist in s["experts_per_token"]:
+        assert sum(1 for c in hist if c) >= 2, hist  # experts per token vary
+    assert s["requests"] and len(s["requests"]) == len(PROMPTS)
+    for rec in s["requests"].values():
+        assert rec["policy"] == "seqtopk" and rec["budget"] == k
+        for seen, used, sel in zip(rec["seen"], rec["used"], rec["selected"], strict=True):
+            assert seen > 0
+            assert used <= seen * k  # the hard budget
+            assert used <= sel <= used + seen  # the floor adds at most one expert per token
+
+
+def test_causal_output_independent_of_batch_and_chunking(model_dir: Any, engine: Any) -> None:
+    path = model_dir("qwen3_moe")
+    long_prompt = " ".join(["expert token router layer"] * 12)
+    routing = {"routing": "seqtopk"}
+    llm = engine(path, routing)
+    alone = greedy(llm, [long_prompt], max_tokens=20)[0]
+    busy = greedy(llm, [*PROMPTS[:2], long_prompt, *PROMPTS[2:]], max_tokens=20)[2]
+    assert busy == alone
+    chunked = engine(path, routing, max_num_batched_tokens=16, enable_chunked_prefill=True)
+    assert greedy(chunked, [long_prompt], max_tokens=20)[0] == alone
+
+
+def test_request_override_does_not_change_neighbours(model_dir: Any, engine: Any) -> None:
+    path = model_dir("qwen3_moe")
+    llm = engine(path, {"routing": "seqtopk"})
+    base = greedy(llm, PROMPTS)
+    extra = [None, {"routing": "topp", "routing_p": 0.5}, None,
+             {"routing": "topk", "routing_budget": 1}, {"routing": "entropy", "routing_k_max": 6}]
+    mixed = greedy(llm, PROMPTS, extra=extra)
+    for i in (0, 2):
+        assert mixed[i] == base[i]
+    s = stats(llm)
+    assert all(n > 0 for n in s["tokens_by_policy"])  # all four policies ran in one batch
+    by_policy = {r["policy"] for r in s["requests"].values()}
+    assert by_policy == {"seqtopk", "topp", "topk", "entropy"}
+
+
+def test_dense_model_served_unchanged(model_dir: Any, engine: Any, caplog: Any) -> None:
+    path = model_dir("dense")
+    plain = greedy(engine(path), PROMPTS[:2])
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="vllm_seqroute"):
+        llm = engine(path, {"routing": "seqtopk"})
+    assert greedy(llm, PROMPTS[:2]) == plain
+    assert stats(llm) is None
+    lines = [r for r in caplog.records if "no MoE layers" in r.getMessage()]
+    assert len(lines) == 1

@@ -20,6 +20,9 @@ def apply_all() -> None:
     from vllm_seqroute.vllm_glue import runner_hooks, select_op
 
     select_op.register_op()
+    from vllm_seqroute.vllm_glue import empty_slots
+
+    empty_slots.patch_triton_moe_sum()
     runner_hooks.patch_v1()
     try:
         runner_hooks.patch_v2()
@@ -73,9 +76,38 @@ def _patch_engine_args() -> None:
 def _patch_worker_rpc() -> None:
     from vllm.v1.worker.worker_base import WorkerWrapperBase
 
-    def seqroute_stats(self: Any, reset: bool = False) -> dict[str, Any] | None:
+    def seqroute_stats(self: Any, reset: bool = False, requests: bool = True) -> dict[str, Any] | None:
+        """Routing counters (``requests=False`` leaves out the per-request records)."""
         from vllm_seqroute.vllm_glue import state
 
-        return state.STATE.stats(reset=reset) if state.STATE is not None else None
+        if state.STATE is None:
+            return None
+        out = state.STATE.stats(reset=reset)
+        if not requests:
+            out.pop("requests", None)
+        return out
+
+    def seqroute_info(self: Any) -> dict[str, Any] | None:
+        """What the HTTP layer needs to validate per-request options: the server's routing
+        config, the first routed layer's experts, model K and routing width, and every
+        layer's (experts, K, width); None when routing is off or the model has no MoE layer."""
+        import dataclasses
+
+        from vllm_seqroute.vllm_glue import state
+
+        s = state.STATE
+        if s is None or not s.layers:
+            return None
+        first = s.layers[0]
+        return {
+            "base": dataclasses.asdict(s.base),
+            "num_experts": first.num_experts,
+            "model_k": first.model_k,
+            "width": first.width,
+            "num_layers": len(s.layers),
+            "layers": [[x.num_experts, x.model_k, x.width] for x in s.layers],
+            "max_slots": s.max_slots,
+        }
 
     WorkerWrapperBase.seqroute_stats = seqroute_stats
+    WorkerWrapperBase.seqroute_info = seqroute_info

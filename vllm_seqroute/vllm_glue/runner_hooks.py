@@ -123,5 +123,9 @@ def _log_after_load(orig: Callable) -> Callable:
         st.STATE = None  # a model (re)load builds its routers, and their state, afresh
         out = orig(self, *a, **k)
         _log_if_no_moe(self)
+        if st.STATE is not None:
+            from vllm_seqroute.vllm_glue import empty_slots
+
+            st.STATE.empty_slot_modes = empty_slots.configure(self.get_model())
         return out
     return f

@@ -20,6 +20,7 @@ POLICY_ID = {name: i for i, name in enumerate(POLICIES)}
 # policy ids of the step kernels: seqtopk splits by rule
 SEQ_WINDOW = len(POLICIES)
 POLICY_NAME = [*POLICIES, "seqtopk"]
+ALL_POLICY_IDS = frozenset(range(len(POLICY_NAME)))
 
 
 @dataclass
@@ -43,6 +44,7 @@ class RoutingState:
     free_slots: list[int] = field(default_factory=list)
     step_policies: set[int] = field(default_factory=set)  # host-known policies of this step
     slot_policy_host: list[int] = field(default_factory=list)
+    empty_slot_modes: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         s, dev = self.max_slots + 1, self.device  # last row: padding / unknown tokens
@@ -147,6 +149,9 @@ class RoutingState:
         n = min(tok.shape[0], self.max_tokens)
         self.token_slot[:n].copy_(torch.from_numpy(tok[:n]), non_blocking=True)
         self.token_slot[n:].fill_(-1)
+        if self.device.type == "cuda":  # graphs replay without Python: every policy, always
+            self.step_policies = ALL_POLICY_IDS
+            return
         self.step_policies = {self.slot_policy_host[s] for s in slots.tolist()}
         if (slots < 0).any():
             self.step_policies.add(self.slot_policy_host[self.max_slots])
@@ -154,11 +159,13 @@ class RoutingState:
     def clear_step(self) -> None:
         """Dummy / profile runs: every token is padding with the server's policy."""
         self.token_slot.fill_(-1)
-        self.step_policies = {self.slot_policy_host[self.max_slots]}
+        cuda = self.device.type == "cuda"
+        self.step_policies = ALL_POLICY_IDS if cuda else {self.slot_policy_host[self.max_slots]}
 
     # --- stats --------------------------------------------------------------------------
     def stats(self, reset: bool = False) -> dict[str, Any]:
         out = {
+            "empty_slot_modes": self.empty_slot_modes,
             "policies": list(POLICIES),
             "tokens_by_policy": self.tokens_by_policy.tolist(),
             "pairs_by_policy": self.pairs_by_policy.tolist(),
@@ -169,6 +176,7 @@ class RoutingState:
                          **{r: self._slot_record(s) for r, s in self.slot_of_req.items()}},
         }
         if reset:
+            self.finished.clear()
             for t in (self.tokens_by_policy, self.pairs_by_policy, self.granted_by_policy,
                       *self.expert_load, *self.experts_per_token):
                 t.zero_()

@@ -27,8 +27,9 @@ def test_entry_point_registered() -> None:
 
 
 def test_register_is_idempotent() -> None:
-    import vllm_seqroute
     from vllm.model_executor.layers.fused_moe import layer
+
+    import vllm_seqroute
 
     vllm_seqroute.register()
     once = layer.create_fused_moe_router

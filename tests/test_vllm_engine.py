@@ -104,3 +104,22 @@ def test_dense_model_served_unchanged(model_dir: Any, engine: Any, caplog: Any) 
     assert stats(llm) is None
     lines = [r for r in caplog.records if "no MoE layers" in r.getMessage()]
     assert len(lines) == 1
+
+
+def test_compiled_engine_matches_eager(model_dir: Any, engine: Any) -> None:
+    path = model_dir("qwen3_moe")
+    routing = {"routing": "seqtopk"}
+    eager = greedy(engine(path, routing), PROMPTS)
+    compiled = engine(path, routing, enforce_eager=False)
+    assert greedy(compiled, PROMPTS) == eager
+    assert stats(compiled)["tokens_by_policy"][1] > 0  # the opaque op ran in the compiled model
+
+
+def test_preemption_recomputes_the_same_routing(model_dir: Any, engine: Any) -> None:
+    path = model_dir("qwen3_moe")
+    routing = {"routing": "seqtopk"}
+    prompts = [p + " " + " ".join(["token"] * 20) for p in PROMPTS] * 2
+    roomy = greedy(engine(path, routing), prompts, max_tokens=48)
+    tight = engine(path, routing, num_gpu_blocks_override=5, block_size=32, max_model_len=128)
+    assert greedy(tight, prompts, max_tokens=48) == roomy
+    assert stats(tight)["restarts"] > 0  # requests really were preempted and recomputed

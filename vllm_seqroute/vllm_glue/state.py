@@ -45,6 +45,7 @@ class RoutingState:
     step_policies: set[int] = field(default_factory=set)  # host-known policies of this step
     slot_policy_host: list[int] = field(default_factory=list)
     empty_slot_modes: dict[str, int] = field(default_factory=dict)
+    restarts: int = 0
 
     def __post_init__(self) -> None:
         s, dev = self.max_slots + 1, self.device  # last row: padding / unknown tokens
@@ -88,6 +89,8 @@ class RoutingState:
     def add_request(self, req_id: str, extra_args: dict[str, Any] | None, num_computed: int) -> None:
         """Give a new (or resumed) request a slot with fresh state."""
         self.remove_request(req_id)
+        if req_id in self.finished:  # preempted (or aborted and re-sent): routed afresh
+            self.restarts += 1
         if not self.layers:
             return
         if not self.free_slots:
@@ -166,6 +169,7 @@ class RoutingState:
     def stats(self, reset: bool = False) -> dict[str, Any]:
         out = {
             "empty_slot_modes": self.empty_slot_modes,
+            "restarts": self.restarts,
             "policies": list(POLICIES),
             "tokens_by_policy": self.tokens_by_policy.tolist(),
             "pairs_by_policy": self.pairs_by_policy.tolist(),

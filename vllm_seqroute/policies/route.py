@@ -124,6 +124,10 @@ def route(
     num_seg = cu_seqlens.numel() - 1
     if slots is not None and (slots.dim() != 1 or slots.numel() != num_seg):
         raise ValueError(f"slots: expected [S]={num_seg} slot ids, got {tuple(slots.shape)}")
+    if ledger is None:
+        slots = None  # no ledger: every segment starts fresh, whatever slot it names
+    elif slots is not None and not bool(((slots >= -1) & (slots < ledger.num_slots)).all()):
+        raise ValueError(f"slots: ids must be in [-1, {ledger.num_slots}), got {slots.tolist()[:8]}")
     layout = BatchLayout.from_cu_seqlens(cu_seqlens.to(scores.device), n, slots)
     params = token_params(cfg, n, scores.device)
     if cfg.policy != "seqtopk":

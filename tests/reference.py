@@ -1,0 +1,255 @@
+"""Slow, obviously-correct reference routing, written from the documented semantics.
+
+Plain Python loops over tokens, segments and candidates with Python numbers (one small torch call
+per token row at most, for float32 arithmetic and the bounded pool's bin function). Nothing here
+calls the vectorised policies: the only imports from the package are the order-preserving key
+and bin functions of the bounded pool, which *define* that pool's comparison.
+
+Semantics (``../shared/design.md`` "Policies", ``RoutingConfig``, ``policies/seqtopk.py``):
+
+- A token's candidates are its best ``cap`` experts by ranking score (``scores + bias`` in
+  float32 when a bias is given, else ``scores``), ties: lower expert id. Weights are ``scores``.
+- Pairs (token, candidate) are ordered by ranking score (higher first), then token index, then
+  expert id (lower first).
+- ``topk``: ``min(max(budget, floor), cap)`` best candidates.
+- ``topp``: smallest best-first set whose probability (score / sum of all E scores) reaches
+  ``p``, clamped to ``[floor, cap]``.
+- ``entropy``: ``k = round_half_up(k_min + H/ln E * (k_max - k_min))`` (``H/ln E = 0`` for
+  ``E = 1``), clamped to ``[k_min, k_max]`` and then ``[floor, cap]``.
+- ``seqtopk``/``window``: the segment's pairs of this call compete; the best
+  ``(seen + T) * budget - used`` are taken.
+- ``seqtopk``/``causal``: token t (1-based over the whole request) takes candidate j (0-based)
+  iff ``j + #(pool pairs of earlier tokens ranking above it) < t * budget``; the pool holds all
+  ``cap`` candidates of every earlier token of the request. Exact pool: an earlier pair ranks
+  above iff its ranking score is ``>=`` (earlier tokens win ties). Bounded pool: iff its
+  ``pool_bin`` is ``>=``. Then the hard ledger: ``U_t = min(U_{t-1} + n_t, t * budget)`` is
+  the running total charged, token t is charged ``U_t - U_{t-1}``.
+- Both seqtopk rules then apply the floor (extra experts, not charged) and the cap.
+- Output: ``ids`` (selected experts best first, then ``-1``), ``weights`` (the selected
+  scores, divided by their sum when renormalising; 0 in empty slots).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import torch
+
+from vllm_seqroute.policies.ordering import ordered_int, pool_bin
+
+EPS = 1e-9  # tolerance of the float boundaries of topp / entropy (either side is accepted)
+
+
+@dataclass
+class RefSlot:
+    """One request's causal state: tokens seen, budget charged, and its pool of ranking scores."""
+
+    seen: int = 0
+    used: int = 0
+    pool: list[float] = field(default_factory=list)  # ranking scores of all earlier candidates
+    bins: list[int] = field(default_factory=list)  # their bounded-pool bins
+
+
+class RefLedger:
+    """Slot id -> :class:`RefSlot` (created empty on first use)."""
+
+    def __init__(self) -> None:
+        self.slots: dict[int, RefSlot] = {}
+
+    def get(self, slot: int) -> RefSlot:
+        if slot not in self.slots:
+            self.slots[slot] = RefSlot()
+        return self.slots[slot]
+
+    def reset(self, slot: int | None = None) -> None:
+        if slot is None:
+            self.slots.clear()
+        else:
+            self.slots.pop(slot, None)
+
+
+@dataclass
+class RefToken:
+    """The reference's decision for one token."""
+
+    cand: list[int]  # the token's candidates (expert ids), best first
+    rank: list[float]  # their ranking scores
+    weight: list[float]  # their scores (float32 values as Python floats)
+    counts: tuple[int, ...]  # acceptable numbers of selected candidates (one, unless ambiguous)
+    charged: int = 0  # budget charged (seqtopk)
+
+
+def bin_of(values: list[float]) -> list[int]:
+    """Bounded-pool bin of each float32 value (one torch call per row)."""
+    if not values:
+        return []
+    return pool_bin(ordered_int(torch.tensor(values, dtype=torch.float32))).tolist()
+
+
+def token_rows(scores: torch.Tensor, bias: torch.Tensor | None) -> list[tuple[list[float], list[float]]]:
+    """Per token: (scores as float32 values, ranking scores as float32 values)."""
+    out = []
+    for i in range(scores.shape[0]):
+        s = scores[i].to(torch.float32)
+        r = s if bias is None else s + bias.to(torch.float32)  # float32 addition, per row
+        out.append((s.tolist(), r.tolist()))
+    return out
+
+
+def candidates(rank: list[float], cap: int) -> list[int]:
+    """Best ``cap`` experts by ranking score, ties: lower expert id."""
+    return sorted(range(len(rank)), key=lambda e: (-rank[e], e))[:cap]
+
+
+def clamp(x: int, lo: int, hi: int) -> int:
+    return min(max(x, lo), hi)
+
+
+def _topp_count(score: list[float], cand: list[int], p: float) -> tuple[int, int]:
+    """Exact (rational) smallest best-first prefix reaching ``p``; range over ``p -/+ EPS``."""
+    mass = sum(Fraction(x) for x in score)
+    if mass == 0:  # no probability at all: the best expert only
+        return 1, 1
+
+    def smallest(target: Fraction) -> int:
+        cum = Fraction(0)
+        for k, e in enumerate(cand, start=1):
+            cum += Fraction(score[e]) / mass
+            if cum >= target:
+                return k
+        return len(cand) + 1  # never reached within the candidates
+
+    pf = Fraction(p)
+    return smallest(pf - Fraction(EPS)), smallest(pf + Fraction(EPS))
+
+
+def _entropy_k(score: list[float], k_min: int, k_max: int) -> tuple[int, int]:
+    e = len(score)
+    mass = math.fsum(score)
+    h = 0.0
+    if mass > 0:
+        for x in score:
+            q = x / mass
+            if q > 0:
+                h -= q * math.log(q)
+    frac = h / math.log(e) if e > 1 else 0.0
+    x = k_min + frac * (k_max - k_min)
+    return math.floor(x + 0.5 - EPS), math.floor(x + 0.5 + EPS)
+
+
+def ref_route(
+    scores: torch.Tensor,
+    cu_seqlens: list[int],
+    *,
+    policy: str,
+    cap: int,
+    budget: int | None = None,
+    floor: int = 1,
+    rule: str = "causal",
+    pool: str = "exact",
+    p: float = 0.4,
+    k_min: int = 1,
+    k_max: int | None = None,
+    bias: torch.Tensor | None = None,
+    ledger: RefLedger | None = None,
+    slots: list[int] | None = None,
+) -> list[RefToken]:
+    """Decisions for ``scores [N, E]`` of segments ``cu_seqlens``; parameters fully resolved.
+
+    ``ledger``/``slots`` carry the causal state across calls as in ``route``; without a ledger
+    every segment starts fresh.
+    """
+    rows = token_rows(scores, bias)
+    toks: list[RefToken] = []
+    for score, rank in rows:
+        cand = candidates(rank, cap)
+        toks.append(RefToken(cand, [rank[e] for e in cand], [score[e] for e in cand], ()))
+
+    if policy == "topk":
+        for t in toks:
+            t.counts = (clamp(budget, floor, cap),)
+        return toks
+    if policy == "topp":
+        for (score, _), t in zip(rows, toks, strict=True):
+            lo, hi = _topp_count(score, t.cand, p)
+            t.counts = tuple(sorted({clamp(k, floor, cap) for k in range(lo, hi + 1)}))
+        return toks
+    if policy == "entropy":
+        for (score, _), t in zip(rows, toks, strict=True):
+            lo, hi = _entropy_k(score, k_min, k_max)
+            ks = {clamp(clamp(k, k_min, k_max), floor, cap) for k in range(lo, hi + 1)}
+            t.counts = tuple(sorted(ks))
+        return toks
+    assert policy == "seqtopk", policy
+
+    ledger = ledger if ledger is not None else RefLedger()
+    num_seg = len(cu_seqlens) - 1
+    for s in range(num_seg):
+        a, b = cu_seqlens[s], cu_seqlens[s + 1]
+        if a == b:
+            continue
+        slot = slots[s] if slots is not None else s
+        st = ledger.get(slot)
+        if rule == "window":
+            _window(toks[a:b], st, budget, floor, cap)
+        else:
+            _causal(toks[a:b], st, budget, floor, cap, pool)
+    return toks
+
+
+def _prefix_len(taken: list[bool]) -> int:
+    n = sum(taken)
+    assert all(taken[:n]) and not any(taken[n:]), "a token's taken candidates must be its best ones"
+    return n
+
+
+def _window(seg: list[RefToken], st: RefSlot, budget: int, floor: int, cap: int) -> None:
+    grant = (st.seen + len(seg)) * budget - st.used
+    pairs = sorted((-t.rank[j], i, t.cand[j], i, j) for i, t in enumerate(seg) for j in range(len(t.cand)))
+    taken = [[False] * len(t.cand) for t in seg]
+    for _, _, _, i, j in pairs[: max(grant, 0)]:
+        taken[i][j] = True
+    for i, t in enumerate(seg):
+        n = _prefix_len(taken[i])
+        t.charged = n
+        t.counts = (clamp(n, floor, cap),)
+        st.used += n
+    st.seen += len(seg)
+    for t in seg:
+        st.pool.extend(t.rank)
+        st.bins.extend(bin_of(t.rank))
+
+
+def _causal(seg: list[RefToken], st: RefSlot, budget: int, floor: int, cap: int, pool: str) -> None:
+    for t in seg:
+        pos = st.seen + 1  # 1-based index over the whole request
+        allowed = pos * budget
+        my_bins = bin_of(t.rank)
+        taken = []
+        for j, r in enumerate(t.rank):
+            if pool == "exact":
+                above = sum(1 for q in st.pool if q >= r)
+            else:
+                above = sum(1 for q in st.bins if q >= my_bins[j])
+            taken.append(j + above < allowed)
+        n = _prefix_len(taken)
+        total = min(st.used + n, allowed)  # the hard ledger
+        charged = total - st.used
+        t.charged = charged
+        t.counts = (clamp(charged, floor, cap),)
+        st.used = total
+        st.seen += 1
+        st.pool.extend(t.rank)
+        st.bins.extend(my_bins)
+
+
+def outputs(tok: RefToken, count: int, width: int, renormalize: bool = True) -> tuple[list[int], list[float]]:
+    """The output row of a token that selects ``count`` candidates: ids (``-1`` padded) and weights."""
+    ids = tok.cand[:count] + [-1] * (width - count)
+    w = tok.weight[:count]
+    if renormalize:
+        total = math.fsum(w)
+        w = [x / total if total > 0 else 0.0 for x in w]
+    return ids, w + [0.0] * (width - count)

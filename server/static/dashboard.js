@@ -1,0 +1,315 @@
+/* vllm-seqroute routing dashboard: polls the stats route of this server and draws a
+ * per-layer x expert load heatmap (canvas) and an experts-per-token histogram (SVG).
+ * No external resources; all text goes through textContent. */
+(function () {
+  'use strict';
+  var cfg = window.SEQROUTE_CONFIG || {};
+  var statsPath = cfg.statsPath || 'v1/routing/stats';
+  var params = new URLSearchParams(window.location.search);
+  var apiKey = params.get('api_key') || '';
+  var SVG_NS = 'http://www.w3.org/2000/svg';
+
+  var el = function (id) { return document.getElementById(id); };
+  var body = document.body;
+  var statusEl = el('status');
+  var timer = null;
+  var inFlight = false;
+  var last = null;      // last good response
+  var previous = null;  // the one before (for the "recent" window)
+  var updates = 0;
+
+  el('stats-path').textContent = '/' + statsPath;
+  var refreshSel = el('refresh');
+  var wanted = String(params.get('refresh') || cfg.refreshSeconds || 3);
+  if (Array.prototype.some.call(refreshSel.options, function (o) { return o.value === wanted; })) {
+    refreshSel.value = wanted;
+  }
+
+  function setState(state, text) {
+    body.dataset.state = state;
+    statusEl.className = 'status ' + (state === 'error' ? 'error' : state === 'ok' ? 'ok' : '');
+    statusEl.textContent = text;
+    el('charts').classList.toggle('stale', state === 'error');
+  }
+
+  function schedule() {
+    if (timer) { clearTimeout(timer); timer = null; }
+    var s = Number(refreshSel.value);
+    if (s > 0) { timer = setTimeout(refresh, s * 1000); }
+  }
+
+  async function refresh() {
+    if (inFlight) { return; }
+    inFlight = true;
+    try {
+      await poll();
+    } finally {
+      inFlight = false;
+      schedule();
+    }
+  }
+
+  async function poll() {
+    var headers = { 'Accept': 'application/json' };
+    if (apiKey) { headers['Authorization'] = 'Bearer ' + apiKey; }
+    var res;
+    try {
+      res = await fetch(statsPath + '?requests=false', { headers: headers, cache: 'no-store',
+                                                         credentials: 'same-origin' });
+    } catch (e) {
+      return fail('network error (' + (e && e.message ? e.message : 'fetch failed') + ')');
+    }
+    if (!res.ok) {
+      var detail = res.statusText || '';
+      try {
+        var j = await res.json();
+        if (j && j.error) { detail = typeof j.error === 'string' ? j.error : (j.error.message || detail); }
+      } catch (e) { /* not JSON */ }
+      var hint = res.status === 401 ? ' (open this page as /routing?api_key=KEY)' : '';
+      return fail('HTTP ' + res.status + (detail ? ': ' + detail : '') + hint);
+    }
+    var data;
+    try { data = await res.json(); } catch (e) { return fail('bad response (not JSON)'); }
+    previous = last;
+    last = data;
+    updates += 1;
+    body.dataset.updates = String(updates);
+    var shown = render();
+    if (shown === null) {
+      setState('off', 'Routing is off on this server (start it with --routing on a MoE model)');
+    } else {
+      var when = new Date((last.time || Date.now() / 1000) * 1000).toLocaleTimeString();
+      setState('ok', 'live · updated ' + when + ' · ' + shown + ' token decisions in view');
+    }
+  }
+
+  function fail(message) {
+    setState('error', 'Stats unavailable: ' + message + ' · showing the last data received' +
+             (last ? '' : ' (none yet)') + ' · retrying');
+  }
+
+  // ---- data -------------------------------------------------------------------------
+  function sub(a, b) {  // element-wise a - b over (nested) arrays
+    if (Array.isArray(a)) { return a.map(function (x, i) { return sub(x, b ? b[i] : undefined); }); }
+    return a - (b || 0);
+  }
+  function anyNegative(a) {
+    if (Array.isArray(a)) { return a.some(anyNegative); }
+    return a < 0;
+  }
+  function view() {
+    if (!last || !last.enabled) { return null; }
+    var keys = ['tokens_by_policy', 'pairs_by_policy', 'granted_by_policy', 'expert_load',
+                'experts_per_token'];
+    var out = { policies: last.policies || [] };
+    var recent = el('window').value === 'recent' && previous && previous.enabled;
+    var diff = {};
+    keys.forEach(function (k) { diff[k] = recent ? sub(last[k] || [], previous[k] || []) : last[k] || []; });
+    if (recent && keys.some(function (k) { return anyNegative(diff[k]); })) {
+      keys.forEach(function (k) { diff[k] = last[k] || []; });  // counters were reset in between
+    }
+    keys.forEach(function (k) { out[k] = diff[k]; });
+    return out;
+  }
+  function sum(a) { return a.reduce(function (s, x) { return s + x; }, 0); }
+
+  // ---- rendering --------------------------------------------------------------------
+  // Draws the last data; returns the token decisions in view (null: routing is off).
+  function render() {
+    if (!last || !last.enabled) { return null; }
+    var info = last.info || {};
+    el('server-info').textContent = '· ' + (info.base ? info.base.policy : '?') + ' server, ' +
+      (info.num_layers || 0) + ' MoE layers × ' + (info.num_experts || 0) + ' experts, model K=' +
+      (info.model_k || '?') + ', width ' + (info.width || '?');
+    var v = view();
+    syncLayerSelect(v.expert_load.length);
+    var tokens = sum(v.tokens_by_policy || []);
+    drawHeatmap(v.expert_load);
+    drawHistogram(v.experts_per_token);
+    drawPolicies(v);
+    return tokens;
+  }
+
+  function syncLayerSelect(n) {
+    var sel = el('layer');
+    if (sel.options.length === n + 1) { return; }
+    var keep = sel.value;
+    while (sel.options.length > 1) { sel.remove(1); }
+    for (var i = 0; i < n; i++) {
+      var o = document.createElement('option');
+      o.value = String(i);
+      o.textContent = 'layer ' + i;
+      sel.appendChild(o);
+    }
+    sel.value = Number(keep) < n ? keep : 'all';
+  }
+
+  var STOPS = [[-1, [44, 123, 182]], [0, [247, 247, 247]], [1, [215, 25, 28]]];
+  function colour(t) {  // t in [-1, 1]: blue (unused) .. white (uniform) .. red (4x uniform)
+    t = Math.max(-1, Math.min(1, t));
+    var a = t < 0 ? STOPS[0] : STOPS[1];
+    var b = t < 0 ? STOPS[1] : STOPS[2];
+    var f = (t - a[0]) / (b[0] - a[0]);
+    var c = a[1].map(function (x, i) { return Math.round(x + f * (b[1][i] - x)); });
+    return 'rgb(' + c[0] + ',' + c[1] + ',' + c[2] + ')';
+  }
+
+  var heat = { cells: [], geom: null };
+  function drawHeatmap(load) {
+    var canvas = el('heatmap');
+    var L = load.length;
+    var E = L ? Math.max.apply(null, load.map(function (r) { return r.length; })) : 0;
+    var left = 64, top = 22, avail = Math.max(320, el('heatmap-wrap').clientWidth - left - 8);
+    var cw = Math.max(4, Math.min(32, Math.floor(avail / Math.max(E, 1))));
+    var ch = Math.max(6, Math.min(28, Math.floor(360 / Math.max(L, 1))));
+    canvas.width = left + cw * Math.max(E, 1) + 8;
+    canvas.height = top + ch * Math.max(L, 1) + 6;
+    var ctx = canvas.getContext('2d');
+    ctx.fillStyle = '#ffffff';
+    ctx.fillRect(0, 0, canvas.width, canvas.height);
+    ctx.fillStyle = '#1d2330';
+    ctx.font = '11px system-ui, sans-serif';
+    ctx.textBaseline = 'middle';
+    var step = Math.ceil(24 / cw);
+    ctx.textAlign = 'center';
+    for (var e = 0; e < E; e += step) { ctx.fillText(String(e), left + e * cw + cw / 2, top / 2); }
+    ctx.textAlign = 'right';
+    var lstep = Math.ceil(12 / ch);
+    var drawn = 0, total = 0;
+    for (var l = 0; l < L; l++) {
+      if (l % lstep === 0) {
+        ctx.fillStyle = '#1d2330';
+        ctx.fillText('layer ' + l, left - 6, top + l * ch + ch / 2);
+      }
+      var row = load[l], rowSum = sum(row);
+      total += rowSum;
+      for (e = 0; e < row.length; e++) {
+        var fill;
+        if (rowSum <= 0) {
+          fill = '#dcdfe4';
+        } else {
+          var r = row[e] * row.length / rowSum;
+          fill = r <= 0 ? colour(-1) : colour(Math.log2(r) / 2);
+        }
+        ctx.fillStyle = fill;
+        ctx.fillRect(left + e * cw, top + l * ch, cw - (cw > 6 ? 1 : 0), ch - (ch > 6 ? 1 : 0));
+        drawn += 1;
+      }
+    }
+    heat.cells = load;
+    heat.geom = { left: left, top: top, cw: cw, ch: ch, L: L, E: E };
+    canvas.dataset.cells = String(drawn);
+    canvas.dataset.total = String(total);
+    el('heatmap-note').textContent = total ? total + ' (token, expert) pairs' : 'no routed tokens in view';
+  }
+
+  function heatTip(ev) {
+    var tip = el('heatmap-tip'), g = heat.geom;
+    if (!g) { return; }
+    var rect = el('heatmap').getBoundingClientRect();
+    var x = ev.clientX - rect.left, y = ev.clientY - rect.top;
+    var e = Math.floor((x - g.left) / g.cw), l = Math.floor((y - g.top) / g.ch);
+    if (e < 0 || l < 0 || l >= g.L || e >= (heat.cells[l] || []).length) { tip.hidden = true; return; }
+    var row = heat.cells[l], n = row[e], s = sum(row);
+    tip.textContent = 'layer ' + l + ', expert ' + e + ': ' + n + ' pairs' +
+      (s ? ' (' + (100 * n / s).toFixed(1) + '%, ' + (n * row.length / s).toFixed(2) + '× uniform)' : '');
+    tip.style.left = (x + 12) + 'px';
+    tip.style.top = (y + 12) + 'px';
+    tip.hidden = false;
+  }
+
+  function drawLegend() {
+    var c = el('legend-bar'), ctx = c.getContext('2d');
+    for (var i = 0; i < c.width; i++) {
+      ctx.fillStyle = colour(-1 + 2 * i / (c.width - 1));
+      ctx.fillRect(i, 0, 1, c.height);
+    }
+  }
+
+  function svg(tag, attrs, text) {
+    var n = document.createElementNS(SVG_NS, tag);
+    Object.keys(attrs).forEach(function (k) { n.setAttribute(k, String(attrs[k])); });
+    if (text !== undefined) { n.textContent = text; }
+    return n;
+  }
+
+  function drawHistogram(perLayer) {
+    var sel = el('layer').value;
+    var counts = [];
+    perLayer.forEach(function (row, l) {
+      if (sel !== 'all' && Number(sel) !== l) { return; }
+      row.forEach(function (c, k) { counts[k] = (counts[k] || 0) + c; });
+    });
+    for (var k = 0; k < counts.length; k++) { counts[k] = counts[k] || 0; }
+    var root = el('histogram');
+    while (root.firstChild) { root.removeChild(root.firstChild); }
+    var W = Math.max(360, Math.min(900, el('histogram-panel').clientWidth - 32)), H = 240;
+    root.setAttribute('width', W);
+    root.setAttribute('height', H);
+    root.setAttribute('viewBox', '0 0 ' + W + ' ' + H);
+    var left = 44, right = 12, top = 16, bottom = 36;
+    var n = Math.max(counts.length, 1), total = sum(counts);
+    var peak = Math.max.apply(null, counts.concat([1]));
+    var bw = (W - left - right) / n;
+    root.appendChild(svg('line', { x1: left, y1: H - bottom, x2: W - right, y2: H - bottom, 'class': 'axis' }));
+    root.appendChild(svg('line', { x1: left, y1: top, x2: left, y2: H - bottom, 'class': 'axis' }));
+    root.appendChild(svg('text', { x: 4, y: top + 4 }, total ? (100 * peak / total).toFixed(0) + '%' : ''));
+    root.appendChild(svg('text', { x: W / 2, y: H - 6, 'text-anchor': 'middle' }, 'experts per token'));
+    var bars = 0;
+    counts.forEach(function (c, k) {
+      var h = total ? (H - top - bottom) * c / peak : 0;
+      var x = left + k * bw + bw * 0.12;
+      var bar = svg('rect', { x: x, y: H - bottom - h, width: Math.max(1, bw * 0.76), height: h,
+                              'class': 'bar', 'data-k': k, 'data-count': c });
+      bar.appendChild(svg('title', {}, k + ' experts: ' + c + (total ? ' (' + (100 * c / total).toFixed(1) + '%)' : '')));
+      root.appendChild(bar);
+      if (h > 0) { bars += 1; }
+      root.appendChild(svg('text', { x: left + k * bw + bw / 2, y: H - bottom + 14, 'text-anchor': 'middle' }, String(k)));
+      if (c && total) {
+        root.appendChild(svg('text', { x: left + k * bw + bw / 2, y: H - bottom - h - 4, 'text-anchor': 'middle' },
+                             (100 * c / total).toFixed(0) + '%'));
+      }
+    });
+    var mean = total ? counts.reduce(function (s, c, i) { return s + c * i; }, 0) / total : 0;
+    if (total) {
+      var mx = left + mean * bw + bw / 2;
+      root.appendChild(svg('line', { x1: mx, y1: top, x2: mx, y2: H - bottom, 'class': 'mean' }));
+    }
+    root.dataset.bars = String(bars);
+    root.dataset.total = String(total);
+    el('histogram-note').textContent = total
+      ? '(' + (sel === 'all' ? 'all layers' : 'layer ' + sel) + ', ' + total + ' decisions, mean ' + mean.toFixed(2) + ')'
+      : '(no routed tokens in view)';
+  }
+
+  function drawPolicies(v) {
+    var tbody = el('policies').querySelector('tbody');
+    while (tbody.firstChild) { tbody.removeChild(tbody.firstChild); }
+    v.policies.forEach(function (p, i) {
+      var t = v.tokens_by_policy[i] || 0, pairs = v.pairs_by_policy[i] || 0, g = v.granted_by_policy[i] || 0;
+      if (!t) { return; }
+      var tr = document.createElement('tr');
+      [p, t, pairs, (pairs / t).toFixed(2), g, g ? (pairs / g).toFixed(3) : '–'].forEach(function (x) {
+        var td = document.createElement('td');
+        td.textContent = String(x);
+        tr.appendChild(td);
+      });
+      tbody.appendChild(tr);
+    });
+  }
+
+  el('heatmap').addEventListener('mousemove', heatTip);
+  el('heatmap').addEventListener('mouseleave', function () { el('heatmap-tip').hidden = true; });
+  el('window').addEventListener('change', render);
+  el('layer').addEventListener('change', function () { if (last && last.enabled) { drawHistogram(view().experts_per_token); } });
+  refreshSel.addEventListener('change', schedule);
+  window.addEventListener('resize', render);
+
+  window.seqrouteDashboard = {
+    refresh: refresh,
+    setKey: function (key) { apiKey = key || ''; },
+    get state() { return body.dataset.state; },
+  };
+  drawLegend();
+  refresh();
+})();

@@ -300,7 +300,7 @@ def test_bounded_agrees_with_exact_dirichlet():
     # experts sit at the bar (E=128, alpha=1, budget 2: 98.9-99.1 % depending on the sample,
     # with the 7-bit bins), so a single case may dip at most 0.5 point below it.
     assert overall >= AGREEMENT
-    assert worst[3] >= AGREEMENT - 0.005, worst
+    assert worst[3] >= AGREEMENT, worst  # every case, not only on average
 
 
 @pytest.fixture(scope="module")
@@ -347,3 +347,26 @@ def test_bounded_agrees_with_exact_recorded_scores(recorded_scores):
     overall = sum(a for _, a in rows) / len(rows)
     print(f"mean {overall:.4%}, worst {min(a for _, a in rows):.4%}")
     assert all(a >= AGREEMENT for _, a in rows)
+
+
+def test_single_token_fast_path_equals_general_path() -> None:
+    """The decode-only shortcut the vLLM glue takes gives the general rule's selections."""
+    from vllm_seqroute.policies import seqtopk as seq
+    from vllm_seqroute.policies.layout import BatchLayout
+    from vllm_seqroute.policies.route import build_candidates, history_of, token_params
+
+    gen = torch.Generator().manual_seed(7)
+    s, e = 24, 16
+    ledger = CausalLedger(s)
+    cfg = RoutingConfig(policy="seqtopk", budget=2).resolve(e)
+    history = torch.softmax(torch.randn(s * 20, e, generator=gen) * 2, -1)
+    route(history, torch.arange(0, s * 20 + 1, 20), cfg, ledger=ledger)
+    scores = torch.softmax(torch.randn(s, e, generator=gen) * 2, -1)
+    cand = build_candidates(scores, cfg.cap, with_mass=False, with_entropy=False)
+    layout = BatchLayout.from_token_slots(torch.arange(s))
+    params = token_params(cfg, s, scores.device)
+    hist = history_of(ledger, ledger.rows(torch.arange(s)))
+    a = seq.causal(cand, layout, params, hist)
+    b = seq.causal(cand, layout, params, hist, single_token_segments=True)
+    assert torch.equal(a.count, b.count) and torch.equal(a.charged, b.charged)
+    assert len(set(a.count.tolist())) > 1  # a real mix of expert counts

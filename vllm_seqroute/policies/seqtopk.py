@@ -119,16 +119,21 @@ def causal(
     history: History | None,
     *,
     exact: bool = False,
+    single_token_segments: bool = False,
 ) -> Selection:
+    """``single_token_segments``: the caller knows every segment has one token (a decode-only
+    step), so no token has an earlier token in this call; same result, less work."""
     n, u = cand.ids.shape
     keys, in_cap = _masked_keys(cand, params)
-    cmp = keys.to(torch.int64) if exact else pool_bin(keys)
-    order = _segment_sort(cmp, layout)
-    tok = order // u
-    x = torch.stack([tok, layout.seg_start[tok]])
-    lt = _count_less_before(tok, x)
-    within = _inverse(order, lt[0] - lt[1]).view(n, u)
-    past = within
+    if single_token_segments:
+        past = torch.zeros(n, u, dtype=torch.int64, device=keys.device)
+    else:
+        cmp = keys.to(torch.int64) if exact else pool_bin(keys)
+        order = _segment_sort(cmp, layout)
+        tok = order // u
+        x = torch.stack([tok, layout.seg_start[tok]])
+        lt = _count_less_before(tok, x)
+        past = _inverse(order, lt[0] - lt[1]).view(n, u)
     if history is not None:
         past = past + history.past_counts(keys)
     seen = history.seen if history is not None else 0

@@ -39,6 +39,8 @@ def select(router_logits: torch.Tensor, group_ids: torch.Tensor, van_w: torch.Te
     info = state.layers[layer]
     n, e = router_logits.shape
     u = info.width
+    if state.step_all_vanilla:  # host-known (CPU): the model's own routing, padded to width
+        return _vanilla_only(state, layer, van_w, van_ids, u, skip_empty)
     scores = _scores(router_logits, scoring)
     rank = scores if bias is None else scores + bias.to(torch.float32)
     if group_ids.shape[1] == u:  # group-limited candidates from the model's own router
@@ -80,7 +82,8 @@ def select(router_logits: torch.Tensor, group_ids: torch.Tensor, van_w: torch.Te
         elif pid == st.SEQ_WINDOW:
             sel = seq.window(cand, layout, params, history)
         else:
-            sel = seq.causal(cand, layout, params, history, exact=ledger.pool == "exact")
+            sel = seq.causal(cand, layout, params, history, exact=ledger.pool == "exact",
+                             single_token_segments=state.step_single_tokens)
         mine = policy == pid
         count = torch.where(mine, sel.count, count)
         charged = torch.where(mine, sel.charged, charged)
@@ -106,6 +109,23 @@ def select(router_logits: torch.Tensor, group_ids: torch.Tensor, van_w: torch.Te
 
     _count(state, layer, policy, token_slot, out_ids, w, n_used, charged)
     return w.contiguous(), out_ids.to(torch.int32).contiguous()
+
+
+def _vanilla_only(state: st.RoutingState, layer: int, van_w: torch.Tensor, van_ids: torch.Tensor,
+                  u: int, skip_empty: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    n, k = van_ids.shape
+    ids = van_ids.to(torch.int64)
+    w = van_w.to(torch.float32)
+    if u > k:
+        fill = torch.full((n, u - k), -1, dtype=torch.int64, device=ids.device) if skip_empty \
+            else ids[:, :1].expand(n, u - k)  # a valid id with weight 0
+        ids = torch.cat([ids, fill], dim=1)
+        w = torch.cat([w, w.new_zeros(n, u - k)], dim=1)
+    token_slot = state.token_slot[:n]
+    policy = torch.full((n,), st.POLICY_ID["topk"], dtype=torch.int64, device=ids.device)
+    n_used = torch.full((n,), k, dtype=torch.int64, device=ids.device)
+    _count(state, layer, policy, token_slot, ids, w, n_used, n_used)
+    return w.contiguous(), ids.to(torch.int32).contiguous()
 
 
 def _count(state: st.RoutingState, layer: int, policy: torch.Tensor, token_slot: torch.Tensor,

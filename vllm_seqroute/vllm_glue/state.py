@@ -46,6 +46,8 @@ class RoutingState:
     slot_policy_host: list[int] = field(default_factory=list)
     empty_slot_modes: dict[str, int] = field(default_factory=dict)
     restarts: int = 0
+    step_single_tokens: bool = False  # host-known: every request has one token this step
+    step_all_vanilla: bool = False  # host-known: every request is topk at the model's K
 
     def __post_init__(self) -> None:
         s, dev = self.max_slots + 1, self.device  # last row: padding / unknown tokens
@@ -60,6 +62,7 @@ class RoutingState:
         self.p = torch.ones(s, dtype=torch.float64, device=dev)
         self.free_slots = list(range(self.max_slots - 1, -1, -1))
         self.slot_policy_host = [0] * s
+        self.slot_vanilla_host = [False] * s
         # counters (integers: deterministic across tensor-parallel ranks)
         self.tokens_by_policy = torch.zeros(len(POLICIES), **i64)
         self.pairs_by_policy = torch.zeros(len(POLICIES), **i64)
@@ -133,6 +136,8 @@ class RoutingState:
         if cfg.policy == "seqtopk" and cfg.rule == "window":
             pid = SEQ_WINDOW
         self.slot_policy_host[slot] = pid
+        self.slot_vanilla_host[slot] = (
+            cfg.policy == "topk" and bool(self.layers) and cfg.budget == self.layers[0].model_k)
         self.policy[slot] = pid
         self.budget[slot] = cfg.budget or 0
         self.cap[slot] = cfg.cap
@@ -154,7 +159,10 @@ class RoutingState:
         self.token_slot[n:].fill_(-1)
         if self.device.type == "cuda":  # graphs replay without Python: every policy, always
             self.step_policies = ALL_POLICY_IDS
+            self.step_single_tokens = self.step_all_vanilla = False
             return
+        self.step_single_tokens = bool((np.asarray(num_scheduled) == 1).all())
+        self.step_all_vanilla = bool(len(slots)) and all(self.slot_vanilla_host[s] for s in slots.tolist())
         self.step_policies = {self.slot_policy_host[s] for s in slots.tolist()}
         if (slots < 0).any():
             self.step_policies.add(self.slot_policy_host[self.max_slots])
@@ -164,6 +172,7 @@ class RoutingState:
         self.token_slot.fill_(-1)
         cuda = self.device.type == "cuda"
         self.step_policies = ALL_POLICY_IDS if cuda else {self.slot_policy_host[self.max_slots]}
+        self.step_single_tokens = self.step_all_vanilla = False
 
     # --- stats --------------------------------------------------------------------------
     def stats(self, reset: bool = False) -> dict[str, Any]:

@@ -123,3 +123,22 @@ def test_preemption_recomputes_the_same_routing(model_dir: Any, engine: Any) -> 
     tight = engine(path, routing, num_gpu_blocks_override=5, block_size=32, max_model_len=128)
     assert greedy(tight, prompts, max_tokens=48) == roomy
     assert stats(tight)["restarts"] > 0  # requests really were preempted and recomputed
+
+
+def test_checkpoint_recorded_routing_is_served_without_flags(model_dir: Any, engine: Any, tmp_path: Any) -> None:
+    import json
+    import shutil
+
+    path = tmp_path / "adapted"
+    shutil.copytree(model_dir("qwen3_moe"), path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["seqroute"] = {"routing": "seqtopk", "routing_budget": 2}
+    (path / "config.json").write_text(json.dumps(cfg))
+    llm = engine(path)
+    assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching is False
+    greedy(llm, PROMPTS[:2])
+    recs = list(stats(llm)["requests"].values())
+    assert {r["policy"] for r in recs} == {"seqtopk"} and {r["budget"] for r in recs} == {2}
+    flagged = engine(path, {"routing": "topk"})  # flags still override
+    greedy(flagged, PROMPTS[:1])
+    assert {r["policy"] for r in stats(flagged)["requests"].values()} == {"topk"}

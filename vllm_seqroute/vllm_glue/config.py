@@ -106,3 +106,19 @@ def apply_to_engine_args(engine_args: Any) -> None:
     if getattr(engine_args, "enable_return_routed_experts", False):
         raise ValueError("--routing: --enable-return-routed-experts assumes width top_k; "
                          "not supported with vllm-seqroute routing")
+
+
+def adopt_checkpoint_routing(vllm_config: Any, prefix_caching_unset: bool) -> None:
+    """A checkpoint adapted with ``vllm-seqroute adapt`` records its policy in config.json
+    (``"seqroute": {...}``); serve it that way unless flags or ``additional_config`` say otherwise."""
+    if (vllm_config.additional_config or {}).get(KEY) is not None:
+        return
+    recorded = getattr(vllm_config.model_config.hf_config, KEY, None)
+    if not isinstance(recorded, dict):
+        return
+    cfg = config_from_options(recorded)
+    vllm_config.additional_config = {**(vllm_config.additional_config or {}), KEY: dict(recorded)}
+    logger.info("vllm_seqroute: serving with the routing recorded in the checkpoint: %s", recorded)
+    if cfg.policy == "seqtopk" and prefix_caching_unset and vllm_config.cache_config.enable_prefix_caching:
+        vllm_config.cache_config.enable_prefix_caching = False
+        logger.info("vllm_seqroute: prefix caching off for seqtopk; pass --enable-prefix-caching to insist")

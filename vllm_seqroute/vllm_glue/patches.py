@@ -66,7 +66,10 @@ def _patch_engine_args() -> None:
 
     def create_engine_config(self: Any, *a: Any, **k: Any) -> Any:
         config.apply_to_engine_args(self)
-        return create_orig(self, *a, **k)
+        prefix_caching_unset = self.enable_prefix_caching is None
+        vllm_config = create_orig(self, *a, **k)
+        config.adopt_checkpoint_routing(vllm_config, prefix_caching_unset)
+        return vllm_config
 
     EngineArgs.add_cli_args = staticmethod(add_cli_args)
     EngineArgs.from_cli_args = classmethod(from_cli_args)

@@ -1,0 +1,166 @@
+"""Routing kernels: Triton on CUDA, the torch twins of ``vllm_seqroute.policies`` elsewhere.
+
+Every function returns what its twin returns (selections identical, ties included; weights up to
+float32 summation order), with static shapes, no host syncs and graph-capturable launches on
+CUDA. ``SEQROUTE_NO_TRITON=1`` forces the twins everywhere (debugging, comparisons).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from vllm_seqroute.policies import CausalLedger
+from vllm_seqroute.policies import seqtopk as _seq
+from vllm_seqroute.policies.base import REGISTRY, Candidates, Selection, TokenParams
+from vllm_seqroute.policies.config import RULES
+from vllm_seqroute.policies.layout import BatchLayout
+from vllm_seqroute.policies.route import assemble as _assemble_twin
+from vllm_seqroute.policies.route import build_candidates, history_of
+
+__all__ = [
+    "assemble",
+    "candidates",
+    "select_assemble",
+    "seqtopk_select",
+    "token_select",
+    "triton_available",
+]
+
+TOKEN_POLICIES = ("topk", "topp", "entropy")
+
+
+@functools.cache
+def _triton_module() -> object | None:
+    try:
+        from vllm_seqroute.kernels import _triton
+    except Exception:  # no Triton, or one that cannot build for this platform
+        return None
+    return _triton
+
+
+def triton_available(device: torch.device | str) -> bool:
+    """True where the Triton kernels run: a CUDA device with Triton importable."""
+    if torch.device(device).type != "cuda" or os.environ.get("SEQROUTE_NO_TRITON") == "1":
+        return False
+    return torch.cuda.is_available() and _triton_module() is not None
+
+
+def candidates(
+    scores: torch.Tensor,
+    width: int,
+    bias: torch.Tensor | None = None,
+    *,
+    with_mass: bool = True,
+    with_entropy: bool = True,
+) -> Candidates:
+    """``policies.route.build_candidates``: each token's best ``width`` experts by
+    ``scores + bias`` (ties: lower id), weights from ``scores``; one launch on CUDA."""
+    if not triton_available(scores.device):
+        return build_candidates(scores, width, bias, with_mass=with_mass, with_entropy=with_entropy)
+    return _triton_module().candidates(scores, width, bias, with_mass, with_entropy)
+
+
+def token_select(policy: str, cand: Candidates, layout: BatchLayout, params: TokenParams) -> Selection:
+    """``topk`` / ``topp`` / ``entropy`` as their registered twins (no history)."""
+    if policy not in TOKEN_POLICIES:
+        raise ValueError(f"policy: expected one of {TOKEN_POLICIES}, got {policy!r}")
+    if not triton_available(cand.ids.device):
+        return REGISTRY[policy](cand, layout, params, None)
+    return _triton_module().token_select(policy, cand, params)
+
+
+def seqtopk_select(
+    cand: Candidates,
+    layout: BatchLayout,
+    params: TokenParams,
+    ledger: CausalLedger | None,
+    row: torch.Tensor | None,
+    *,
+    rule: str,
+    commit: bool = False,
+) -> Selection:
+    """``policies.seqtopk.seqtopk(cand, layout, params, history_of(ledger, row), rule=rule)``;
+    ``ledger=None``: no history. ``row [N]``: each token's ledger row (``ledger.rows(slot)``).
+
+    ``commit=True`` also adds the step to the ledger, as ``ledger.commit(row, cand.keys,
+    j < cap, sel.charged)`` would (fused into the causal kernels on CUDA). The window kernel
+    assumes what ``token_params`` guarantees: parameters are equal within a segment.
+    """
+    if rule not in RULES:
+        raise ValueError(f"rule: expected one of {RULES}, got {rule!r}")
+    if ledger is not None and (row is None or row.shape != layout.seg.shape):
+        raise ValueError("row: expected one ledger row per token when a ledger is given")
+    exact = ledger is not None and ledger.pool == "exact"
+    tri = _triton_module() if triton_available(cand.ids.device) and not exact else None
+    if tri is None:
+        hist = history_of(ledger, row) if ledger is not None else None
+        sel = _seq.seqtopk(cand, layout, params, hist, rule=rule, exact=exact)
+        if commit and ledger is not None:
+            _commit(ledger, row, cand, params, sel)
+        return sel
+    if rule == "window":
+        sel = tri.window(cand, layout, params, ledger, row)
+        if commit and ledger is not None:
+            _commit(ledger, row, cand, params, sel)
+        return sel
+    return tri.causal(cand, layout, params, ledger, row, commit=commit)
+
+
+def _commit(
+    ledger: CausalLedger, row: torch.Tensor, cand: Candidates, params: TokenParams, sel: Selection
+) -> None:
+    j = torch.arange(cand.width, device=cand.keys.device)
+    ledger.commit(row, cand.keys, j[None, :] < params.cap[:, None], sel.charged)
+
+
+def assemble(
+    cand: Candidates, sel: Selection, *, renormalize: bool, empty_id: int | None = -1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``policies.route.assemble``: ``ids [N, U] int32`` (empty slots ``empty_id``) and
+    ``weights [N, U] float32`` (renormalised over the kept slots when asked)."""
+    if not triton_available(cand.ids.device):
+        return _assemble_twin(cand, sel, renormalize=renormalize, empty_id=empty_id)
+    return _triton_module().assemble(cand, sel, renormalize, empty_id)
+
+
+def select_assemble(
+    policy: str,
+    cand: Candidates,
+    layout: BatchLayout,
+    params: TokenParams,
+    ledger: CausalLedger | None = None,
+    row: torch.Tensor | None = None,
+    *,
+    rule: str = "causal",
+    commit: bool = False,
+    renormalize: bool = True,
+    empty_id: int | None = -1,
+) -> tuple[Selection, torch.Tensor, torch.Tensor]:
+    """Selection and the output contract in one go: ``token_select`` / ``seqtopk_select`` then
+    ``assemble``, with the assembly fused into the selection's last kernel on CUDA (one launch
+    fewer: it matters at decode sizes)."""
+    tri = _triton_module() if triton_available(cand.ids.device) else None
+    exact = ledger is not None and ledger.pool == "exact"
+    if tri is None or (policy == "seqtopk" and exact):
+        if policy == "seqtopk":
+            sel = seqtopk_select(cand, layout, params, ledger, row, rule=rule, commit=commit)
+        else:
+            sel = token_select(policy, cand, layout, params)
+        return (sel, *assemble(cand, sel, renormalize=renormalize, empty_id=empty_id))
+    asm = tri.Assembled(*tri.assemble_buffers(cand), renormalize, empty_id)
+    if policy in TOKEN_POLICIES:
+        sel = tri.token_select(policy, cand, params, asm)
+    elif policy != "seqtopk":
+        raise ValueError(f"policy: unknown routing policy {policy!r}")
+    elif rule == "window":
+        sel = tri.window(cand, layout, params, ledger, row, asm)
+        if commit and ledger is not None:
+            _commit(ledger, row, cand, params, sel)
+    elif rule == "causal":
+        sel = tri.causal(cand, layout, params, ledger, row, commit=commit, asm=asm)
+    else:
+        raise ValueError(f"rule: expected one of {RULES}, got {rule!r}")
+    return sel, asm.ids, asm.weights

@@ -1,0 +1,256 @@
+"""Random routing cases and twin comparisons shared by the kernel tests and the GPU bench.
+
+Every case is drawn fresh from a seed: variable-length segments (from token slots with padding,
+or from ``cu_seqlens`` with empty segments), scores with and without exact ties, per-request
+parameters, and ledgers that already hold a history (made by the twin's own ``route``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from vllm_seqroute.policies import CausalLedger
+from vllm_seqroute.policies import seqtopk as seq
+from vllm_seqroute.policies.base import REGISTRY, Candidates, Selection, TokenParams
+from vllm_seqroute.policies.config import RoutingConfig
+from vllm_seqroute.policies.layout import BatchLayout
+from vllm_seqroute.policies.route import build_candidates, history_of, route
+
+
+@dataclass
+class Case:
+    scores: torch.Tensor  # [N, E] float32 router probabilities
+    bias: torch.Tensor | None
+    width: int
+    layout: BatchLayout
+    params: TokenParams
+    ledger: CausalLedger | None
+    row: torch.Tensor | None
+
+    def to(self, device: torch.device | str) -> Case:
+        c = copy.copy(self)
+        mv = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
+        c.scores, c.bias, c.row = mv(self.scores), mv(self.bias), mv(self.row)
+        lay = self.layout
+        c.layout = BatchLayout(seg=mv(lay.seg), pos=mv(lay.pos), seg_len=mv(lay.seg_len), slot=mv(lay.slot),
+                               num_segments=lay.num_segments)
+        c.params = TokenParams(*(mv(getattr(self.params, f)) for f in TokenParams.__slots__))
+        if self.ledger is not None:
+            c.ledger = clone_ledger(self.ledger, device)
+        return c
+
+
+def clone_ledger(ledger: CausalLedger, device: torch.device | str) -> CausalLedger:
+    out = CausalLedger(ledger.num_slots, pool=ledger.pool, device=device)
+    out.seen.copy_(ledger.seen)
+    out.used.copy_(ledger.used)
+    if ledger.hist is not None:
+        out.hist.copy_(ledger.hist)
+    return out
+
+
+def _split(n: int, parts: int, g: torch.Generator) -> list[int]:
+    """``parts`` lengths >= 0 summing to ``n`` (some long, some short)."""
+    if parts <= 1:
+        return [n]
+    cuts = sorted(torch.randint(0, n + 1, (parts - 1,), generator=g).tolist())
+    return [b - a for a, b in zip([0, *cuts], [*cuts, n], strict=True)]
+
+
+def random_case(
+    n: int,
+    e: int,
+    budget: int,
+    *,
+    seed: int,
+    width: int | None = None,
+    segments: int | None = None,
+    layout_kind: str = "slots",
+    ledger: bool = True,
+    ties: bool = False,
+    bias: bool = False,
+    mixed_params: bool = True,
+    device: torch.device | str = "cpu",
+) -> Case:
+    g = torch.Generator().manual_seed(seed)
+    u = width or min(e, 2 * budget)
+    s = segments or int(torch.randint(1, max(2, n // 4) + 1, (1,), generator=g))
+    lens = _split(n, s, g)
+    num_slots = s + 3
+    slots = torch.randperm(num_slots, generator=g)[:s]
+    pad = torch.rand(s, generator=g) < 0.15
+    slots = torch.where(pad, -1, slots)
+    if layout_kind == "slots":
+        lens = [x for x in lens if x > 0] or [0]
+        ts = torch.repeat_interleave(slots[: len(lens)], torch.tensor(lens))
+        layout = BatchLayout.from_token_slots(ts)
+    else:
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+        layout = BatchLayout.from_cu_seqlens(cu, n, slots)
+    logits = torch.randn(n, e, generator=g) * 1.5 + torch.randn(e, generator=g) * 0.5
+    scores = torch.softmax(logits, dim=-1)
+    if ties:  # coarse scores: many exact ties (and zeros) between and within tokens
+        scores = torch.round(scores * 32) / 32
+    b = torch.randn(e, generator=g) * 0.05 if bias else None
+
+    # Per-request parameters (equal within a segment, as token_params and the engine give).
+    nseg = layout.num_segments
+    bud = torch.randint(max(1, budget // 2), budget + 1, (nseg,), generator=g) if mixed_params else None
+    capv = torch.randint(1, u + 1, (nseg,), generator=g) if mixed_params else None
+    if bud is None:
+        bud = torch.full((nseg,), budget)
+        capv = torch.full((nseg,), u)
+    capv = torch.maximum(capv, torch.minimum(bud, torch.tensor(u)))
+    flo = torch.minimum(torch.randint(0, 2, (nseg,), generator=g), capv)
+    sg = layout.seg
+    params = TokenParams(
+        budget=bud[sg], cap=capv[sg], floor=flo[sg],
+        p=(torch.rand(nseg, generator=g, dtype=torch.float64) * 0.9 + 0.05)[sg],
+        k_min=torch.ones(n, dtype=torch.int64), k_max=torch.randint(1, u + 1, (nseg,), generator=g)[sg],
+    )
+    led = row = None
+    if ledger:
+        led = CausalLedger(num_slots, device="cpu")
+        hist_n = 24
+        # An earlier step for every slot: the twin's own causal routing of random tokens.
+        hl = torch.randint(0, hist_n, (num_slots,), generator=g)
+        hl[torch.rand(num_slots, generator=g) < 0.3] = 0  # some requests are fresh
+        cu = torch.tensor([0, *hl.cumsum(0).tolist()])
+        m = int(cu[-1])
+        hs = torch.softmax(torch.randn(m, e, generator=g) * 1.5, dim=-1)
+        cfg = RoutingConfig(policy="seqtopk", budget=budget, cap=u)
+        route(hs, cu, cfg, ledger=led, slots=torch.arange(num_slots), bias=b)
+        row = led.rows(layout.token_slot)
+    case = Case(scores=scores, bias=b, width=u, layout=layout, params=params, ledger=led, row=row)
+    return case.to(device)
+
+
+def twin_candidates(case: Case, with_mass: bool = True, with_entropy: bool = True) -> Candidates:
+    return build_candidates(
+        case.scores, case.width, case.bias, with_mass=with_mass, with_entropy=with_entropy
+    )
+
+
+def twin_select(case: Case, cand: Candidates, policy: str, rule: str = "causal") -> Selection:
+    if policy != "seqtopk":
+        return REGISTRY[policy](cand, case.layout, case.params, None)
+    hist = history_of(case.ledger, case.row) if case.ledger is not None else None
+    return seq.seqtopk(cand, case.layout, case.params, hist, rule=rule)
+
+
+def twin_commit(case: Case, cand: Candidates, sel: Selection) -> None:
+    j = torch.arange(cand.width, device=cand.keys.device)
+    case.ledger.commit(case.row, cand.keys, j[None, :] < case.params.cap[:, None], sel.charged)
+
+
+def diff_candidates(a: Candidates, b: Candidates) -> list[str]:
+    """Differences between two candidate sets ([] when equal; floats: mass/entropy 1e-12)."""
+    out = []
+    for f in ("ids", "keys"):
+        if not torch.equal(getattr(a, f).cpu(), getattr(b, f).cpu()):
+            out.append(f)
+    if not torch.equal(a.weights.cpu(), b.weights.cpu()):
+        out.append("weights")
+    for f in ("mass", "entropy"):
+        x, y = getattr(a, f), getattr(b, f)
+        if (x is None) != (y is None):
+            out.append(f + " presence")
+        elif x is not None and not torch.allclose(x.cpu(), y.cpu(), rtol=1e-12, atol=1e-15):
+            out.append(f)
+    return out
+
+
+def diff_selection(a: Selection, b: Selection) -> list[str]:
+    out = []
+    for f in ("count", "charged"):
+        x, y = getattr(a, f).cpu(), getattr(b, f).cpu()
+        if x.dtype != y.dtype or not torch.equal(x, y):
+            bad = (x != y).nonzero().flatten()[:5].tolist() if x.shape == y.shape else "shape"
+            out.append(f"{f} at {bad}")
+    return out
+
+
+def diff_ledger(a: CausalLedger, b: CausalLedger) -> list[str]:
+    out = []
+    for f in ("seen", "used", "hist"):
+        if not torch.equal(getattr(a, f).cpu(), getattr(b, f).cpu()):
+            out.append(f)
+    return out
+
+
+def run_kernel_checks(
+    device: torch.device | str,
+    *,
+    sizes: tuple[int, ...] = (1, 23, 61),
+    experts: tuple[int, ...] = (8, 16, 32),
+    seeds: range = range(2),
+    causal_modes: tuple[tuple[str | None, int | None], ...] = (("direct", 1), ("prefix", 4)),
+    window_tiles: tuple[int | None, ...] = (None, 4),
+    seed_base: int = 0,
+) -> list[str]:
+    """Compare every Triton kernel with its twin on fresh random cases; returns the failures.
+
+    Outputs and scratch are poisoned first. ``causal_modes``: (mode, chunk) pairs forced on the
+    causal kernels (``(None, None)``: what the batch size picks)."""
+    from vllm_seqroute.kernels import _triton as K
+    from vllm_seqroute.policies.route import assemble
+
+    saved = (K.POISON, K.MODE, K.CHUNK, K.WINDOW_TILE)
+    K.POISON = True
+    fails: list[str] = []
+
+    def asm_diff(asm: object, cand: Candidates, sel: Selection) -> list[str]:
+        ids, w = assemble(cand, sel, renormalize=asm.renormalize, empty_id=asm.empty_id)
+        ok = torch.equal(asm.ids.cpu(), ids.cpu()) and torch.allclose(
+            asm.weights.cpu(), w.cpu(), rtol=1e-6, atol=0
+        )
+        return [] if ok else ["assembled output"]
+
+    try:
+        for seed in seeds:
+            for i, (n, e) in enumerate((n, e) for n in sizes for e in experts):
+                s = seed_base + 1000 * seed + i
+                kind = ("slots", "cu")[s % 2]
+                budget = 2 if e <= 8 else 4
+                case = random_case(n, e, budget, seed=s, layout_kind=kind, ties=s % 3 == 1,
+                                   bias=s % 4 == 0, device=device)
+                tag = f"seed={s} n={n} e={e} {kind}"
+                cand = twin_candidates(case)
+                d = diff_candidates(K.candidates(case.scores, case.width, case.bias, True, True), cand)
+                fails += [f"candidates {tag}: {d}"] if d else []
+                ren, emp = s % 2 == 0, (-1 if s % 3 else None)
+                for pol in ("topk", "topp", "entropy"):
+                    asm = K.Assembled(*K.assemble_buffers(cand), ren, emp)
+                    want = twin_select(case, cand, pol)
+                    d = diff_selection(K.token_select(pol, cand, case.params, asm), want)
+                    d += asm_diff(asm, cand, want)
+                    fails += [f"{pol} {tag}: {d}"] if d else []
+                for led in (True, False):
+                    base = case if led else Case(case.scores, case.bias, case.width, case.layout,
+                                                 case.params, None, None)
+                    for tile in window_tiles:
+                        K.WINDOW_TILE = tile
+                        c2 = base.to(device)
+                        want = twin_select(c2, cand, "seqtopk", "window")
+                        asm = K.Assembled(*K.assemble_buffers(cand), ren, emp)
+                        d = diff_selection(K.window(cand, c2.layout, c2.params, c2.ledger, c2.row, asm), want)
+                        d += asm_diff(asm, cand, want)
+                        fails += [f"window ledger={led} tile={tile} {tag}: {d}"] if d else []
+                    for mode, chunk in causal_modes:
+                        K.MODE, K.CHUNK = mode, chunk
+                        c2 = base.to(device)
+                        want = twin_select(c2, cand, "seqtopk", "causal")
+                        asm = K.Assembled(*K.assemble_buffers(cand), ren, emp)
+                        got = K.causal(cand, c2.layout, c2.params, c2.ledger, c2.row, commit=led, asm=asm)
+                        d = diff_selection(got, want) + asm_diff(asm, cand, want)
+                        if led:
+                            ref = base.to(device)
+                            twin_commit(ref, cand, want)
+                            d += diff_ledger(c2.ledger, ref.ledger)
+                        fails += [f"causal ledger={led} mode={mode} C={chunk} {tag}: {d}"] if d else []
+    finally:
+        K.POISON, K.MODE, K.CHUNK, K.WINDOW_TILE = saved
+    return fails

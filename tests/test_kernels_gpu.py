@@ -29,7 +29,7 @@ def test_dispatch_uses_triton_on_cuda() -> None:
 def test_all_kernels_small_and_mid(sizes: tuple[int, ...]) -> None:
     fails = ch.run_kernel_checks(
         DEV, sizes=sizes, experts=(8, 128), seeds=range(2), seed_base=SEED,
-        causal_modes=((None, None), ("direct", 4), ("prefix", 1), ("prefix", 8), ("prefix", 32)),
+        causal_modes=((None, None), ("direct", 4), ("prefix", 8)),
         window_tiles=(None, 8),
     )
     assert fails == [], f"seed_base={SEED}: " + "\n".join(fails[:20])

@@ -30,11 +30,11 @@ from vllm_seqroute.policies.ordering import _HALF, _LO, _SHIFT, NUM_BINS
 # forgets to write shows up instead of reading as a lucky zero.
 POISON = False
 
-_I32_MIN: tl.constexpr = -(1 << 31)
-_BIG: tl.constexpr = 1 << 62
-_C_SHIFT: tl.constexpr = _SHIFT
-_C_LO: tl.constexpr = _LO
-_C_HALF: tl.constexpr = _HALF
+_I32_MIN = tl.constexpr(-(1 << 31))
+_BIG = tl.constexpr(1 << 62)
+_C_SHIFT = tl.constexpr(_SHIFT)
+_C_LO = tl.constexpr(_LO)
+_C_HALF = tl.constexpr(_HALF)
 NB_P = triton.next_power_of_2(NUM_BINS)  # histogram row, padded
 BB = 32  # bins per block in the chunk prefix (K2)
 NBB_P = triton.next_power_of_2(triton.cdiv(NUM_BINS, BB))
@@ -130,7 +130,7 @@ def candidates(
 # Output contract, fused into the last kernel of every policy (policies.route.assemble)
 # --------------------------------------------------------------------------------------------
 
-_TINY: tl.constexpr = 1.1754943508222875e-38  # float32 tiny, the twin's clamp
+_TINY = tl.constexpr(1.1754943508222875e-38)  # float32 tiny, the twin's clamp
 
 
 @dataclass(frozen=True)

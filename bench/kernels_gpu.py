@@ -241,6 +241,24 @@ class MoE:
         return out
 
 
+def kernel_times(fn: Callable[[], object], reps: int = 20) -> list[tuple[str, float]]:
+    """GPU time per call of each kernel that ``fn`` launches (torch profiler, eager)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    out = []
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t > 0 and ev.count >= reps:
+            out.append((ev.key[:60], t / 1000 / reps))
+    return sorted(out, key=lambda x: -x[1])[:12]
+
+
 def bench_one(sh: Shape, moe: MoE | None, rounds: int, tune: bool) -> tuple[dict, list, list]:
     """Check and time one (model, batch); returns the row, the MoE row (if any), tuning rows."""
     r: dict[str, object] = {}
@@ -262,15 +280,22 @@ def bench_one(sh: Shape, moe: MoE | None, rounds: int, tune: bool) -> tuple[dict
             r[f"twin_{rule}_note"] = f"eager ({type(ex).__name__})"
             torch.cuda.synchronize()
             r[f"twin_{rule}"] = time_eager(lambda rule=rule: sh.twin(rule), rounds=5)
-    if tune:
-        for tile in (32, 64, 128, 256):
+    if tune and sh.n > K.DIRECT_MAX_N:
+        # Each setting is checked against the twin too (it picks a different code shape).
+        for tile in (64, 128, 256, 512):
             K.WINDOW_TILE = tile
-            tune_rows.append((f"window tile {tile}", tm(lambda: sh.kernel("seqtopk", "window"))))
+            ok = "ok" if not check(sh) else "FAIL"
+            tune_rows.append((f"window tile {tile} ({ok})", tm(lambda: sh.kernel("seqtopk", "window"))))
         K.WINDOW_TILE = None
         for c in (8, 16, 32, 64):
             K.CHUNK = c
-            tune_rows.append((f"causal chunk {c}", tm(lambda: sh.kernel("seqtopk", "causal"))))
+            ok = "ok" if not check(sh) else "FAIL"
+            tune_rows.append((f"causal chunk {c} ({ok})", tm(lambda: sh.kernel("seqtopk", "causal"))))
         K.CHUNK = None
+    if tune:
+        for rule in ("window", "causal"):
+            times = kernel_times(lambda rule=rule: sh.kernel("seqtopk", rule))
+            tune_rows += [(f"{rule}: {name}", ms) for name, ms in times]
     if moe is not None:
         x = torch.randn(sh.n, moe.hidden, device=DEV, dtype=torch.bfloat16)
         w_k, ids_k = sh.torch_topk()
@@ -327,7 +352,7 @@ def table(rows: list[dict], moe_rows: list, tune_rows: list, dev: str, rounds: i
         for m, b, pk, ph, tk, th in moe_rows:
             lines.append(f"| {m} | {b} | {pk} | {ph} | {tk:.3f} | {th:.3f} | {tk / th:.2f}x |")
     if tune_rows:
-        lines += ["", "Tuning (first model, prefill 8x2048):", ""]
+        lines += ["", "Tuning and per-kernel GPU time (first model, each batch):", ""]
         lines += [f"- {name}: {v:.3f} ms" for name, v in tune_rows]
     return "\n".join(lines)
 
@@ -362,10 +387,10 @@ def main() -> int:
             r: dict[str, object] = {"model": model, "batch": batch, "E": e, "K": k, "tokens": reqs * t}
             try:
                 sh = Shape(model, reqs, t, seed0 + 100 * mi + bi)
-                res, mrows, trows = bench_one(sh, moe, rounds, args.tune and mi == 0 and bi == 0)
+                res, mrows, trows = bench_one(sh, moe, rounds, args.tune and mi == 0)
                 r.update(res)
                 moe_rows += [(model, batch, *m) for m in mrows]
-                tune_rows += trows
+                tune_rows += [(f"{batch}: {name}", ms) for name, ms in trows]
             except Exception:
                 traceback.print_exc()
                 r["error"] = traceback.format_exc(limit=3)[-600:]

@@ -67,14 +67,14 @@ def _has_triton() -> bool:
 @pytest.mark.skipif(not _has_triton(), reason="needs triton (its CPU interpreter)")
 def test_triton_kernels_in_the_interpreter() -> None:
     """Every kernel and path (direct and prefix causal modes, small and radix window) against the
-    twin on fresh random cases, with poisoned outputs; ~30 s."""
+    twin on fresh random cases, with poisoned outputs; ~30-60 s."""
     code = textwrap.dedent(
         """
         import os, sys
         os.environ["TRITON_INTERPRET"] = "1"
         from vllm_seqroute.kernels.checks import run_kernel_checks
         fails = run_kernel_checks("cpu", sizes=(1, 37), experts=(8, 16), seeds=range(1),
-                                  causal_modes=(("direct", 1), ("direct", 4), ("prefix", 1), ("prefix", 4)),
+                                  causal_modes=(("direct", 4), ("prefix", 4)),
                                   seed_base=int.from_bytes(os.urandom(2), "little"))
         print("\\n".join(fails))
         sys.exit(1 if fails else 0)

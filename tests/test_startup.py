@@ -52,6 +52,7 @@ def test_unsupported_vllm_refused_in_one_sentence() -> None:
     (["--routing", "topp", "--routing-p", "1.5"], "vllm-seqroute: --routing-p: must be in (0, 1], got 1.5"),
     (["--routing", "seqtopk", "--routing-cap", "1", "--routing-floor", "2"], "vllm-seqroute: --routing-cap: must be >= floor (2), got 1"),
     (["--routing", "nope"], "argument --routing: invalid choice: 'nope'"),
+    (["--routing", "seqtopk", "--enable-expert-parallel"], "vllm-seqroute: --routing: expert and data parallel are not supported yet"),
     (["--routing", "seqtopk", "--additional-config", '{"seqroute": {"routing_bogus": 1}}'],
      "vllm-seqroute: --routing-bogus: unknown routing option"),
 ])

@@ -24,20 +24,28 @@ def build_candidates(
     """Each token's best ``width`` experts by ``scores + bias``, weights from ``scores``."""
     s = scores.to(torch.float32)
     rank = s if bias is None else s + bias.to(torch.float32)
-    ids = top_candidates(rank, width)
+    return candidates_at(s, rank, top_candidates(rank, width), with_mass=with_mass,
+                         with_entropy=with_entropy)
+
+
+def candidates_at(scores: torch.Tensor, rank: torch.Tensor, ids: torch.Tensor, *, with_mass: bool,
+                  with_entropy: bool) -> Candidates:
+    """Candidates for given ids (best first; ``-1`` padding reads expert 0): float32 ``scores``
+    give the weights, ``rank`` the keys; mass and normalised entropy over all experts on demand."""
     mass = ent = None
     if with_mass or with_entropy:
-        s64 = s.to(torch.float64)
+        s64 = scores.to(torch.float64)
         mass = s64.sum(1)
         if with_entropy:
-            e = s.shape[1]
+            e = scores.shape[1]
             prob = s64 / mass.clamp_min(1e-300)[:, None]
             h = -(torch.where(prob > 0, prob * torch.log(prob), 0.0)).sum(1)
             ent = h / math.log(e) if e > 1 else torch.zeros_like(h)
+    safe = ids.clamp(min=0)
     return Candidates(
-        ids=ids,
-        weights=torch.gather(s, 1, ids),
-        keys=torch.gather(ordered_int(rank), 1, ids),
+        ids=safe,
+        weights=torch.gather(scores, 1, safe),
+        keys=torch.gather(ordered_int(rank), 1, safe),
         mass=mass,
         entropy=ent,
     )

@@ -103,6 +103,9 @@ def apply_to_engine_args(engine_args: Any) -> None:
                     "in this request); pass --enable-prefix-caching to insist")
     if getattr(engine_args, "speculative_config", None) and cfg.policy == "seqtopk":
         raise ValueError("--routing: seqtopk does not support speculative decoding yet")
+    if getattr(engine_args, "enable_expert_parallel", False) or (engine_args.data_parallel_size or 1) > 1:
+        raise ValueError("--routing: expert and data parallel are not supported yet (routing state "
+                         "lives per rank and is untested there); use tensor parallel")
     if getattr(engine_args, "enable_return_routed_experts", False):
         raise ValueError("--routing: --enable-return-routed-experts assumes width top_k; "
                          "not supported with vllm-seqroute routing")

@@ -30,6 +30,8 @@ CONTRACTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("vllm.engine.arg_utils", "EngineArgs.additional_config", ()),
     ("vllm.engine.arg_utils", "EngineArgs.enable_prefix_caching", ()),
     ("vllm.engine.arg_utils", "EngineArgs.enable_return_routed_experts", ()),
+    ("vllm.engine.arg_utils", "EngineArgs.enable_expert_parallel", ()),
+    ("vllm.engine.arg_utils", "EngineArgs.data_parallel_size", ()),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._update_states", ("self", "scheduler_output")),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._prepare_inputs",
      ("self", "scheduler_output", "num_scheduled_tokens")),

@@ -5,15 +5,14 @@ per-step Python; static shapes so it can run inside captured graphs."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from vllm_seqroute import kernels
 from vllm_seqroute.policies import seqtopk as seq
-from vllm_seqroute.policies.base import Candidates, History, TokenParams, bounded
+from vllm_seqroute.policies.base import History, TokenParams
 from vllm_seqroute.policies.layout import BatchLayout
 from vllm_seqroute.policies.ordering import ordered_int
-from vllm_seqroute.policies.token_policies import entropy, topp
+from vllm_seqroute.policies.route import candidates_at
 from vllm_seqroute.vllm_glue import state as st
 
 SOFTMAX, SIGMOID = 0, 1
@@ -42,23 +41,16 @@ def select(router_logits: torch.Tensor, group_ids: torch.Tensor, van_w: torch.Te
     if state.step_all_vanilla:  # host-known (CPU): the model's own routing, padded to width
         return _vanilla_only(state, layer, van_w, van_ids, u, skip_empty)
     scores = _scores(router_logits, scoring)
-    rank = scores if bias is None else scores + bias.to(torch.float32)
-    if group_ids.shape[1] == u:  # group-limited candidates from the model's own router
-        ids = _sorted_candidates(rank, group_ids.to(torch.int64))
-    else:
-        from vllm_seqroute.policies.ordering import top_candidates
-
-        ids = top_candidates(rank, u)
-    safe = ids.clamp(min=0)
     active = state.step_policies
-    mass = scores.to(torch.float64).sum(1) if st.POLICY_ID["topp"] in active else None
-    ent = None
-    if st.POLICY_ID["entropy"] in active:
-        prob = scores.to(torch.float64) / scores.to(torch.float64).sum(1, keepdim=True)
-        h = -(torch.where(prob > 0, prob * torch.log(prob), 0.0)).sum(1)
-        ent = h / math.log(e) if e > 1 else torch.zeros_like(h)
-    cand = Candidates(ids=safe, weights=torch.gather(scores, 1, safe),
-                      keys=torch.gather(ordered_int(rank), 1, safe), mass=mass, entropy=ent)
+    need = dict(with_mass=st.POLICY_ID["topp"] in active, with_entropy=st.POLICY_ID["entropy"] in active)
+    if group_ids.shape[1] == u:  # group-limited candidates from the model's own router
+        rank = scores if bias is None else scores + bias.to(torch.float32)
+        ids = _sorted_candidates(rank, group_ids.to(torch.int64))
+        cand = candidates_at(scores, rank, ids, **need)
+    else:  # one Triton launch on CUDA, the torch twin elsewhere
+        cand = kernels.candidates(scores, u, bias, **need)
+        ids = cand.ids
+    safe = cand.ids
 
     token_slot = state.token_slot[:n]
     ledger = info.ledger
@@ -72,18 +64,16 @@ def select(router_logits: torch.Tensor, group_ids: torch.Tensor, van_w: torch.Te
                       past_counts=lambda keys: ledger.past_counts(row, keys))
     count = torch.zeros(n, dtype=torch.int64, device=ids.device)
     charged = torch.zeros_like(count)
+    triton = kernels.triton_available(ids.device)
     for pid in sorted(active):  # at most five policies, each vectorised over the batch
-        if pid == st.POLICY_ID["topk"]:
-            sel = bounded(params.budget, params)
-        elif pid == st.POLICY_ID["topp"]:
-            sel = topp(cand, layout, params, None)
-        elif pid == st.POLICY_ID["entropy"]:
-            sel = entropy(cand, layout, params, None)
-        elif pid == st.SEQ_WINDOW:
-            sel = seq.window(cand, layout, params, history)
+        if pid == st.SEQ_WINDOW:
+            sel = kernels.seqtopk_select(cand, layout, params, ledger, row, rule="window")
+        elif pid == st.POLICY_ID["seqtopk"] and (triton or ledger.pool == "exact"):
+            sel = kernels.seqtopk_select(cand, layout, params, ledger, row, rule="causal")
+        elif pid == st.POLICY_ID["seqtopk"]:  # CPU: the host knows decode-only steps
+            sel = seq.causal(cand, layout, params, history, single_token_segments=state.step_single_tokens)
         else:
-            sel = seq.causal(cand, layout, params, history, exact=ledger.pool == "exact",
-                             single_token_segments=state.step_single_tokens)
+            sel = kernels.token_select(st.POLICY_NAME[pid], cand, layout, params)
         mine = policy == pid
         count = torch.where(mine, sel.count, count)
         charged = torch.where(mine, sel.charged, charged)

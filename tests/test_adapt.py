@@ -1,0 +1,243 @@
+"""vllm_seqroute.adapt (policies inside transformers MoE models, fine-tuning CLI) and
+vllm_seqroute.evaluate (held-out loss, `vllm-seqroute eval`) on tiny random models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.conftest import has_vllm
+from vllm_seqroute.adapt import apply_routing
+from vllm_seqroute.adapt.select import select
+from vllm_seqroute.policies import RoutingConfig, route
+
+FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_grouped"]
+
+
+def load(path: Path, impl: str | None = None) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    kw = {"experts_implementation": impl} if impl else {}
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kw).eval()
+
+
+def ids_batch(rows: int = 2, n: int = 48, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 400, (rows, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_topk_at_model_k_reproduces_the_model(model_dir: Any, family: str) -> None:
+    model = load(model_dir(family))
+    x = ids_batch()
+    with torch.no_grad():
+        ref = model(x).logits
+        with apply_routing(model, RoutingConfig(policy="topk")) as h:
+            routed = model(x).logits
+            assert len(h.layers) == 2 and h.avg_experts_per_token() == model.config.num_experts_per_tok
+        back = model(x).logits  # remove() restores the model's own router
+    torch.testing.assert_close(routed, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(back, ref)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_seqtopk_keeps_budget_and_trains_the_router(model_dir: Any, family: str) -> None:
+    model = load(model_dir(family))
+    h = apply_routing(model, RoutingConfig(policy="seqtopk", budget=1, cap=3))
+    model.train()
+    x = ids_batch()
+    out = model(input_ids=x, labels=x, output_router_logits=True)
+    out.loss.backward()
+    for hist in h.experts_per_token():
+        assert sum(1 for c in hist if c) >= 2  # experts per token vary
+        pairs = sum(k * c for k, c in enumerate(hist))
+        assert pairs <= 2 * sum(hist)  # budget 1 plus at most the floor's one per token
+    routers = [p for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")]
+    assert routers and all(p.grad is not None and p.grad.abs().sum() > 0 for p in routers)
+    if family != "deepseek_grouped":  # GLM-4-MoE has no load-balancing loss in transformers
+        assert out.aux_loss is not None and out.aux_loss > 0
+    h.remove()
+
+
+def test_rows_are_independent_segments(model_dir: Any) -> None:
+    model = load(model_dir("qwen3_moe"))
+    x = ids_batch(3, 40)
+    cfg = RoutingConfig(policy="seqtopk", budget=2)
+    with torch.no_grad(), apply_routing(model, cfg):
+        both = model(x).logits
+        alone = torch.cat([model(x[i:i + 1]).logits for i in range(3)])
+    torch.testing.assert_close(both, alone, rtol=1e-4, atol=1e-4)
+
+
+def test_empty_slots_skip_compute_only_where_safe(model_dir: Any) -> None:
+    path = model_dir("qwen3_moe")
+    x = ids_batch()
+    cfg = RoutingConfig(policy="seqtopk", budget=1, cap=4)
+    outs = {}
+    for impl in ("eager", "grouped_mm"):
+        model = load(path, impl)
+        with torch.no_grad(), apply_routing(model, cfg) as h:
+            outs[impl] = model(x).logits
+            outs[impl + "_sentinel"] = h.layers[0].empty_id_ok()
+    assert outs["eager_sentinel"] and not outs["grouped_mm_sentinel"]
+    torch.testing.assert_close(outs["eager"], outs["grouped_mm"], rtol=1e-4, atol=1e-4)
+
+
+def test_floor_zero_gives_finite_outputs(model_dir: Any) -> None:
+    model = load(model_dir("mixtral"))
+    with torch.no_grad(), apply_routing(model, RoutingConfig(policy="seqtopk", budget=1, floor=0)) as h:
+        logits = model(ids_batch()).logits
+        hists = h.experts_per_token()
+    assert torch.isfinite(logits).all()
+    assert all(len(hist) == 3 for hist in hists)  # 0, 1 or 2 experts (cap 2)
+
+
+@pytest.mark.parametrize("policy", ["seqtopk", "topp", "entropy"])
+@pytest.mark.parametrize("rule", ["causal", "window"])
+def test_select_with_rank_offset_matches_route_with_bias(policy: str, rule: str) -> None:
+    gen = torch.Generator().manual_seed(1)
+    scores = torch.rand(60, 16, generator=gen)
+    bias = torch.randn(16, generator=gen) * 0.1
+    cu = torch.tensor([0, 25, 60])
+    cfg = RoutingConfig(policy=policy, budget=2, rule=rule).resolve(16)
+    ids, keep = select(scores, cu, cfg, rank_offset=bias.expand(60, 16))
+    ref, _ = route(scores, cu, cfg, bias=bias)
+    assert torch.equal(torch.where(keep, ids, -1).to(torch.int32), ref)
+
+
+def test_grouped_candidates_stay_in_allowed_groups(model_dir: Any) -> None:
+    from vllm_seqroute.adapt.grouped_router import rank_offset
+
+    model = load(model_dir("deepseek_grouped"))
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    router = model.model.layers[0].mlp.gate
+    with torch.no_grad(), apply_routing(model, RoutingConfig(policy="seqtopk", budget=2, cap=4)):
+        hook = router.register_forward_hook(lambda m, a, o: seen.append((a[0], o[2])))
+        model(ids_batch())
+        hook.remove()
+    hidden, ids = seen[0]
+    logits = torch.nn.functional.linear(hidden.float().view(-1, hidden.shape[-1]), router.weight.float())
+    allowed = torch.isfinite(rank_offset(router, logits.sigmoid()))
+    num_e = router.num_experts
+    real = ids < num_e
+    assert torch.gather(allowed, 1, ids.clamp(max=num_e - 1))[real].all()
+
+
+def test_apply_routing_rejects_dense_models_and_double_patching(model_dir: Any) -> None:
+    with pytest.raises(ValueError, match="no supported MoE router"):
+        apply_routing(load(model_dir("dense")), RoutingConfig(policy="seqtopk", budget=1))
+    model = load(model_dir("qwen3_moe"))
+    h = apply_routing(model, RoutingConfig(policy="seqtopk", budget=1))
+    with pytest.raises(ValueError, match="already applied"):
+        apply_routing(model, RoutingConfig(policy="topk"))
+    h.remove()
+    apply_routing(model, RoutingConfig(policy="topk")).remove()
+
+
+# --- adapt CLI ---------------------------------------------------------------------------
+REPEATED = "def route(scores, budget):\n    return sorted(scores)[-budget:]\n" * 40
+
+
+def test_adapt_cli_trains_and_records_the_policy(model_dir: Any, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from vllm_seqroute.adapt.cli import main
+    from vllm_seqroute.evaluate.heldout import heldout_loss_torch
+    from vllm_seqroute.vllm_glue.config import config_from_options
+
+    base = model_dir("qwen3_moe")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"f{i}.py").write_text(REPEATED)
+    out = tmp_path / "adapted"
+    cfg = RoutingConfig(policy="seqtopk", budget=2, cap=4)
+    before = heldout_loss_torch(str(base), [REPEATED], cfg, window=64, max_windows=4)
+    rc = main(["--model", str(base), "--corpus", str(corpus), "--routing", "seqtopk", "--routing-budget", "2",
+               "--routing-cap", "4", "--steps", "8", "--seq-len", "64", "--batch-tokens", "256",
+               "--lr", "3e-3", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["seqroute"] == {"routing": "seqtopk", "routing_budget": 2, "routing_cap": 4}
+    assert config["num_experts_per_tok"] == 2
+    assert config_from_options(config["seqroute"]) == RoutingConfig(policy="seqtopk", budget=2, cap=4)
+    summary = json.loads((out / "adapt.json").read_text())
+    assert summary["tokens_trained"] == 8 * 256
+    w0, w1 = load_file(str(base / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert w0.keys() == w1.keys() and w1["lm_head.weight"].dtype == torch.bfloat16
+    changed = [k for k in w0 if not torch.equal(w0[k], w1[k])]
+    assert any("gate.weight" in k for k in changed) and any("experts" in k for k in changed)
+    after = heldout_loss_torch(str(out), [REPEATED], cfg, window=64, max_windows=4)
+    assert after < before - 0.5, (before, after)
+
+
+def test_adapt_cli_rejects_bad_routing(model_dir: Any, tmp_path: Path, capsys: Any) -> None:
+    from vllm_seqroute.adapt.cli import main
+
+    rc = main(["--model", str(model_dir("qwen3_moe")), "--corpus", str(tmp_path), "--routing", "seqtopk",
+               "--routing-budget", "0", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "--routing-budget: must be a positive integer" in capsys.readouterr().err
+
+
+# --- evaluate ------------------------------------------------------------------------------
+def test_token_windows_are_evenly_spaced() -> None:
+    from vllm_seqroute.evaluate.data import token_windows
+
+    class Tok:
+        eos_token_id = 0
+
+        def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+            return {"input_ids": [ord(c) for c in text]}
+
+    w = token_windows(Tok(), ["a" * 99, "b" * 99], window=10, max_windows=4)
+    assert [len(x) for x in w] == [10] * 4
+    assert w[0] == [97] * 10 and w[-1][-1] == 98  # first window and one from the second file
+    assert token_windows(Tok(), ["abc"], window=2) == [[97, 98], [99, 0]]
+
+
+def test_routing_specs_parse() -> None:
+    from vllm_seqroute.evaluate.runner import Spec
+
+    assert Spec.parse("vanilla").options is None
+    assert Spec.parse("seqtopk:2").options == {"routing": "seqtopk", "routing_budget": 2}
+    assert Spec.parse("topp:0.4").label == "topp@p0.4"
+    s = Spec.parse("seqtopk:2,cap=4,rule=window")
+    assert s.options == {"routing": "seqtopk", "routing_budget": 2, "routing_cap": 4, "routing_rule": "window"}
+    assert Spec.parse("entropy").options == {"routing": "entropy"}
+    for bad in ("foo:2", "seqtopk:x", "seqtopk:2,size=3", "vanilla:2"):
+        with pytest.raises(ValueError):
+            Spec.parse(bad)
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not has_vllm(), reason="needs vLLM")
+def test_eval_cli_writes_table_and_plots(model_dir: Any, tmp_path: Path) -> None:
+    from vllm_seqroute.evaluate.cli import main
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    from vllm_seqroute.testing.tiny_models import _corpus
+
+    (texts / "held_out.txt").write_text("".join(_corpus(seed=7, n_lines=300)))
+    out = tmp_path / "eval"
+    rc = main(["--model", str(model_dir("qwen3_moe")), "--texts", str(texts), "--routing", "vanilla",
+               "topk", "seqtopk:2", "--window", "64", "--max-windows", "6", "--decode-batch", "2",
+               "--decode-tokens", "4", "--torch-reference", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    rows = {r["routing"]: r for r in json.loads((out / "results.json").read_text())}
+    assert set(rows) == {"vanilla", "topk", "seqtopk@2"}
+    assert rows["topk"]["loss"] == pytest.approx(rows["vanilla"]["loss"], rel=1e-6)  # bit-identical routing
+    assert rows["vanilla"]["avg_experts"] == 4 and rows["topk"]["avg_experts"] == 4
+    assert rows["seqtopk@2"]["avg_experts"] <= 3.0
+    for r in rows.values():
+        assert abs(r["loss"] - r["torch_ref_loss"]) / r["torch_ref_loss"] < 0.005
+        assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["peak_rss_mib"] > 0
+    assert rows["seqtopk@2"]["expert_load"] and rows["vanilla"]["expert_load"] is None
+    md = (out / "results.md").read_text()
+    assert "| seqtopk@2 |" in md and "experts/token" in md
+    for png in ("quality_vs_experts.png", "expert_load.png", "experts_per_token.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

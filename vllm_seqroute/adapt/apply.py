@@ -1,0 +1,153 @@
+"""``apply_routing``: route every MoE layer of a transformers model with a policy.
+
+Each supported router's ``forward`` is replaced on the instance (the class is untouched, so
+other models in the process keep their routing). Selection runs on detached router scores
+through the policies API, one segment per batch row (the MoE block's ``[B, T, H]`` input);
+weights are the router's own scores gathered at the selected experts, so gradients reach the
+router exactly as under the model's TopK. The router still returns its logits first, so the
+model's load-balancing loss (``output_router_logits=True``) is computed as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vllm_seqroute.adapt import grouped_router, softmax_router
+from vllm_seqroute.policies import RoutingConfig
+
+FAMILIES = {**{name: softmax_router for name in softmax_router.ROUTERS},
+            **{name: grouped_router for name in grouped_router.ROUTERS}}
+
+
+def _probe_sentinel(experts: Any, num_experts: int, hidden: int) -> bool:
+    """Does this experts module skip id ``num_experts`` (weight 0) without touching others?"""
+    p = next(experts.parameters())
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(2, hidden, generator=gen).to(p.device, p.dtype)
+    w = torch.tensor([[0.75, 0.0], [0.5, 0.0]], device=p.device, dtype=torch.float32)
+    with torch.no_grad():
+        try:
+            a = experts(h, torch.tensor([[0, num_experts], [1, num_experts]], device=p.device), w)
+            b = experts(h, torch.tensor([[0, 0], [1, 1]], device=p.device), w)
+        except (IndexError, RuntimeError, ValueError):
+            return False
+    return bool(torch.isfinite(a).all()) and torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@dataclass
+class _LayerPatch:
+    """One routed MoE layer: its resolved config, the batch rows of the current call, the
+    empty-slot marker, and an experts-per-token histogram."""
+
+    cfg: RoutingConfig
+    router: Any
+    experts: Any
+    num_experts: int
+    hidden: int
+    rows: int = 1
+    hist: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    _sentinel_ok: dict[str, bool] = field(default_factory=dict)
+
+    def empty_id_ok(self) -> bool:
+        """Empty slots may carry the id ``num_experts`` (skipped, no compute) only where the
+        experts implementation in use is the eager loop and a probe confirms it; otherwise a
+        valid id with weight 0 is passed (computed, contributes nothing)."""
+        impl = getattr(getattr(self.experts, "config", None), "_experts_implementation", None) or "eager"
+        if impl != "eager" or self.experts is None:
+            return False
+        if impl not in self._sentinel_ok:
+            self._sentinel_ok[impl] = _probe_sentinel(self.experts, self.num_experts, self.hidden)
+        return self._sentinel_ok[impl]
+
+    def finish(self, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        n_taken = keep.sum(dim=1)
+        if self.hist.numel() != ids.shape[1] + 1 or self.hist.device != ids.device:
+            self.hist = torch.zeros(ids.shape[1] + 1, dtype=torch.int64, device=ids.device)
+        self.hist += torch.bincount(n_taken, minlength=ids.shape[1] + 1)
+        if self.empty_id_ok():
+            return torch.where(keep, ids, self.num_experts)
+        return ids
+
+
+class RoutingHandle:
+    """What :func:`apply_routing` returns: ``remove()`` restores the model's routing (also as a
+    context manager); ``experts_per_token()`` reads the per-layer histograms."""
+
+    def __init__(self, model: Any, cfg: RoutingConfig) -> None:
+        self.model = model
+        self.config = cfg
+        self.layers: list[_LayerPatch] = []
+        self._hooks: list[Any] = []
+
+    def experts_per_token(self) -> list[list[int]]:
+        """Per MoE layer: how many tokens took 0, 1, ..., cap experts (since the last reset)."""
+        return [p.hist.tolist() for p in self.layers]
+
+    def avg_experts_per_token(self) -> float:
+        tot = sum(int(p.hist.sum()) for p in self.layers)
+        pairs = sum(int((p.hist * torch.arange(p.hist.numel(), device=p.hist.device)).sum())
+                    for p in self.layers)
+        return pairs / tot if tot else float("nan")
+
+    def reset_stats(self) -> None:
+        for p in self.layers:
+            p.hist.zero_()
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        for p in self.layers:
+            p.router.__dict__.pop("forward", None)
+        self.layers.clear()
+
+    def __enter__(self) -> RoutingHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def _moe_routers(model: Any) -> Iterator[tuple[str, Any, Any]]:
+    """(name, router, its MoE block) for every supported router, in layer order."""
+    for name, mod in model.named_modules():
+        if type(mod).__name__ in FAMILIES:
+            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            yield name, mod, parent
+
+
+def apply_routing(model: Any, cfg: RoutingConfig) -> RoutingHandle:
+    """Route every MoE layer of a transformers model with ``cfg`` (any policy of the policies
+    API: topk, seqtopk causal/window, topp, entropy). Works under ``torch.no_grad`` (evaluation)
+    and in training. Each batch row is one sequence (segment); use unpadded batches (padding
+    tokens would take part in their row's selection). ``ValueError`` if the model has no
+    supported router or the config does not fit it."""
+    if not isinstance(cfg, RoutingConfig):
+        raise TypeError(f"cfg: expected a RoutingConfig, got {type(cfg).__name__}")
+    found = list(_moe_routers(model))
+    if not found:
+        kinds = sorted({type(m).__name__ for m in model.modules() if "router" in type(m).__name__.lower()})
+        raise ValueError(f"model: no supported MoE router (supported: {sorted(FAMILIES)}; found {kinds})")
+    handle = RoutingHandle(model, cfg)
+    for _, router, _block in found:
+        if "forward" in router.__dict__:
+            raise ValueError("model: routing is already applied; remove() the other handle first")
+    for _, router, block in found:
+        family = FAMILIES[type(router).__name__]
+        info = family.describe(router)
+        resolved = cfg.resolve(info["num_experts"], default_budget=info["top_k"])
+        patch = _LayerPatch(cfg=resolved, router=router, experts=getattr(block, "experts", None),
+                            num_experts=info["num_experts"], hidden=int(router.hidden_dim))
+
+        def pre_hook(module: Any, args: tuple, kwargs: dict, patch: _LayerPatch = patch) -> None:
+            h = args[0] if args else next(iter(kwargs.values()))
+            patch.rows = int(h.shape[0]) if h.dim() == 3 else 1
+
+        handle._hooks.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        router.forward = family.make_forward(router, patch)
+        handle.layers.append(patch)
+    return handle

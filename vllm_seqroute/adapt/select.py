@@ -1,0 +1,74 @@
+"""Selection without gradient, combine weights with gradient.
+
+``select`` runs a policy of the policies API on detached router scores, one segment per batch
+row; ``combine`` gathers the (differentiable) scores at the selected experts. Both are
+family-agnostic: the per-family modules only say how their router scores and weights look.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_seqroute.policies import (
+    REGISTRY,
+    BatchLayout,
+    CausalLedger,
+    RoutingConfig,
+    assemble,
+    build_candidates,
+    route,
+)
+from vllm_seqroute.policies.ordering import top_candidates
+from vllm_seqroute.policies.route import history_of, token_params
+
+
+def row_segments(num_tokens: int, rows: int, device: torch.device) -> torch.Tensor:
+    """``cu_seqlens`` of ``rows`` equal segments covering ``num_tokens`` tokens (batch rows)."""
+    if rows <= 0 or num_tokens % rows:
+        rows = 1
+    return torch.arange(0, num_tokens + 1, num_tokens // rows if num_tokens else 1,
+                        device=device, dtype=torch.int64)[: rows + 1]
+
+
+@torch.no_grad()
+def select(scores: torch.Tensor, cu_seqlens: torch.Tensor, cfg: RoutingConfig,
+           rank_offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert ids ``[N, cap]`` (int64, best first) and the taken-slot mask ``[N, cap]``.
+
+    ``scores``: the router's probabilities (softmax, or sigmoid); ``cfg`` resolved. Without
+    ``rank_offset`` this is :func:`vllm_seqroute.policies.route` itself. ``rank_offset [N, E]``
+    (score-correction bias plus ``-inf`` outside a token's allowed groups) ranks only, as the
+    plugin's grouped router does: candidates are each token's best ``cap`` by ``scores +
+    rank_offset``; candidates ranked ``-inf`` are never taken.
+    """
+    s = scores.detach().to(torch.float32)
+    if rank_offset is None:
+        ids, _ = route(s, cu_seqlens, cfg)
+        # route marks empty slots -1; its taken slots are a prefix of the same candidate list,
+        # so the full list gives a valid id everywhere (the caller chooses the empty marker)
+        return top_candidates(s, cfg.cap), ids >= 0
+    n = s.shape[0]
+    cand = build_candidates(s, cfg.cap, rank_offset.to(torch.float32),
+                            with_mass=cfg.policy == "topp", with_entropy=cfg.policy == "entropy")
+    layout = BatchLayout.from_cu_seqlens(cu_seqlens.to(s.device), n)
+    params = token_params(cfg, n, s.device)
+    if cfg.policy != "seqtopk":
+        sel = REGISTRY[cfg.policy](cand, layout, params, None)
+    else:
+        ledger = CausalLedger(cu_seqlens.numel() - 1, pool=cfg.pool, device=s.device)
+        row = ledger.rows(layout.token_slot)
+        sel = REGISTRY["seqtopk"](cand, layout, params, history_of(ledger, row), rule=cfg.rule,
+                                  exact=cfg.pool == "exact")
+    ids, _ = assemble(cand, sel, renormalize=False, empty_id=-1)
+    finite = torch.isfinite(torch.gather(s + rank_offset.to(torch.float32), 1, cand.ids))
+    return cand.ids, (ids >= 0) & finite
+
+
+def combine(scores: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor, *, renormalize: bool,
+            eps: float = 0.0, scale: float = 1.0) -> torch.Tensor:
+    """Differentiable weights ``[N, cap]``: ``scores`` gathered at ``ids``, zero where not
+    ``keep``, renormalised over the taken set iff ``renormalize``, times ``scale``."""
+    w = torch.gather(scores, 1, ids) * keep.to(scores.dtype)
+    if renormalize:
+        w = w / (w.sum(dim=-1, keepdim=True) + eps).clamp_min(torch.finfo(w.dtype).tiny)
+    return w * scale if scale != 1.0 else w

@@ -1,0 +1,130 @@
+"""``vllm-seqroute eval``: compare routing policies and budgets through vLLM.
+
+    vllm-seqroute eval --model DIR --texts 'held_out/**/*.py' \\
+        --routing vanilla topk:2 seqtopk:2 topp:0.4 entropy --out OUT
+
+For every (model, routing) pair, in a fresh vLLM process: held-out loss and perplexity from
+``prompt_logprobs`` (windows of ``--window`` tokens, causal semantics), experts per token
+(average and histogram), per-layer expert load and imbalance, prefill and decode throughput,
+peak RSS and routed-expert FLOPs per token. Writes OUT/results.md (markdown table),
+OUT/results.json and the plots OUT/quality_vs_experts.png, OUT/expert_load.png,
+OUT/experts_per_token.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from vllm_seqroute.evaluate.runner import Job, Spec, run_in_subprocess
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vllm-seqroute eval",
+                                description="Compare MoE routing policies and budgets through vLLM.")
+    p.add_argument("--model", required=True, nargs="+", help="checkpoint folder(s)")
+    p.add_argument("--texts", required=True, nargs="+", help="held-out text: folders, globs or files")
+    p.add_argument("--suffixes", default=".py,.txt,.md,.rst", help="suffixes taken from --texts folders")
+    p.add_argument("--routing", nargs="+", default=["topk", "seqtopk"],
+                   help="policies: vanilla (vLLM without the plugin), topk[:B], seqtopk[:B], topp[:P], "
+                        "entropy[:B]; extra options after commas, e.g. seqtopk:2,cap=4,rule=window")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--window", type=int, default=512, help="tokens per held-out window")
+    p.add_argument("--max-windows", type=int, default=32, help="windows, evenly spaced (0: all)")
+    p.add_argument("--dtype", default="auto", help="vLLM dtype (auto: the checkpoint's)")
+    p.add_argument("--compile", action="store_true",
+                   help="let vLLM compile the model (default: eager, faster start-up on CPU)")
+    p.add_argument("--decode-batch", type=int, default=8, help="concurrent requests in the decode timing")
+    p.add_argument("--decode-tokens", type=int, default=64, help="generated tokens per decode request")
+    p.add_argument("--torch-reference", action="store_true",
+                   help="also compute each loss with the pure-PyTorch reference (transformers)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _model_label(paths: list[str]) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for p in paths:
+        base = Path(p).resolve().name or p
+        lab, i = base, 2
+        while lab in labels.values():
+            lab, i = f"{base}-{i}", i + 1
+        labels[p] = lab
+    return labels
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        specs = [Spec.parse(s) for s in ns.routing]
+    except ValueError as e:
+        print(f"vllm-seqroute eval: --routing {e}", file=sys.stderr)
+        return 2
+    from vllm_seqroute.evaluate.data import load_texts, windows_for
+    from vllm_seqroute.evaluate.heldout import heldout_loss_torch, routing_config
+    from vllm_seqroute.evaluate.report import markdown_table, model_dims, plots, summarize
+
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    suffixes = tuple(s if s.startswith(".") else "." + s for s in ns.suffixes.split(",") if s)
+    try:
+        texts = load_texts(ns.texts, suffixes)
+    except ValueError as e:
+        print(f"vllm-seqroute eval: --texts {e}", file=sys.stderr)
+        return 2
+    labels = _model_label(ns.model)
+    jobs: list[tuple[str, Spec, Path]] = []
+    windows_of: dict[str, Any] = {}
+    for m in ns.model:
+        wf = out / "work" / f"windows-{labels[m]}.json"
+        wf.parent.mkdir(parents=True, exist_ok=True)
+        windows_of[m] = windows_for(m, texts, ns.window, ns.max_windows or None)
+        wf.write_text(json.dumps(windows_of[m]))
+        jobs += [(m, s, wf) for s in specs]
+
+    from tqdm.auto import tqdm
+
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(jobs, desc="eval", unit="config", disable=ns.no_progress)
+    for m, spec, wf in bar:
+        bar.set_postfix_str(f"{labels[m]} {spec.label}")
+        job = Job(model=m, spec=spec, windows_file=str(wf), dtype=ns.dtype, enforce_eager=not ns.compile,
+                  decode_batch=ns.decode_batch, decode_tokens=ns.decode_tokens)
+        t = time.perf_counter()
+        safe = f"{labels[m]}-{spec.label}".replace("/", "_").replace(",", "_").replace("=", "")
+        try:
+            res = run_in_subprocess(job, out / "work", safe, timeout=ns.timeout)
+        except (RuntimeError, OSError) as e:
+            print(f"vllm-seqroute eval: {e}", file=sys.stderr)
+            return 1
+        if ns.torch_reference:
+            res["torch_ref_loss"] = heldout_loss_torch(m, [], routing_config(spec.options),
+                                                       windows=windows_of[m])
+        row = summarize(labels[m], spec.label, res, model_dims(m))
+        row["wall_s"] = round(time.perf_counter() - t, 1)
+        rows.append(row)
+        if not ns.no_progress:
+            tqdm.write(f"{labels[m]:>16} {spec.label:<22} loss {row['loss']:.4f}  experts/token "
+                       f"{row['avg_experts']:.3f}  prefill {row['prefill_tok_s']:.0f} tok/s  "
+                       f"decode {row['decode_tok_s']:.0f} tok/s")
+    table = markdown_table(rows)
+    n_tok = rows[0]["tokens"] if rows else 0
+    header = (f"Held-out loss over {rows[0]['windows']} windows of {ns.window} tokens "
+              f"({n_tok} scored tokens) from {', '.join(ns.texts)}; vLLM dtype {ns.dtype}, "
+              f"{'compiled' if ns.compile else 'eager'}; decode: batch {ns.decode_batch} x "
+              f"{ns.decode_tokens} tokens.\n\n") if rows else ""
+    (out / "results.md").write_text(header + table + "\n")
+    (out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    written = plots(rows, out)
+    print(header + table)
+    print("\nwrote " + ", ".join(str(p) for p in [out / "results.md", out / "results.json", *written]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

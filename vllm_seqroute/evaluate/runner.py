@@ -1,0 +1,195 @@
+"""One (model, policy) measurement through vLLM, in its own process.
+
+A fresh process per configuration keeps the peak RSS meaningful and the engines independent;
+``vanilla`` runs with ``VLLM_PLUGINS=""`` so the plugin is not even loaded. The parent passes
+the token windows in a JSON file, so every configuration scores identical tokens.
+
+    python -m vllm_seqroute.evaluate.runner JOB.json RESULT.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vllm_seqroute.options import FIELDS
+
+SPEC_KEYS = {k.removeprefix("routing_"): k for k in FIELDS if k != "routing"} | {"pool": "routing_pool"}
+
+
+@dataclass
+class Spec:
+    """A routing choice as written on the command line: ``vanilla`` (vLLM without the plugin),
+    ``topk:2``, ``seqtopk:2``, ``topp:0.4``, ``entropy`` / ``entropy:2`` (budget: k_max = 2*B),
+    extra options after commas: ``seqtopk:2,cap=4,rule=window``."""
+
+    text: str
+    options: dict[str, Any] | None = None  # additional_config["seqroute"]; None: vanilla
+    label: str = ""
+
+    @staticmethod
+    def parse(text: str) -> Spec:
+        from vllm_seqroute.options import coerce
+
+        head, *extras = text.split(",")
+        name, _, num = head.partition(":")
+        name = name.strip().lower()
+        if name in ("vanilla", "none", "plain"):
+            if num or extras:
+                raise ValueError(f"{text!r}: vanilla takes no options")
+            return Spec(text, None, "vanilla")
+        opts: dict[str, Any] = {"routing": coerce("routing", name)}
+        if num:
+            key = "routing_p" if name == "topp" else "routing_budget"
+            try:
+                opts[key] = coerce(key, float(num) if key == "routing_p" else int(num))
+            except ValueError:
+                raise ValueError(f"{text!r}: {num!r} is not a valid {key}") from None
+        for ex in extras:
+            k, eq, v = ex.partition("=")
+            if not eq or k.strip() not in SPEC_KEYS:
+                raise ValueError(f"{text!r}: unknown option {ex!r}; known: {sorted(SPEC_KEYS)}")
+            key = SPEC_KEYS[k.strip()]
+            v = v.strip()
+            if key == "routing_pool":
+                opts[key] = v
+                continue
+            typ = FIELDS[key][1]
+            opts[key] = coerce(key, typ(v))
+        label = name
+        if "routing_budget" in opts:
+            label += f"@{opts['routing_budget']}"
+        if "routing_p" in opts:
+            label += f"@p{opts['routing_p']:g}"
+        for k, v in opts.items():
+            if k not in ("routing", "routing_budget", "routing_p"):
+                label += f",{k.removeprefix('routing_')}={v}"
+        return Spec(text, opts, label)
+
+
+@dataclass
+class Job:
+    model: str
+    spec: Spec
+    windows_file: str
+    dtype: str = "auto"
+    enforce_eager: bool = True
+    decode_batch: int = 8
+    decode_prompt: int = 64
+    decode_tokens: int = 64
+    speed: bool = True  # measure prefill/decode throughput (False: loss and counters only)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --- inside the worker process -----------------------------------------------------------
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def run_job(job: Job) -> dict[str, Any]:
+
+    from vllm_seqroute.evaluate.heldout import close_llm, make_llm, nll_vllm
+
+    windows = json.loads(Path(job.windows_file).read_text())
+    longest = max(len(w) for w in windows)
+    t0 = time.perf_counter()
+    llm = make_llm(job.model, job.spec.options, dtype=job.dtype, enforce_eager=job.enforce_eager,
+                   max_model_len=max(longest, job.decode_prompt + job.decode_tokens) + 8, **job.extra)
+    startup = time.perf_counter() - t0
+    routed = job.spec.options is not None
+
+    def stats(reset: bool) -> dict[str, Any] | None:
+        if not routed:
+            return None
+        return llm.collective_rpc("seqroute_stats", kwargs={"reset": reset, "requests": False})[0]
+
+    nll_vllm(llm, windows[:2])  # warm-up (first-call costs), then counters from zero
+    stats(True)
+    t = time.perf_counter()
+    total, count = nll_vllm(llm, windows)
+    t_loss = time.perf_counter() - t
+    st = stats(True)
+
+    out = {"loss_nll_sum": total, "loss_tokens": count, "loss": total / count, "windows": len(windows),
+           "stats": st, "startup_s": round(startup, 2), "loss_pass_s": round(t_loss, 3),
+           "decode_batch": job.decode_batch}
+    if job.speed:
+        out.update(_speed(llm, windows, job))
+    stats(True)
+    close_llm(llm)
+    out["peak_rss_mib"] = _peak_rss_mib()
+    return out
+
+
+def _best_time(fn: Any, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _speed(llm: Any, windows: list[list[int]], job: Job, repeats: int = 2) -> dict[str, float]:
+    """Prefill: all windows, one output token each. Decode: ``decode_batch`` requests of
+    ``decode_prompt`` tokens generating ``decode_tokens`` more, minus the same requests'
+    prefill. Best of ``repeats`` runs each."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    greedy = SamplingParams(max_tokens=1, temperature=0.0)
+    prompts = [TokensPrompt(prompt_token_ids=list(w)) for w in windows]
+    t_prefill = _best_time(lambda: llm.generate(prompts, greedy, use_tqdm=False), repeats)
+    dp = [TokensPrompt(prompt_token_ids=list(windows[i % len(windows)][: job.decode_prompt]))
+          for i in range(job.decode_batch)]
+    gen = SamplingParams(max_tokens=job.decode_tokens + 1, temperature=0.0, ignore_eos=True)
+    t_short = _best_time(lambda: llm.generate(dp, greedy, use_tqdm=False), repeats)
+    t_gen = _best_time(lambda: llm.generate(dp, gen, use_tqdm=False), repeats)
+    decode_time = max(t_gen - t_short, 1e-9)
+    return {"prefill_tok_s": sum(len(w) for w in windows) / t_prefill, "prefill_s": t_prefill,
+            "decode_tok_s": job.decode_batch * job.decode_tokens / decode_time,
+            "decode_ms_per_step": 1000 * decode_time / job.decode_tokens}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    raw = json.loads(Path(argv[0]).read_text())
+    raw["spec"] = Spec(**raw["spec"])
+    out = run_job(Job(**raw))
+    Path(argv[1]).write_text(json.dumps(out))
+    return 0
+
+
+# --- in the parent -----------------------------------------------------------------------
+def run_in_subprocess(job: Job, workdir: Path, name: str, timeout: float | None = None) -> dict[str, Any]:
+    """Run ``job`` in a fresh Python process; its log goes to ``workdir/NAME.log``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    job_file, res_file, log_file = (workdir / f"{name}.{s}" for s in ("job.json", "result.json", "log"))
+    job_file.write_text(json.dumps(asdict(job)))
+    res_file.unlink(missing_ok=True)
+    env = dict(os.environ)
+    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in the worker: one RSS
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if job.spec.options is None:
+        env["VLLM_PLUGINS"] = ""  # vanilla: no plugin loaded at all
+    with log_file.open("w") as log:
+        proc = subprocess.run([sys.executable, "-m", "vllm_seqroute.evaluate.runner", str(job_file),
+                               str(res_file)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                              timeout=timeout, check=False)
+    if proc.returncode != 0 or not res_file.exists():
+        tail = log_file.read_text(errors="replace").splitlines()[-25:]
+        raise RuntimeError(f"{name}: vLLM worker failed (exit {proc.returncode}); log {log_file}:\n"
+                           + "\n".join(tail))
+    return json.loads(res_file.read_text())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

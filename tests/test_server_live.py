@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import has_vllm
+from tests.conftest import has_vllm, stop_process_group
 
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not has_vllm(), reason="needs vLLM")]
 
@@ -137,15 +137,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         print(f"\n[server] ready in {time.monotonic() - t0:.1f} s (port {port})")
         yield srv
     finally:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)  # the group this fixture started
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        stop_process_group(proc)
 
 
 def _client(server: Server, key: str = KEY, **kw: Any) -> Any:

@@ -262,6 +262,35 @@ def test_bounded_pool_memory_is_constant_per_slot():
     assert before < 32 * 1024
 
 
+@pytest.mark.parametrize("slots, n, u", [(3, 5, 4), (40, 2, 16), (1, 600, 8)])
+def test_block_totals_give_the_same_counts_as_every_bin(slots, n, u):
+    """``past_counts`` answers small queries from block totals, large ones from a suffix sum
+    over every bin; both must count exactly the pool entries at or above each key's bin."""
+    from vllm_seqroute.ledger import BLOCK
+    from vllm_seqroute.policies.ordering import NUM_BINS, ordered_int, pool_bin
+
+    g = torch.Generator().manual_seed(slots * 1000 + n)
+    ledger = CausalLedger(slots, pool="bounded")
+    for _ in range(3):  # a history spread over many bins, edges included
+        rows = torch.randint(0, slots + 1, (n,), generator=g)
+        vals = torch.cat([torch.rand(n, u - 2, generator=g) ** 8 * 6 - 1, torch.tensor([[1e-30, 1e9]]).expand(n, 2)], 1)
+        valid = torch.rand(n, u, generator=g) < 0.8
+        ledger.commit(rows, ordered_int(vals), valid, torch.zeros(n, dtype=torch.int64))
+    bins = ledger.hist.to(torch.int64)
+    assert torch.equal(ledger.block.sum(1).to(torch.int64), bins.sum(1))
+    row = torch.randint(0, slots + 1, (n,), generator=g)
+    keys = ordered_int(torch.rand(n, u, generator=g) ** 8 * 6 - 1)
+    b = pool_bin(keys)
+    suffix = bins.flip(1).cumsum(1).flip(1)  # entries in each bin or above, per row
+    want = torch.stack([suffix[r, b[i]] for i, r in enumerate(row.tolist())])
+    assert torch.equal(ledger._counts_by_block(row, b), want)
+    assert torch.equal(ledger.past_counts(row, keys), want)
+    before = ledger.block.clone()
+    ledger.block.zero_()
+    ledger.refresh_blocks()
+    assert torch.equal(ledger.block, before) and NUM_BINS > BLOCK
+
+
 # ---------------------------------------------------------------------------------------------
 # bounded vs exact agreement
 

@@ -7,11 +7,17 @@ import torch
 
 from vllm_seqroute.policies.ordering import NUM_BINS, pool_bin
 
+# The bounded pool also keeps per-block totals of BLOCK bins, so a few queries (a decode step)
+# read one block's bins plus the block totals instead of a suffix sum over every bin.
+BLOCK = 64
+NUM_BLOCKS = -(-NUM_BINS // BLOCK)
+
 
 class CausalLedger:
     """Ledger for ``num_slots`` request slots; slot ``-1`` (padding) maps to a sink row.
 
-    ``pool="bounded"``: a ``NUM_BINS`` int32 histogram per slot (constant memory, graph-safe).
+    ``pool="bounded"``: a ``NUM_BINS`` int32 histogram per slot and its ``NUM_BLOCKS`` block
+    totals (constant memory, graph-safe).
     ``pool="exact"``: the full score history per slot (the reference; grows, host-side loop).
     """
 
@@ -26,6 +32,9 @@ class CausalLedger:
         self.hist = (
             torch.zeros(rows, NUM_BINS, dtype=torch.int32, device=device) if pool == "bounded" else None
         )
+        self.block = (
+            torch.zeros(rows, NUM_BLOCKS, dtype=torch.int32, device=device) if pool == "bounded" else None
+        )
         self.history: list[torch.Tensor] = (
             [torch.empty(0, dtype=torch.int64, device=device) for _ in range(rows)] if pool == "exact" else []
         )
@@ -33,7 +42,9 @@ class CausalLedger:
     def nbytes_per_slot(self) -> int:
         """Memory of one slot's state (bounded pool: constant)."""
         n = self.seen.element_size() + self.used.element_size()
-        return n + (self.hist.shape[1] * self.hist.element_size() if self.hist is not None else 0)
+        if self.hist is not None:
+            n += self.hist[0].nbytes + self.block[0].nbytes
+        return n
 
     def rows(self, slot: torch.Tensor) -> torch.Tensor:
         """Ledger row of each slot id (padding ``-1`` -> sink row)."""
@@ -48,6 +59,7 @@ class CausalLedger:
         self.used[r] = 0
         if self.hist is not None:
             self.hist[r] = 0
+            self.block[r] = 0
         for i in r.tolist() if self.pool == "exact" else ():
             self.history[i] = self.history[i][:0]
 
@@ -55,14 +67,36 @@ class CausalLedger:
         """[N, U] number of pool entries of each token's request that rank at or above each key
         (earlier tokens win ties; bounded pool: same bin or above)."""
         if self.hist is not None:
+            b = pool_bin(keys)
+            if keys.numel() * BLOCK < self.hist.numel():  # static sizes: no host sync
+                return self._counts_by_block(row, b)
             suffix = self.hist.flip(1).cumsum(1, dtype=torch.int64).flip(1)
-            return suffix[row[:, None], pool_bin(keys)]
+            return suffix[row[:, None], b]
         out = torch.zeros(keys.shape, dtype=torch.int64, device=keys.device)
         for r in torch.unique(row).tolist():  # reference path: loop over requests is fine
             m = row == r
             h = self.history[r]
             out[m] = h.numel() - torch.searchsorted(h, keys[m].to(torch.int64).contiguous())
         return out
+
+    def _counts_by_block(self, row: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``past_counts`` from the totals of the blocks above each bin's block plus that
+        block's bins at or above it: ``O(N*(U*BLOCK + NUM_BLOCKS))`` instead of every bin."""
+        n, u = b.shape
+        blk = b // BLOCK
+        upto = self.block[row].cumsum(1, dtype=torch.int64)  # blocks 0..k
+        above = upto[:, -1:] - upto.gather(1, blk)
+        bins = blk[..., None] * BLOCK + torch.arange(BLOCK, device=b.device)
+        take = (bins >= b[..., None]) & (bins < NUM_BINS)
+        flat = row[:, None, None] * NUM_BINS + bins.clamp(max=NUM_BINS - 1)
+        within = torch.where(take, self.hist.view(-1)[flat], 0).sum(-1, dtype=torch.int64)
+        return above + within
+
+    def refresh_blocks(self) -> None:
+        """Recompute the block totals from the bins (after a kernel wrote the bins itself)."""
+        if self.hist is not None:
+            pad = torch.nn.functional.pad(self.hist, (0, NUM_BLOCKS * BLOCK - NUM_BINS))
+            self.block.copy_(pad.view(-1, NUM_BLOCKS, BLOCK).sum(-1))
 
     def commit(
         self, row: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, n_budget: torch.Tensor
@@ -72,8 +106,10 @@ class CausalLedger:
         self.seen.index_add_(0, row, torch.ones_like(row))
         self.used.index_add_(0, row, n_budget.to(torch.int64))
         if self.hist is not None:
-            flat = row[:, None] * NUM_BINS + pool_bin(keys)
-            self.hist.view(-1).index_add_(0, flat.flatten(), valid.flatten().to(torch.int32))
+            b = pool_bin(keys)
+            v = valid.flatten().to(torch.int32)
+            self.hist.view(-1).index_add_(0, (row[:, None] * NUM_BINS + b).flatten(), v)
+            self.block.view(-1).index_add_(0, (row[:, None] * NUM_BLOCKS + b // BLOCK).flatten(), v)
             return
         for r in torch.unique(row).tolist():
             m = row == r

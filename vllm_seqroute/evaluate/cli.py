@@ -114,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
                        f"decode {row['decode_tok_s']:.0f} tok/s")
     table = markdown_table(rows)
     n_tok = rows[0]["tokens"] if rows else 0
+    source = ", ".join(ns.texts) if len(ns.texts) <= 3 else (
+        f"{len(ns.texts)} paths ({ns.texts[0]} ... {ns.texts[-1]})")
     header = (f"Held-out loss over {rows[0]['windows']} windows of {ns.window} tokens "
-              f"({n_tok} scored tokens) from {', '.join(ns.texts)}; vLLM dtype {ns.dtype}, "
+              f"({n_tok} scored tokens) from {source}; vLLM dtype {ns.dtype}, "
               f"{'compiled' if ns.compile else 'eager'}; decode: batch {ns.decode_batch} x "
               f"{ns.decode_tokens} tokens.\n\n") if rows else ""
     (out / "results.md").write_text(header + table + "\n")

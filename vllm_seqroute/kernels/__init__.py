@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Any
 
 import torch
 
@@ -106,7 +107,16 @@ def seqtopk_select(
         if commit and ledger is not None:
             _commit(ledger, row, cand, params, sel)
         return sel
-    return tri.causal(cand, layout, params, ledger, row, commit=commit)
+    return _causal_kernel(tri, cand, layout, params, ledger, row, commit)
+
+
+def _causal_kernel(tri: Any, cand: Candidates, layout: BatchLayout, params: TokenParams,
+                   ledger: CausalLedger | None, row: torch.Tensor | None, commit: bool,
+                   asm: Any = None) -> Selection:
+    sel = tri.causal(cand, layout, params, ledger, row, commit=commit, asm=asm)
+    if commit and ledger is not None:
+        ledger.refresh_blocks()  # the kernels add to the bins only; the twin reads block totals
+    return sel
 
 
 def _commit(
@@ -160,7 +170,7 @@ def select_assemble(
         if commit and ledger is not None:
             _commit(ledger, row, cand, params, sel)
     elif rule == "causal":
-        sel = tri.causal(cand, layout, params, ledger, row, commit=commit, asm=asm)
+        sel = _causal_kernel(tri, cand, layout, params, ledger, row, commit, asm)
     else:
         raise ValueError(f"rule: expected one of {RULES}, got {rule!r}")
     return sel, asm.ids, asm.weights

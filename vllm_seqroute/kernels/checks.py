@@ -49,6 +49,7 @@ def clone_ledger(ledger: CausalLedger, device: torch.device | str) -> CausalLedg
     out.used.copy_(ledger.used)
     if ledger.hist is not None:
         out.hist.copy_(ledger.hist)
+        out.block.copy_(ledger.block)
     return out
 
 

@@ -141,7 +141,10 @@ def causal(
     j = torch.arange(u, device=keys.device)
     allowed = (seen + layout.pos + 1) * params.budget  # t * budget, t over the whole request
     n_rank = ((j[None, :] + past < allowed[:, None]) & in_cap).sum(1)
-    charged = _ledger_clip(n_rank, allowed - used, layout)
+    if single_token_segments:  # the ledger clip of a one-token segment: min(n, limit)
+        charged = torch.minimum(n_rank, allowed - used)
+    else:
+        charged = _ledger_clip(n_rank, allowed - used, layout)
     return _finish(n_rank, charged, params)
 
 

@@ -5,6 +5,8 @@ per-step Python; static shapes so it can run inside captured graphs."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from vllm_seqroute import kernels
@@ -52,18 +54,12 @@ def select(router_logits: torch.Tensor, group_ids: torch.Tensor, van_w: torch.Te
         ids = cand.ids
     safe = cand.ids
 
-    token_slot = state.token_slot[:n]
+    ctx = _step_context(state, n)
     ledger = info.ledger
-    row = ledger.rows(token_slot)
-    prow = torch.where(token_slot < 0, state.max_slots, token_slot)
-    params = TokenParams(budget=state.budget[prow], cap=state.cap[prow], floor=state.floor[prow],
-                         p=state.p[prow], k_min=state.k_min[prow], k_max=state.k_max[prow])
-    policy = state.policy[prow]
-    layout = BatchLayout.from_token_slots(token_slot)
+    row, params, policy, layout = ctx.row, ctx.params, ctx.policy, ctx.layout
     history = History(seen=ledger.seen[row], used=ledger.used[row],
                       past_counts=lambda keys: ledger.past_counts(row, keys))
-    count = torch.zeros(n, dtype=torch.int64, device=ids.device)
-    charged = torch.zeros_like(count)
+    count = charged = torch.zeros(n, dtype=torch.int64, device=ids.device)
     triton = kernels.triton_available(ids.device)
     for pid in sorted(active):  # at most five policies, each vectorised over the batch
         if pid == st.SEQ_WINDOW:
@@ -74,9 +70,12 @@ def select(router_logits: torch.Tensor, group_ids: torch.Tensor, van_w: torch.Te
             sel = seq.causal(cand, layout, params, history, single_token_segments=state.step_single_tokens)
         else:
             sel = kernels.token_select(st.POLICY_NAME[pid], cand, layout, params)
-        mine = policy == pid
-        count = torch.where(mine, sel.count, count)
-        charged = torch.where(mine, sel.charged, charged)
+        if len(active) == 1:
+            count, charged = sel.count, sel.charged
+        else:
+            mine = policy == pid
+            count = torch.where(mine, sel.count, count)
+            charged = torch.where(mine, sel.charged, charged)
     j = torch.arange(u, device=ids.device)
     ledger.commit(row, cand.keys, (j[None, :] < params.cap[:, None]) & (ids >= 0), charged)
 
@@ -87,17 +86,19 @@ def select(router_logits: torch.Tensor, group_ids: torch.Tensor, van_w: torch.Te
     if scale != 1.0:
         w = w * scale
     out_ids = torch.where(keep, ids, -1) if skip_empty else safe
-    # TopK at the model's own K: the model's router output itself, bit for bit.
-    k = van_ids.shape[1]
-    vanilla = (policy == st.POLICY_ID["topk"]) & (params.budget == info.model_k)
-    v_ids = torch.cat([van_ids.to(torch.int64), out_ids[:, k:] if not skip_empty
-                       else torch.full_like(out_ids[:, k:], -1)], dim=1)
-    v_w = torch.cat([van_w.to(torch.float32), torch.zeros_like(w[:, k:])], dim=1)
-    out_ids = torch.where(vanilla[:, None], v_ids, out_ids)
-    w = torch.where(vanilla[:, None], v_w, w)
-    n_used = torch.where(vanilla, k, keep.sum(1))
+    n_used = keep.sum(1)
+    if st.POLICY_ID["topk"] in active:
+        # TopK at the model's own K: the model's router output itself, bit for bit.
+        k = van_ids.shape[1]
+        vanilla = (policy == st.POLICY_ID["topk"]) & (params.budget == info.model_k)
+        v_ids = torch.cat([van_ids.to(torch.int64), out_ids[:, k:] if not skip_empty
+                           else torch.full_like(out_ids[:, k:], -1)], dim=1)
+        v_w = torch.cat([van_w.to(torch.float32), torch.zeros_like(w[:, k:])], dim=1)
+        out_ids = torch.where(vanilla[:, None], v_ids, out_ids)
+        w = torch.where(vanilla[:, None], v_w, w)
+        n_used = torch.where(vanilla, k, n_used)
 
-    _count(state, layer, policy, token_slot, out_ids, w, n_used, charged)
+    _count(state, layer, ctx, out_ids, w, n_used, charged)
     return w.contiguous(), out_ids.to(torch.int32).contiguous()
 
 
@@ -111,29 +112,59 @@ def _vanilla_only(state: st.RoutingState, layer: int, van_w: torch.Tensor, van_i
             else ids[:, :1].expand(n, u - k)  # a valid id with weight 0
         ids = torch.cat([ids, fill], dim=1)
         w = torch.cat([w, w.new_zeros(n, u - k)], dim=1)
-    token_slot = state.token_slot[:n]
-    policy = torch.full((n,), st.POLICY_ID["topk"], dtype=torch.int64, device=ids.device)
     n_used = torch.full((n,), k, dtype=torch.int64, device=ids.device)
-    _count(state, layer, policy, token_slot, ids, w, n_used, n_used)
+    _count(state, layer, _step_context(state, n), ids, w, n_used, n_used)
     return w.contiguous(), ids.to(torch.int32).contiguous()
 
 
-def _count(state: st.RoutingState, layer: int, policy: torch.Tensor, token_slot: torch.Tensor,
-           ids: torch.Tensor, w: torch.Tensor, n_used: torch.Tensor, charged: torch.Tensor) -> None:
+@dataclass
+class StepContext:
+    """What every MoE layer of a step reads alike: each token's slot, ledger/parameter row,
+    parameters, policy and segment layout. Built by the first layer; on the CPU the later
+    layers reuse it (the host clears it in ``set_step``), on CUDA each call builds it again so
+    that captured graphs hold no tensors from another capture."""
+
+    token_slot: torch.Tensor
+    row: torch.Tensor  # padding -> the sink row (ledger row and parameter row alike)
+    params: TokenParams
+    policy: torch.Tensor
+    counted_policy: torch.Tensor  # seqtopk's window rule counted as seqtopk
+    real: torch.Tensor  # int64 1 for a request's token, 0 for padding
+    layout: BatchLayout
+
+
+def _step_context(state: st.RoutingState, n: int) -> StepContext:
+    reuse = state.device.type != "cuda"
+    if reuse and n in state.step_cache:
+        return state.step_cache[n]
+    token_slot = state.token_slot[:n]
+    row = torch.where(token_slot < 0, state.max_slots, token_slot)
+    policy = state.policy[row]
+    ctx = StepContext(
+        token_slot=token_slot, row=row,
+        params=TokenParams(budget=state.budget[row], cap=state.cap[row], floor=state.floor[row],
+                           p=state.p[row], k_min=state.k_min[row], k_max=state.k_max[row]),
+        policy=policy,
+        counted_policy=torch.where(policy == st.SEQ_WINDOW, st.POLICY_ID["seqtopk"], policy),
+        real=(token_slot >= 0).to(torch.int64), layout=BatchLayout.from_token_slots(token_slot))
+    if reuse:
+        state.step_cache[n] = ctx
+    return ctx
+
+
+def _count(state: st.RoutingState, layer: int, ctx: StepContext, ids: torch.Tensor, w: torch.Tensor,
+           n_used: torch.Tensor, charged: torch.Tensor) -> None:
     """Integer counters on the device (no host sync): padding tokens count nowhere."""
-    real = token_slot >= 0
-    pol = torch.where(policy == st.SEQ_WINDOW, st.POLICY_ID["seqtopk"], policy)
-    one = real.to(torch.int64)
+    pol, one = ctx.counted_policy, ctx.real
     state.tokens_by_policy.index_add_(0, pol, one)
     state.pairs_by_policy.index_add_(0, pol, n_used * one)
     state.granted_by_policy.index_add_(0, pol, charged * one)
-    used_pair = (w > 0) & (ids >= 0) & real[:, None]
+    used_pair = (w > 0) & (ids >= 0) & (one[:, None] > 0)
     load = state.expert_load[layer]
     load.index_add_(0, ids.clamp(min=0).flatten(), used_pair.flatten().to(torch.int64))
     hist = state.experts_per_token[layer]
     hist.index_add_(0, n_used.clamp(max=hist.shape[0] - 1), one)
-    sel = state.selected[layer]
-    sel.index_add_(0, torch.where(real, token_slot, state.max_slots), n_used * one)
+    state.selected[layer].index_add_(0, ctx.row, n_used * one)
 
 
 def select_fake(router_logits: torch.Tensor, group_ids: torch.Tensor, van_w: torch.Tensor,

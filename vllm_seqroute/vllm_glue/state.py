@@ -48,6 +48,7 @@ class RoutingState:
     restarts: int = 0
     step_single_tokens: bool = False  # host-known: every request has one token this step
     step_all_vanilla: bool = False  # host-known: every request is topk at the model's K
+    step_cache: dict[int, Any] = field(default_factory=dict)  # select_op.StepContext by tokens
 
     def __post_init__(self) -> None:
         s, dev = self.max_slots + 1, self.device  # last row: padding / unknown tokens
@@ -151,6 +152,7 @@ class RoutingState:
         """Token -> slot map for a step whose tokens are ``req_ids`` repeated ``num_scheduled``."""
         import numpy as np
 
+        self.step_cache.clear()
         slots = np.fromiter((self.slot_of_req.get(r, -1) for r in req_ids), dtype=np.int64,
                             count=len(req_ids))
         tok = np.repeat(slots, np.asarray(num_scheduled, dtype=np.int64))
@@ -170,6 +172,7 @@ class RoutingState:
     def clear_step(self) -> None:
         """Dummy / profile runs: every token is padding with the server's policy."""
         self.token_slot.fill_(-1)
+        self.step_cache.clear()
         cuda = self.device.type == "cuda"
         self.step_policies = ALL_POLICY_IDS if cuda else {self.slot_policy_host[self.max_slots]}
         self.step_single_tokens = self.step_all_vanilla = False

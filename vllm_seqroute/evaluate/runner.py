@@ -100,8 +100,11 @@ def run_job(job: Job) -> dict[str, Any]:
     windows = json.loads(Path(job.windows_file).read_text())
     longest = max(len(w) for w in windows)
     t0 = time.perf_counter()
+    # prefix caching off for every configuration: the timings repeat prompts, and seqtopk turns
+    # caching off by itself, so cache hits would flatter the other policies
+    kw = {"enable_prefix_caching": False, **job.extra}
     llm = make_llm(job.model, job.spec.options, dtype=job.dtype, enforce_eager=job.enforce_eager,
-                   max_model_len=max(longest, job.decode_prompt + job.decode_tokens) + 8, **job.extra)
+                   max_model_len=max(longest, job.decode_prompt + job.decode_tokens) + 8, **kw)
     startup = time.perf_counter() - t0
     routed = job.spec.options is not None
 

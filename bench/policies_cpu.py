@@ -196,7 +196,8 @@ def main() -> None:
     print("## ledger memory per request and MoE layer\n")
     print(
         f"- bounded pool: {bounded.nbytes_per_slot()} bytes, constant "
-        f"({bounded.hist.shape[1]} int32 histogram bins + seen + used, int64)"
+        f"({bounded.hist.shape[1]} int32 histogram bins, {bounded.block.shape[1]} int32 block totals, "
+        "seen + used int64)"
     )
     print(
         f"- exact pool (reference): {exact.history[0].numel() * 8 + 16} bytes after {t} tokens at cap 16, "

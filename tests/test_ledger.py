@@ -256,7 +256,7 @@ def test_bounded_pool_memory_is_constant_per_slot():
     )
     print(
         f"\n[ledger] bounded pool: {before} bytes per request slot and MoE layer "
-        f"({ledger.hist.shape[1]} int32 bins + seen + used), independent of tokens routed; "
+        f"({ledger.hist.shape[1]} int32 bins, {ledger.block.shape[1]} block totals, seen, used), independent of tokens routed; "
         f"exact pool after 100 tokens x 16 candidates: {exact.history[0].numel() * 8} bytes and growing"
     )
     assert before < 32 * 1024

@@ -764,3 +764,13 @@ def test_server_still_healthy(server: Server) -> None:
     polls = int(server.metrics()['seqroute_stats_polls_total{outcome="ok"}'])
     print(f"\n[server] {s['rejected_requests']} requests rejected by the routing check in this module; "
           f"{polls} metrics polls")
+
+
+def test_plugin_log_lines_reach_the_server_log(server: Server) -> None:
+    """The plugin's INFO lines show in the server's own log (vLLM's format), once each: the
+    routing set-up from the worker and the HTTP layer from the API server."""
+    log = server.log.read_text(errors="replace")
+    routing = [line for line in log.splitlines() if "vllm_seqroute: routing MoE layers with" in line]
+    ready = [line for line in log.splitlines() if "vllm_seqroute: HTTP layer ready" in line]
+    assert len(routing) == 1 and len(ready) == 1, server.log_tail(80)
+    assert " INFO " in routing[0] and " INFO " in ready[0], (routing, ready)

@@ -180,6 +180,18 @@ def test_adapt_cli_rejects_bad_routing(model_dir: Any, tmp_path: Path, capsys: A
     rc = main(["--model", str(model_dir("qwen3_moe")), "--corpus", str(tmp_path), "--routing", "seqtopk",
                "--routing-budget", "0", "--out", str(tmp_path / "o")])
     assert rc == 2 and "--routing-budget: must be a positive integer" in capsys.readouterr().err
+    rc = main(["--model", str(tmp_path / "nowhere"), "--corpus", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert rc == 2 and "--model: " in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_eval_cli_rejects_bad_arguments(tmp_path: Path, capsys: Any) -> None:
+    from vllm_seqroute.evaluate.cli import main
+
+    assert main(["--model", str(tmp_path / "nowhere"), "--texts", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "--model: not a checkpoint folder" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path), "--texts", str(tmp_path), "--routing", "foo:2",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "--routing" in capsys.readouterr().err
 
 
 # --- evaluate ------------------------------------------------------------------------------

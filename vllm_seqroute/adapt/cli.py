@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from vllm_seqroute.options import FIELDS, coerce, user_message
 from vllm_seqroute.policies import POLICIES, RULES, RoutingConfig
@@ -79,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         key, _, rest = user_message(str(e)).partition(":")
         print(f"vllm-seqroute adapt: --{key.replace('_', '-')}:{rest}", file=sys.stderr)
+        return 2
+    if not (Path(ns.model) / "config.json").is_file():
+        print(f"vllm-seqroute adapt: --model: {ns.model} is not a checkpoint folder (no config.json)",
+              file=sys.stderr)
         return 2
     from vllm_seqroute.adapt.train import AdaptArgs, adapt
 

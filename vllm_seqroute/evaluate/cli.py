@@ -65,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"vllm-seqroute eval: --routing {e}", file=sys.stderr)
         return 2
+    missing = [m for m in ns.model if not (Path(m) / "config.json").is_file()]
+    if missing:
+        print(f"vllm-seqroute eval: --model: not a checkpoint folder (no config.json): {', '.join(missing)}",
+              file=sys.stderr)
+        return 2
     from vllm_seqroute.evaluate.data import load_texts, windows_for
     from vllm_seqroute.evaluate.heldout import heldout_loss_torch, routing_config
     from vllm_seqroute.evaluate.report import markdown_table, model_dims, plots, summarize

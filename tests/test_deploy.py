@@ -9,8 +9,6 @@ on a tiny MoE model, one request, one ``/metrics`` scrape)."""
 
 from __future__ import annotations
 
-import contextlib
-import http.client
 import json
 import os
 import re
@@ -291,7 +289,7 @@ def scrape(tmp_path_factory: pytest.TempPathFactory) -> Iterator[set[str]]:
     both plugins, after one completion (per-expert series on)."""
     if not has_vllm():
         pytest.skip("needs vLLM")
-    from tests.test_server_live import STARTUP_TIMEOUT_S, Server, _free_port
+    from tests.test_server_live import Server, _free_port
     from vllm_seqroute.testing.tiny_models import build_model
 
     root = tmp_path_factory.mktemp("deploy_server")
@@ -310,15 +308,7 @@ def scrape(tmp_path_factory: pytest.TempPathFactory) -> Iterator[set[str]]:
     srv = Server(proc, port, log)
     t0 = time.monotonic()
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{srv.log_tail()}")
-            if time.monotonic() - t0 > STARTUP_TIMEOUT_S:
-                pytest.fail(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{srv.log_tail()}")
-            with contextlib.suppress(OSError, http.client.HTTPException):
-                if srv.request("GET", "/health", key=None, timeout=2)[0] == 200:
-                    break
-            time.sleep(0.5)
+        srv.wait_ready(t0)
         status, body = srv.json("POST", "/v1/completions", {"model": "tiny-moe", "prompt": "def add(a, b):",
                                                               "max_tokens": 8, "ignore_eos": True}, key=None)
         assert status == 200, body

@@ -95,6 +95,19 @@ class Server:
                 out[name] = float(value)
         return out
 
+    def wait_ready(self, t0: float) -> None:
+        """Poll ``/health`` until 200; fail with the log tail if the process exits or takes
+        longer than ``STARTUP_TIMEOUT_S`` since ``t0``."""
+        while True:
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if time.monotonic() - t0 > STARTUP_TIMEOUT_S:
+                pytest.fail(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{self.log_tail()}")
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                if self.request("GET", "/health", key=None, timeout=2)[0] == 200:
+                    return
+            time.sleep(0.5)
+
     def log_tail(self, n: int = 60) -> str:
         try:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
@@ -125,15 +138,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     srv = Server(proc, port, log)
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{srv.log_tail()}")
-            if time.monotonic() - t0 > STARTUP_TIMEOUT_S:
-                pytest.fail(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{srv.log_tail()}")
-            with contextlib.suppress(OSError, http.client.HTTPException):
-                if srv.request("GET", "/health", key=None, timeout=2)[0] == 200:
-                    break
-            time.sleep(0.5)
+        srv.wait_ready(t0)
         print(f"\n[server] ready in {time.monotonic() - t0:.1f} s (port {port})")
         yield srv
     finally:

@@ -50,6 +50,22 @@ def overrides_from(options: dict[str, Any], *, strict: bool = True) -> dict[str,
     return out
 
 
+def config_from_options(options: dict[str, Any]) -> RoutingConfig:
+    """A validated :class:`RoutingConfig` from option keys (``routing``, ``routing_budget``, ...,
+    ``routing_pool``; the policy defaults to ``topk``). ``ValueError`` names the key."""
+    opts = dict(options)
+    pool = opts.pop("pool", opts.pop("routing_pool", "bounded"))
+    unknown = sorted(k for k in opts if k not in FIELDS)
+    if unknown:
+        raise ValueError(f"{unknown[0]}: unknown routing option; known: {sorted(FIELDS)}")
+    kw = {FIELDS[k][0]: coerce(k, v) for k, v in opts.items()}
+    kw.setdefault("policy", "topk")
+    try:
+        return RoutingConfig(pool=pool, **kw)
+    except ValueError as e:
+        raise ValueError(user_message(str(e))) from None
+
+
 def request_config(base: RoutingConfig, extra_args: dict[str, Any] | None, *, num_experts: int,
                    model_k: int, width: int) -> RoutingConfig:
     """A request's resolved config: server defaults, then its ``vllm_xargs``.

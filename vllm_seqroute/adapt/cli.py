@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from vllm_seqroute.options import FIELDS, coerce, user_message
+from vllm_seqroute.options import FIELDS, config_from_options
 from vllm_seqroute.policies import POLICIES, RULES, RoutingConfig
 
 
@@ -64,9 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def routing_config(ns: argparse.Namespace) -> RoutingConfig:
-    opts = {k: getattr(ns, k) for k in FIELDS if getattr(ns, k, None) is not None}
-    kw = {FIELDS[k][0]: coerce(k, v) for k, v in opts.items()}
-    return RoutingConfig(**kw)
+    return config_from_options({k: getattr(ns, k) for k in FIELDS if getattr(ns, k, None) is not None})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = routing_config(ns)
     except ValueError as e:
-        key, _, rest = user_message(str(e)).partition(":")
+        key, _, rest = str(e).partition(":")
         print(f"vllm-seqroute adapt: --{key.replace('_', '-')}:{rest}", file=sys.stderr)
         return 2
     if not (Path(ns.model) / "config.json").is_file():

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from vllm_seqroute.evaluate.data import windows_for
-from vllm_seqroute.options import overrides_from
+from vllm_seqroute.options import config_from_options
 from vllm_seqroute.policies import RoutingConfig
 
 
@@ -26,11 +26,7 @@ def routing_config(routing: dict[str, Any] | RoutingConfig | None) -> RoutingCon
     "routing_budget": 2, ...}``); ``None`` stays ``None`` (the model's own routing)."""
     if routing is None or isinstance(routing, RoutingConfig):
         return routing
-    opts = dict(routing)
-    pool = opts.pop("routing_pool", "bounded")
-    kw = overrides_from(opts)
-    kw.setdefault("policy", "topk")
-    return RoutingConfig(pool=pool, **kw)
+    return config_from_options(routing)
 
 
 # --- pure PyTorch reference -------------------------------------------------------------

@@ -7,7 +7,8 @@ import argparse
 import logging
 from typing import Any
 
-from vllm_seqroute.options import FIELDS, user_message
+from vllm_seqroute.options import FIELDS
+from vllm_seqroute.options import config_from_options as options_config
 from vllm_seqroute.policies.config import POLICIES, RULES, RoutingConfig
 
 logger = logging.getLogger("vllm_seqroute")
@@ -57,23 +58,11 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def config_from_options(options: dict[str, Any]) -> RoutingConfig:
     """Validated server config; ``ValueError`` names the flag (``--routing-budget: ...``)."""
-    opts = dict(options)
-    pool = opts.pop("pool", opts.pop("routing_pool", "bounded"))
-    unknown = sorted(k for k in opts if k not in FIELDS)
-    if unknown:
-        raise ValueError(f"{flag(unknown[0])}: unknown routing option (additional_config.{KEY})")
-    kw = {FIELDS[k][0]: v for k, v in opts.items()}
-    kw.setdefault("policy", "topk")
     try:
-        for k, v in opts.items():
-            from vllm_seqroute.options import coerce
-
-            coerce(k, v)
-        return RoutingConfig(pool=pool, **kw)
+        return options_config(options)
     except ValueError as e:
-        msg = user_message(str(e))
-        key, _, rest = msg.partition(":")
-        raise ValueError(f"{flag(key)}:{rest}" if key in FIELDS else msg) from None
+        key, sep, rest = str(e).partition(":")
+        raise ValueError(f"{flag(key)}:{rest}" if sep and key.startswith("routing") else str(e)) from None
 
 
 def server_config() -> tuple[Any, RoutingConfig | None]:

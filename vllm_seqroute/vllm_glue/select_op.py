@@ -119,12 +119,11 @@ def _vanilla_only(state: st.RoutingState, layer: int, van_w: torch.Tensor, van_i
 
 @dataclass
 class StepContext:
-    """What every MoE layer of a step reads alike: each token's slot, ledger/parameter row,
+    """What every MoE layer of a step reads alike: each token's ledger/parameter row,
     parameters, policy and segment layout. Built by the first layer; on the CPU the later
     layers reuse it (the host clears it in ``set_step``), on CUDA each call builds it again so
     that captured graphs hold no tensors from another capture."""
 
-    token_slot: torch.Tensor
     row: torch.Tensor  # padding -> the sink row (ledger row and parameter row alike)
     params: TokenParams
     policy: torch.Tensor
@@ -141,7 +140,7 @@ def _step_context(state: st.RoutingState, n: int) -> StepContext:
     row = torch.where(token_slot < 0, state.max_slots, token_slot)
     policy = state.policy[row]
     ctx = StepContext(
-        token_slot=token_slot, row=row,
+        row=row,
         params=TokenParams(budget=state.budget[row], cap=state.cap[row], floor=state.floor[row],
                            p=state.p[row], k_min=state.k_min[row], k_max=state.k_max[row]),
         policy=policy,

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from vllm_seqroute.kernels import cpu_native
 from vllm_seqroute.policies import CausalLedger
 from vllm_seqroute.policies import seqtopk as _seq
 from vllm_seqroute.policies.base import REGISTRY, Candidates, Selection, TokenParams
@@ -24,6 +25,9 @@ from vllm_seqroute.policies.route import build_candidates, history_of
 __all__ = [
     "assemble",
     "candidates",
+    "NativeStepInputs",
+    "native_available",
+    "native_select",
     "select_assemble",
     "seqtopk_select",
     "token_select",
@@ -47,6 +51,16 @@ def triton_available(device: torch.device | str) -> bool:
     if torch.device(device).type != "cuda" or os.environ.get("SEQROUTE_NO_TRITON") == "1":
         return False
     return torch.cuda.is_available() and _triton_module() is not None
+
+
+def native_available(device: torch.device | str) -> bool:
+    """True where the routing op's native CPU body runs (``cpu_native``): the CPU, with the
+    library built (``SEQROUTE_NO_NATIVE=1`` forces the torch twin)."""
+    return cpu_native.available(torch.device(device))
+
+
+native_select = cpu_native.select
+NativeStepInputs = cpu_native.StepInputs
 
 
 def candidates(

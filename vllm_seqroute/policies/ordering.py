@@ -15,6 +15,8 @@ _SHIFT = 23 - MANTISSA_BITS
 _LO = 117 << MANTISSA_BITS  # biased exponent of 2**-10
 _HALF = (129 - 117) << MANTISSA_BITS  # up to (not incl.) 4.0
 NUM_BINS = 2 * _HALF + 1
+# (shift, lowest magnitude, half width) for kernels that compute the same bins natively
+POOL_BIN_PARAMS = (_SHIFT, _LO, _HALF)
 
 
 def ordered_int(x: torch.Tensor) -> torch.Tensor:

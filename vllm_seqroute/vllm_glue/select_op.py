@@ -42,6 +42,9 @@ def select(router_logits: torch.Tensor, group_ids: torch.Tensor, van_w: torch.Te
     u = info.width
     if state.step_all_vanilla:  # host-known (CPU): the model's own routing, padded to width
         return _vanilla_only(state, layer, van_w, van_ids, u, skip_empty)
+    if state.step_native:  # host-known (CPU): one native pass instead of ~150 torch ops
+        return _select_native(state, layer, router_logits, group_ids, van_w, van_ids, bias, scoring,
+                              renormalize, scale, skip_empty)
     scores = _scores(router_logits, scoring)
     active = state.step_policies
     need = dict(with_mass=st.POLICY_ID["topp"] in active, with_entropy=st.POLICY_ID["entropy"] in active)
@@ -102,11 +105,31 @@ def select(router_logits: torch.Tensor, group_ids: torch.Tensor, van_w: torch.Te
     return w.contiguous(), out_ids.to(torch.int32).contiguous()
 
 
+def _select_native(state: st.RoutingState, layer: int, router_logits: torch.Tensor,
+                   group_ids: torch.Tensor, van_w: torch.Tensor, van_ids: torch.Tensor,
+                   bias: torch.Tensor | None, scoring: int, renormalize: bool, scale: float,
+                   skip_empty: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    info = state.layers[layer]
+    ctx = _step_context(state, router_logits.shape[0])
+    if ctx.native is None:  # once per step: every layer shares it
+        ctx.native = kernels.NativeStepInputs(ctx.policy, ctx.params, ctx.row, ctx.real)
+    counters = dict(tokens_by_policy=state.tokens_by_policy, pairs_by_policy=state.pairs_by_policy,
+                    granted_by_policy=state.granted_by_policy, expert_load=state.expert_load[layer],
+                    per_token_hist=state.experts_per_token[layer], selected=state.selected[layer])
+    return kernels.native_select(
+        ctx.native, _scores(router_logits, scoring), bias,
+        group_ids if group_ids.shape[1] == info.width else None, van_w, van_ids, info.width,
+        info.model_k, info.ledger, counters, renormalize=renormalize, scale=scale,
+        skip_empty=skip_empty)
+
+
 def _vanilla_only(state: st.RoutingState, layer: int, van_w: torch.Tensor, van_ids: torch.Tensor,
                   u: int, skip_empty: bool) -> tuple[torch.Tensor, torch.Tensor]:
     n, k = van_ids.shape
-    ids = van_ids.to(torch.int64)
-    w = van_w.to(torch.float32)
+    # copies, never views: an op declared without mutations must not return an alias of an
+    # input (a compiled graph may reuse the input's buffer while the output is still read)
+    ids = van_ids.to(torch.int64, copy=True)
+    w = van_w.to(torch.float32, copy=True)
     if u > k:
         fill = torch.full((n, u - k), -1, dtype=torch.int64, device=ids.device) if skip_empty \
             else ids[:, :1].expand(n, u - k)  # a valid id with weight 0
@@ -130,6 +153,7 @@ class StepContext:
     counted_policy: torch.Tensor  # seqtopk's window rule counted as seqtopk
     real: torch.Tensor  # int64 1 for a request's token, 0 for padding
     layout: BatchLayout
+    native: kernels.NativeStepInputs | None = None  # the native CPU body's copy, made on demand
 
 
 def _step_context(state: st.RoutingState, n: int) -> StepContext:

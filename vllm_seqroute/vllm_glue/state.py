@@ -48,6 +48,7 @@ class RoutingState:
     restarts: int = 0
     step_single_tokens: bool = False  # host-known: every request has one token this step
     step_all_vanilla: bool = False  # host-known: every request is topk at the model's K
+    step_native: bool = False  # host-known: the native CPU body serves this step's policies
     step_cache: dict[int, Any] = field(default_factory=dict)  # select_op.StepContext by tokens
 
     def __post_init__(self) -> None:
@@ -168,6 +169,14 @@ class RoutingState:
         self.step_policies = {self.slot_policy_host[s] for s in slots.tolist()}
         if (slots < 0).any():
             self.step_policies.add(self.slot_policy_host[self.max_slots])
+        self.step_native = self._native_serves(self.step_policies)
+
+    def _native_serves(self, policies: set[int]) -> bool:
+        """The native CPU body serves every policy but the window rule, with bounded ledgers."""
+        from vllm_seqroute import kernels
+
+        return (SEQ_WINDOW not in policies and self.base.pool == "bounded"
+                and kernels.native_available(self.device))
 
     def clear_step(self) -> None:
         """Dummy / profile runs: every token is padding with the server's policy."""
@@ -176,6 +185,7 @@ class RoutingState:
         cuda = self.device.type == "cuda"
         self.step_policies = ALL_POLICY_IDS if cuda else {self.slot_policy_host[self.max_slots]}
         self.step_single_tokens = self.step_all_vanilla = False
+        self.step_native = not cuda and self._native_serves(self.step_policies)
 
     # --- stats --------------------------------------------------------------------------
     def stats(self, reset: bool = False) -> dict[str, Any]:

@@ -1,0 +1,106 @@
+"""The routing op's native CPU body against its torch body, through the op itself: the same
+steps (mixed policies and per-request parameters, prompts and decodes, history across steps,
+group-limited candidates, a ranking bias, ties, both empty-slot modes) on two routing states
+give the same ids, the same ledgers and counters, and weights equal up to float32 rounding."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from vllm_seqroute import kernels
+from vllm_seqroute.kernels import cpu_native
+from vllm_seqroute.policies.config import POLICIES, RoutingConfig
+from vllm_seqroute.vllm_glue import select_op
+from vllm_seqroute.vllm_glue import state as st
+
+pytestmark = pytest.mark.skipif(not kernels.native_available("cpu"), reason="no C compiler here")
+
+OVERRIDES = [None, {"routing": "topp", "routing_p": 0.5}, {"routing": "topk", "routing_budget": 1},
+             {"routing": "entropy", "routing_k_max": 4}, {"routing": "topk"},
+             {"routing": "seqtopk", "routing_budget": 1, "routing_cap": 3, "routing_floor": 0},
+             {"routing": "seqtopk", "routing_budget": 3}]
+
+
+def _state(base: RoutingConfig, e: int, k: int, width: int, layers: int = 2) -> st.RoutingState:
+    s = st.RoutingState(base=base, max_slots=8, max_tokens=256, device=torch.device("cpu"))
+    for _ in range(layers):
+        s.add_layer(e, k, width)
+    return s
+
+
+def _run(s: st.RoutingState, native: bool, steps: list, kw: dict) -> list:
+    st.STATE = s
+    outs = []
+    for req_ids, sched, logits, van_w, van_ids, group in steps:
+        s.set_step(req_ids, sched)
+        assert s.step_native  # the native body serves these policies
+        s.step_native = native
+        for layer in range(len(s.layers)):
+            outs.append(select_op.select(logits[layer], group, van_w, van_ids, kw["bias"], layer,
+                                         kw["scoring"], True, kw["scale"], kw["skip_empty"]))
+    return outs
+
+
+def _steps(gen: torch.Generator, e: int, k: int, width: int, layers: int, grouped: bool, ties: bool) -> list:
+    reqs = [f"r{i}" for i in range(6)]
+    steps = []
+    for sched in ([5, 9, 1, 7, 3, 12], [1, 1, 1, 1, 1, 1], [1, 4, 1, 1, 2, 1], [1] * 6):
+        n = sum(sched)
+        logits = [torch.randn(n, e, generator=gen) * 2 for _ in range(layers)]
+        if ties:
+            logits = [x.round() for x in logits]
+        van_w, van_ids = torch.topk(torch.softmax(logits[0], -1), k)
+        group = None
+        if grouped:  # candidates from a group-limited router: unsorted, distinct ids
+            group = torch.argsort(torch.rand(n, e, generator=gen), 1)[:, :width]
+        steps.append((reqs, sched, logits, van_w, van_ids.to(torch.int32),
+                      group if group is not None else van_ids[:, :0]))
+    return steps
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_native_body_equals_torch_body(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    e, k = (16, 2) if seed % 2 else (32, 4)
+    policy = ("seqtopk", "topp", "entropy", "topk", "seqtopk", "seqtopk")[seed]
+    base = RoutingConfig(policy=policy, budget=k if policy in ("seqtopk", "topk") else None,
+                         cap=2 * k if policy == "topk" else None)
+    width = {"topk": 2 * k, "seqtopk": 2 * k, "topp": 2 * k, "entropy": 2 * k}[policy]
+    grouped, ties = seed == 4, seed == 5
+    bias = torch.randn(e, generator=gen) * 0.1 if seed in (1, 4) else None
+    kw = dict(bias=bias, scoring=select_op.SIGMOID if seed == 3 else select_op.SOFTMAX,
+              scale=2.5 if seed == 2 else 1.0, skip_empty=seed % 2 == 0)
+    torch_state, native_state = _state(base, e, k, width), _state(base, e, k, width)
+    steps = _steps(gen, e, k, width, 2, grouped, ties)
+    for s in (torch_state, native_state):
+        for i, r in enumerate(steps[0][0]):
+            s.add_request(r, OVERRIDES[(i + seed) % len(OVERRIDES)], 0)
+    want = _run(torch_state, False, steps, kw)
+    got = _run(native_state, True, copy.deepcopy(steps), kw)
+    for (gw, gi), (ww, wi) in zip(got, want, strict=True):
+        assert torch.equal(gi, wi)
+        torch.testing.assert_close(gw, ww, rtol=2e-7, atol=0)
+    for a, b in zip(native_state.layers, torch_state.layers, strict=True):
+        for name in ("seen", "used", "hist", "block"):
+            assert torch.equal(getattr(a.ledger, name), getattr(b.ledger, name)), name
+    for name in ("tokens_by_policy", "pairs_by_policy", "granted_by_policy"):
+        assert torch.equal(getattr(native_state, name), getattr(torch_state, name)), name
+    for name in ("expert_load", "experts_per_token", "selected"):
+        for a, b in zip(getattr(native_state, name), getattr(torch_state, name), strict=True):
+            assert torch.equal(a, b), name
+    assert sum(torch_state.pairs_by_policy.tolist()) > 0
+
+
+def test_native_policy_numbering_is_the_registry_order() -> None:
+    assert cpu_native.NATIVE_POLICIES == POLICIES
+    assert [st.POLICY_ID[p] for p in POLICIES] == list(range(len(POLICIES)))
+
+
+def test_window_rule_keeps_the_torch_body() -> None:
+    s = _state(RoutingConfig(policy="seqtopk", budget=2, rule="window"), 16, 2, 4)
+    s.add_request("a", None, 0)
+    s.set_step(["a"], [3])
+    assert not s.step_native

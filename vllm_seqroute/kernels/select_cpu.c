@@ -1,0 +1,223 @@
+/* The routing op's CPU body in one pass over the step's tokens: candidates, every policy, the
+ * causal ledger (bounded pool), output assembly and the integer counters.
+ *
+ * The torch twin (vllm_glue/select_op on the policies) is ~150-200 small torch ops per layer
+ * call; on a CPU each costs microseconds, which made SeqTopK serving slower than TopK. Walking
+ * the tokens in batch order also makes the causal rule direct: a request's pool at token t is its
+ * ledger histogram after tokens 1..t-1, so no merge sort of the step is needed. Plain C (no torch
+ * headers) so it builds in a second with the system compiler. Semantics: see policies/. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { TOPK = 0, SEQTOPK = 1, TOPP = 2, ENTROPY = 3 };
+
+typedef struct {
+    /* sizes */
+    int64_t n, e, u, k, model_k, num_policies;
+    /* router */
+    const float *scores;     /* [n, e] softmax / sigmoid scores */
+    const float *bias;       /* [e] ranking-only bias, or NULL */
+    const int32_t *group;    /* [n, u] group-limited candidate ids (-1 padding), or NULL */
+    const float *van_w;      /* [n, k] the model's own routing */
+    const int32_t *van_ids;  /* [n, k] */
+    /* per token */
+    const int64_t *policy, *budget, *cap, *floor_, *k_min, *k_max, *row, *real;
+    const double *p;
+    /* ledger (bounded pool) */
+    int64_t *seen, *used;
+    int32_t *hist, *block;
+    int64_t nbins, bs, nblocks, shift, lo, half;
+    /* output */
+    int32_t renormalize, skip_empty;
+    float scale;
+    float *out_w;            /* [n, u] */
+    int32_t *out_ids;        /* [n, u] */
+    /* counters */
+    int64_t *tokens_by_policy, *pairs_by_policy, *granted_by_policy; /* [num_policies] */
+    int64_t *expert_load;    /* [e] */
+    int64_t *per_token_hist; /* [u + 1] */
+    int64_t *selected;       /* [rows] */
+} Step;
+
+static inline int32_t ordered_int(float x) {
+    int32_t b;
+    memcpy(&b, &x, sizeof b);
+    return b < 0 ? (b ^ 0x7FFFFFFF) : b;
+}
+
+static inline int64_t pool_bin(int32_t key, const Step *s) {
+    int64_t k = ((int64_t)key) >> s->shift;
+    int64_t mag = k >= 0 ? k : -1 - k;
+    int64_t c = mag - s->lo;
+    c = c < -1 ? -1 : (c > s->half - 1 ? s->half - 1 : c);
+    return k >= 0 ? s->half + 1 + c : s->half - 1 - c;
+}
+
+/* Pool entries of one request at or above bin b: whole blocks above b's block, then b's block. */
+static inline int64_t at_or_above(const int32_t *h, const int32_t *blk, int64_t b, const Step *s) {
+    int64_t kb = b / s->bs, sum = 0;
+    for (int64_t i = kb + 1; i < s->nblocks; ++i) sum += blk[i];
+    int64_t end = (kb + 1) * s->bs < s->nbins ? (kb + 1) * s->bs : s->nbins;
+    for (int64_t i = b; i < end; ++i) sum += h[i];
+    return sum;
+}
+
+/* (key, id) a ranks before (key, id) b: higher key, then lower id; id < 0 last. */
+static inline int before(int32_t ka, int64_t ia, int32_t kb, int64_t ib) {
+    if (ia < 0) return 0;
+    if (ib < 0) return 1;
+    return ka > kb || (ka == kb && ia < ib);
+}
+
+/* Each token's best u candidates by rank = score (+ bias), best first. */
+static void candidates(const Step *s, int64_t t, int64_t *ids, int32_t *keys) {
+    const float *sc = s->scores + t * s->e;
+    const int64_t u = s->u;
+    if (s->group) { /* insertion sort of the given ids */
+        for (int64_t j = 0; j < u; ++j) {
+            int64_t id = s->group[t * u + j];
+            int64_t safe = id < 0 ? 0 : id;
+            int32_t key = ordered_int(s->bias ? sc[safe] + s->bias[safe] : sc[safe]);
+            int64_t i = j;
+            while (i > 0 && before(key, id, keys[i - 1], ids[i - 1])) {
+                keys[i] = keys[i - 1];
+                ids[i] = ids[i - 1];
+                --i;
+            }
+            keys[i] = key;
+            ids[i] = id;
+        }
+        return;
+    }
+    int64_t m = 0;
+    for (int64_t x = 0; x < s->e; ++x) {
+        int32_t key = ordered_int(s->bias ? sc[x] + s->bias[x] : sc[x]);
+        if (m == u && !before(key, x, keys[u - 1], ids[u - 1])) continue;
+        int64_t i = m < u ? m++ : u - 1;
+        while (i > 0 && before(key, x, keys[i - 1], ids[i - 1])) {
+            keys[i] = keys[i - 1];
+            ids[i] = ids[i - 1];
+            --i;
+        }
+        keys[i] = key;
+        ids[i] = x;
+    }
+}
+
+static inline int64_t clamp64(int64_t x, int64_t lo, int64_t hi) {
+    return x < lo ? lo : (x > hi ? hi : x);
+}
+
+int seqroute_select_cpu(Step *s) {
+    const int64_t u = s->u, e = s->e;
+    int64_t *ids = malloc(sizeof(int64_t) * u), *bins = malloc(sizeof(int64_t) * u);
+    int32_t *keys = malloc(sizeof(int32_t) * u);
+    if (!ids || !bins || !keys) {
+        free(ids); free(bins); free(keys);
+        return 1;
+    }
+    for (int64_t t = 0; t < s->n; ++t) {
+        const float *sc = s->scores + t * e;
+        const int64_t pol = s->policy[t], r = s->row[t], fl = s->floor_[t];
+        const int64_t cap = s->cap[t] < u ? s->cap[t] : u;
+        candidates(s, t, ids, keys);
+        int64_t count, charged;
+        if (pol == SEQTOPK) {
+            const int32_t *h = s->hist + r * s->nbins, *blk = s->block + r * s->nblocks;
+            const int64_t allowed = (s->seen[r] + 1) * s->budget[t];
+            int64_t taken = 0;
+            for (int64_t j = 0; j < cap; ++j) {
+                bins[j] = pool_bin(keys[j], s);
+                if (j + at_or_above(h, blk, bins[j], s) < allowed) ++taken;
+            }
+            charged = (s->used[r] + taken < allowed ? s->used[r] + taken : allowed) - s->used[r];
+            count = clamp64(charged, fl, cap);
+            charged = charged < count ? charged : count;
+        } else {
+            int64_t want = s->budget[t];
+            if (pol == TOPP || pol == ENTROPY) {
+                double mass = 0.0;
+                for (int64_t x = 0; x < e; ++x) mass += (double)sc[x];
+                if (pol == TOPP) {
+                    double cum = 0.0;
+                    int64_t below = 0;
+                    for (int64_t j = 0; j < u; ++j) {
+                        cum += (double)sc[ids[j] < 0 ? 0 : ids[j]] / mass;
+                        below += cum < s->p[t];
+                    }
+                    want = 1 + below;
+                } else {
+                    double hsum = 0.0, m = mass > 1e-300 ? mass : 1e-300;
+                    for (int64_t x = 0; x < e; ++x) {
+                        double q = (double)sc[x] / m;
+                        if (q > 0) hsum += q * log(q);
+                    }
+                    double ent = e > 1 ? -hsum / log((double)e) : 0.0;
+                    double span = (double)(s->k_max[t] - s->k_min[t]);
+                    want = clamp64((int64_t)floor((double)s->k_min[t] + ent * span + 0.5), s->k_min[t],
+                                   s->k_max[t]);
+                }
+            }
+            count = clamp64(want, fl, cap);
+            charged = count;
+            for (int64_t j = 0; j < cap; ++j) bins[j] = pool_bin(keys[j], s);
+        }
+        /* the ledger: every token, whatever its policy */
+        s->seen[r] += 1;
+        s->used[r] += charged;
+        for (int64_t j = 0; j < cap; ++j) {
+            if (ids[j] < 0) continue;
+            s->hist[r * s->nbins + bins[j]] += 1;
+            s->block[r * s->nblocks + bins[j] / s->bs] += 1;
+        }
+        /* assembly */
+        float *w = s->out_w + t * u;
+        int32_t *oid = s->out_ids + t * u;
+        int64_t n_used = 0;
+        const int vanilla = pol == TOPK && s->budget[t] == s->model_k;
+        if (vanilla) { /* the model's own routing, bit for bit */
+            for (int64_t j = 0; j < u; ++j) {
+                if (j < s->k) {
+                    w[j] = s->van_w[t * s->k + j];
+                    oid[j] = s->van_ids[t * s->k + j];
+                } else {
+                    w[j] = 0.0f;
+                    oid[j] = s->skip_empty ? -1 : (int32_t)(ids[j] < 0 ? 0 : ids[j]);
+                }
+            }
+            n_used = s->k;
+        } else {
+            float total = 0.0f;
+            for (int64_t j = 0; j < u; ++j) {
+                int keep = j < count && ids[j] >= 0;
+                int64_t safe = ids[j] < 0 ? 0 : ids[j];
+                w[j] = keep ? sc[safe] : 0.0f;
+                total += w[j];
+                oid[j] = keep || !s->skip_empty ? (int32_t)safe : -1;
+                n_used += keep;
+            }
+            if (s->renormalize) {
+                const float tiny = 1.17549435e-38f;
+                total = total > tiny ? total : tiny;
+                for (int64_t j = 0; j < u; ++j) w[j] = w[j] / total;
+            }
+            if (s->scale != 1.0f)
+                for (int64_t j = 0; j < u; ++j) w[j] = w[j] * s->scale;
+        }
+        /* counters: requests' tokens only, never padding */
+        if (s->real[t]) {
+            const int64_t counted = pol < s->num_policies ? pol : SEQTOPK; /* window rule: seqtopk */
+            s->tokens_by_policy[counted] += 1;
+            s->pairs_by_policy[counted] += n_used;
+            s->granted_by_policy[counted] += charged;
+            for (int64_t j = 0; j < u; ++j)
+                if (w[j] > 0.0f && oid[j] >= 0) s->expert_load[oid[j]] += 1;
+            s->per_token_hist[n_used < u ? n_used : u] += 1;
+            s->selected[r] += n_used;
+        }
+    }
+    free(ids); free(bins); free(keys);
+    return 0;
+}

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from vllm_seqroute.adapt import grouped_router, softmax_router
+from vllm_seqroute.adapt.segments import Segments, row_segments, segments_from_inputs
 from vllm_seqroute.policies import RoutingConfig
 
 FAMILIES = {**{name: softmax_router for name in softmax_router.ROUTERS},
@@ -38,6 +39,20 @@ def _probe_sentinel(experts: Any, num_experts: int, hidden: int) -> bool:
     return bool(torch.isfinite(a).all()) and torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass: gradient checkpointing recomputes the MoE
+    layers there, and the recomputation must not count its tokens a second time."""
+    return torch._C._current_graph_task_id() != -1
+
+
+@dataclass
+class _CallSegments:
+    """The segments of the model call in progress (set by a pre-hook on the decoder stack and
+    kept until the next call, so gradient checkpointing's recomputation sees the same ones)."""
+
+    segs: Segments | None = None
+
+
 @dataclass
 class _LayerPatch:
     """One routed MoE layer: its resolved config, the batch rows of the current call, the
@@ -48,6 +63,7 @@ class _LayerPatch:
     experts: Any
     num_experts: int
     hidden: int
+    call: _CallSegments = field(default_factory=_CallSegments)
     rows: int = 1
     hist: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
     _sentinel_ok: dict[str, bool] = field(default_factory=dict)
@@ -63,11 +79,23 @@ class _LayerPatch:
             self._sentinel_ok[impl] = _probe_sentinel(self.experts, self.num_experts, self.hidden)
         return self._sentinel_ok[impl]
 
-    def finish(self, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        n_taken = keep.sum(dim=1)
+    def segments(self, num_tokens: int, device: torch.device) -> Segments:
+        """The call's document segments when they cover these router rows, else one per row."""
+        segs = self.call.segs
+        if segs is not None and segs.num_tokens == num_tokens:
+            if segs.cu_seqlens.device != device:
+                segs = Segments(num_tokens, segs.cu_seqlens.to(device),
+                                None if segs.kept is None else segs.kept.to(device))
+                self.call.segs = segs
+            return segs
+        return row_segments(num_tokens, self.rows, device)
+
+    def finish(self, ids: torch.Tensor, keep: torch.Tensor, segs: Segments | None = None) -> torch.Tensor:
         if self.hist.numel() != ids.shape[1] + 1 or self.hist.device != ids.device:
             self.hist = torch.zeros(ids.shape[1] + 1, dtype=torch.int64, device=ids.device)
-        self.hist += torch.bincount(n_taken, minlength=ids.shape[1] + 1)
+        if not _in_backward():
+            counted = keep if segs is None or segs.kept is None else keep[segs.kept]
+            self.hist += torch.bincount(counted.sum(dim=1), minlength=ids.shape[1] + 1)
         if self.empty_id_ok():
             return torch.where(keep, ids, self.num_experts)
         return ids
@@ -82,6 +110,12 @@ class RoutingHandle:
         self.config = cfg
         self.layers: list[_LayerPatch] = []
         self._hooks: list[Any] = []
+        self._resolved: RoutingConfig | None = None  # kept after remove(), for record_routing
+
+    @property
+    def config_resolved(self) -> RoutingConfig:
+        """The config as applied (budget and cap resolved for this model's experts)."""
+        return self._resolved or self.config
 
     def experts_per_token(self) -> list[list[int]]:
         """Per MoE layer: how many tokens took 0, 1, ..., cap experts (since the last reset)."""
@@ -120,12 +154,23 @@ def _moe_routers(model: Any) -> Iterator[tuple[str, Any, Any]]:
             yield name, mod, parent
 
 
+def _decoder(model: Any) -> Any:
+    """The module that receives the call's ``position_ids`` / ``attention_mask`` through
+    ``__call__`` (the decoder stack: ``model.model`` of a CausalLM). Hooks go there rather than
+    on the CausalLM because wrappers such as peft call the CausalLM's ``forward`` directly."""
+    get = getattr(model, "get_decoder", None)
+    dec = get() if callable(get) else None
+    return dec if isinstance(dec, torch.nn.Module) else model
+
+
 def apply_routing(model: Any, cfg: RoutingConfig) -> RoutingHandle:
     """Route every MoE layer of a transformers model with ``cfg`` (any policy of the policies
     API: topk, seqtopk causal/window, topp, entropy). Works under ``torch.no_grad`` (evaluation)
-    and in training. Each batch row is one sequence (segment); use unpadded batches (padding
-    tokens would take part in their row's selection). ``ValueError`` if the model has no
-    supported router or the config does not fit it."""
+    and in training, with gradient checkpointing, DDP and peft. Each batch row is one sequence
+    (segment); rows packed with several documents (``position_ids`` restarting at 0 per
+    document, no ``attention_mask``) route each document as its own segment, and tokens with
+    ``attention_mask == 0`` (padding) take no expert and no budget. ``ValueError`` if the model
+    has no supported router or the config does not fit it."""
     if not isinstance(cfg, RoutingConfig):
         raise TypeError(f"cfg: expected a RoutingConfig, got {type(cfg).__name__}")
     found = list(_moe_routers(model))
@@ -133,6 +178,21 @@ def apply_routing(model: Any, cfg: RoutingConfig) -> RoutingHandle:
         kinds = sorted({type(m).__name__ for m in model.modules() if "router" in type(m).__name__.lower()})
         raise ValueError(f"model: no supported MoE router (supported: {sorted(FAMILIES)}; found {kinds})")
     handle = RoutingHandle(model, cfg)
+    call = _CallSegments()
+    decoder = _decoder(model)
+
+    def segments_hook(module: Any, args: tuple, kwargs: dict) -> None:
+        x = kwargs.get("input_ids", args[0] if args else None)
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        if x is None or x.dim() < 2:
+            call.segs = None
+            return
+        call.segs = segments_from_inputs((int(x.shape[0]), int(x.shape[1])),
+                                         position_ids=kwargs.get("position_ids"),
+                                         attention_mask=kwargs.get("attention_mask"), device=x.device)
+
+    handle._hooks.append(decoder.register_forward_pre_hook(segments_hook, with_kwargs=True))
     for _, router, _block in found:
         if "forward" in router.__dict__:
             raise ValueError("model: routing is already applied; remove() the other handle first")
@@ -141,7 +201,7 @@ def apply_routing(model: Any, cfg: RoutingConfig) -> RoutingHandle:
         info = family.describe(router)
         resolved = cfg.resolve(info["num_experts"], default_budget=info["top_k"])
         patch = _LayerPatch(cfg=resolved, router=router, experts=getattr(block, "experts", None),
-                            num_experts=info["num_experts"], hidden=int(router.hidden_dim))
+                            num_experts=info["num_experts"], hidden=int(router.hidden_dim), call=call)
 
         def pre_hook(module: Any, args: tuple, kwargs: dict, patch: _LayerPatch = patch) -> None:
             h = args[0] if args else next(iter(kwargs.values()))
@@ -150,4 +210,5 @@ def apply_routing(model: Any, cfg: RoutingConfig) -> RoutingHandle:
         handle._hooks.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
         router.forward = family.make_forward(router, patch)
         handle.layers.append(patch)
+    handle._resolved = handle.layers[0].cfg
     return handle

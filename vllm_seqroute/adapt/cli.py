@@ -2,6 +2,10 @@
 
     vllm-seqroute adapt --model DIR --corpus DIR_OR_GLOB --routing seqtopk --routing-budget 2 \\
         --routing-cap 4 --steps 300 --seq-len 512 --batch-tokens 4096 --lr 1e-4 --out OUT
+    torchrun --nproc-per-node 8 -m vllm_seqroute.adapt.cli ...   # DDP / FSDP, same flags
+
+Training runs on ``transformers.Trainer`` (accelerate underneath): bf16, gradient
+checkpointing, accumulation, checkpoints and ``--resume``, tensorboard, LoRA (peft).
 
 The written checkpoint's ``config.json`` carries ``"seqroute": {"routing": ..., ...}`` (the
 keys of vLLM's ``additional_config["seqroute"]``), so the plugin serves it with the same policy
@@ -24,10 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Fine-tune a Hugging Face MoE checkpoint with a routing policy.")
     p.add_argument("--model", required=True, help="input checkpoint folder (transformers format)")
     p.add_argument("--corpus", required=True, nargs="+",
-                   help="text corpus: folders (searched recursively), globs or files")
+                   help="training data: folders (searched recursively), globs or files; .jsonl/.json/"
+                        ".parquet files hold one document per record; a saved `datasets` folder")
     p.add_argument("--suffixes", default=".py,.txt,.md,.rst",
-                   help="file suffixes taken from corpus folders (comma-separated)")
+                   help="file suffixes taken from corpus folders (comma-separated; .jsonl etc. for records)")
     p.add_argument("--max-file-kb", type=int, default=512, help="skip larger files (0: no limit)")
+    p.add_argument("--text-field", default="text", help="record field holding a document's text")
+    p.add_argument("--messages-field", default="messages",
+                   help="record field holding chat messages (rendered with the tokenizer's chat template)")
+    p.add_argument("--no-packing", action="store_true",
+                   help="one document per row, padded (default: pack documents, each its own segment)")
     p.add_argument("--out", required=True, help="output checkpoint folder")
     g = p.add_argument_group("routing (as on vllm serve)")
     g.add_argument("--routing", choices=POLICIES, default="seqtopk")
@@ -41,9 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=int, default=100)
     t.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (one routing segment)")
-    t.add_argument("--batch-tokens", type=int, default=8192, help="tokens per optimizer step")
+    t.add_argument("--batch-tokens", type=int, default=8192,
+                   help="tokens per optimizer step, all processes together")
     t.add_argument("--micro-batch-tokens", type=int, default=8192,
-                   help="tokens per forward/backward (gradient accumulation above)")
+                   help="tokens per forward/backward and process (gradient accumulation above)")
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay floor, relative to --lr")
     t.add_argument("--warmup", type=int, help="warm-up steps (default steps/20)")
@@ -51,15 +62,40 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--grad-clip", type=float, default=1.0)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="training precision (the checkpoint is saved in the input's dtype)")
+                   help="weights' dtype while training (the checkpoint is saved in the input's dtype)")
+    t.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision)")
+    t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     t.add_argument("--no-aux-loss", action="store_true", help="drop the model's load-balancing loss")
     t.add_argument("--keep-model-k", action="store_true",
                    help="keep num_experts_per_tok (default: set it to the topk/seqtopk budget)")
     t.add_argument("--experts-implementation", choices=("eager", "grouped_mm", "batched_mm"),
                    help="transformers experts kernel (default: the model's)")
-    t.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda, ...)")
+    t.add_argument("--device", default="cpu",
+                   help="cpu, or cuda (each process takes its LOCAL_RANK's GPU under torchrun)")
     t.add_argument("--threads", type=int, help="torch CPU threads")
     t.add_argument("--no-progress", action="store_true")
+    c = p.add_argument_group("checkpoints and logging")
+    c.add_argument("--save-steps", type=int, default=500,
+                   help="Trainer checkpoint every N steps and at the end, in OUT/checkpoints (0: none)")
+    c.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept")
+    c.add_argument("--resume", nargs="?", const="latest",
+                   help="resume from a checkpoint folder (no value: the newest in OUT/checkpoints)")
+    c.add_argument("--report-to", nargs="+", default=[],
+                   help="Trainer integrations, e.g. tensorboard (logs in OUT/tensorboard); "
+                        "OUT/train_log.jsonl is always written")
+    lo = p.add_argument_group("LoRA (peft)")
+    lo.add_argument("--lora-r", type=int, default=0,
+                    help="LoRA rank (0: full fine-tune); routers stay fully trainable")
+    lo.add_argument("--lora-alpha", type=float, help="default 2 * rank")
+    lo.add_argument("--lora-dropout", type=float, default=0.0)
+    lo.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj",
+                    help="module names LoRA adapts (comma-separated)")
+    w = p.add_argument_group("wrapping (passed to the Trainer)")
+    w.add_argument("--fsdp", default="",
+                   help='e.g. "full_shard auto_wrap" (with torchrun / accelerate launch)')
+    w.add_argument("--fsdp-config", help="FSDP config: a JSON file or an inline JSON object")
+    w.add_argument("--deepspeed", help="DeepSpeed JSON config (ZeRO stage 1/2; ZeRO-3 is refused)")
+    w.add_argument("--torch-compile", action="store_true", help="refused: the routing hook does not compile")
     return p
 
 
@@ -93,16 +129,22 @@ def main(argv: list[str] | None = None) -> int:
         suffixes=tuple(s if s.startswith(".") else "." + s for s in ns.suffixes.split(",") if s),
         max_file_kb=ns.max_file_kb or None, aux_loss=not ns.no_aux_loss,
         set_model_k=not ns.keep_model_k, experts_implementation=ns.experts_implementation,
-        device=ns.device,
+        device=ns.device, bf16=ns.bf16, text_field=ns.text_field, messages_field=ns.messages_field,
+        packing=not ns.no_packing, gradient_checkpointing=ns.gradient_checkpointing, save_steps=ns.save_steps,
+        save_total_limit=ns.save_total_limit, resume=ns.resume, report_to=tuple(ns.report_to),
+        lora_r=ns.lora_r, lora_alpha=ns.lora_alpha, lora_dropout=ns.lora_dropout,
+        lora_targets=tuple(t for t in ns.lora_targets.split(",") if t), fsdp=ns.fsdp,
+        fsdp_config=ns.fsdp_config, deepspeed=ns.deepspeed, torch_compile=ns.torch_compile,
     )
     try:
         summary = adapt(args, progress=not ns.no_progress)
     except ValueError as e:
         print(f"vllm-seqroute adapt: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({k: summary[k] for k in ("routing", "steps", "tokens_per_step", "tokens_trained",
-                                              "first_lm_loss", "last_lm_loss_avg10", "elapsed_s")}))
-    print(f"wrote {ns.out}")
+    if summary:  # the main process only
+        print(json.dumps({k: summary[k] for k in ("routing", "steps", "tokens_per_step", "tokens_trained",
+                                                  "first_lm_loss", "last_lm_loss_avg10", "elapsed_s")}))
+        print(f"wrote {ns.out}")
     return 0
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vllm_seqroute.adapt.select import combine, row_segments, select
+from vllm_seqroute.adapt.select import combine, select_segments
 
 ROUTERS = ("Glm4MoeTopkRouter", "DeepseekV3TopkRouter")
 
@@ -44,10 +44,10 @@ def make_forward(router: Any, patch: Any) -> Any:
         hidden_states = hidden_states.view(-1, router.hidden_dim)
         router_logits = F.linear(hidden_states.type(torch.float32), router.weight.type(torch.float32))
         scores = router_logits.sigmoid()
-        cu = row_segments(scores.shape[0], patch.rows, scores.device)
-        ids, keep = select(scores, cu, patch.cfg, rank_offset=rank_offset(router, scores))
+        segs = patch.segments(scores.shape[0], scores.device)
+        ids, keep = select_segments(scores, segs, patch.cfg, rank_offset=rank_offset(router, scores))
         weights = combine(scores, ids, keep, renormalize=info["renormalize"], eps=1e-20,
                           scale=info["scale"])
-        return router_logits, weights, patch.finish(ids, keep)
+        return router_logits, weights, patch.finish(ids, keep, segs)
 
     return forward

@@ -1,14 +1,16 @@
 """Selection without gradient, combine weights with gradient.
 
 ``select`` runs a policy of the policies API on detached router scores, one segment per batch
-row; ``combine`` gathers the (differentiable) scores at the selected experts. Both are
-family-agnostic: the per-family modules only say how their router scores and weights look.
+row or per packed document (``select_segments``, padding excluded); ``combine`` gathers the
+(differentiable) scores at the selected experts. Both are family-agnostic: the per-family
+modules only say how their router scores and weights look.
 """
 
 from __future__ import annotations
 
 import torch
 
+from vllm_seqroute.adapt.segments import Segments
 from vllm_seqroute.policies import (
     REGISTRY,
     BatchLayout,
@@ -20,14 +22,6 @@ from vllm_seqroute.policies import (
 )
 from vllm_seqroute.policies.ordering import top_candidates
 from vllm_seqroute.policies.route import history_of, token_params
-
-
-def row_segments(num_tokens: int, rows: int, device: torch.device) -> torch.Tensor:
-    """``cu_seqlens`` of ``rows`` equal segments covering ``num_tokens`` tokens (batch rows)."""
-    if rows <= 0 or num_tokens % rows:
-        rows = 1
-    return torch.arange(0, num_tokens + 1, num_tokens // rows if num_tokens else 1,
-                        device=device, dtype=torch.int64)[: rows + 1]
 
 
 @torch.no_grad()
@@ -62,6 +56,23 @@ def select(scores: torch.Tensor, cu_seqlens: torch.Tensor, cfg: RoutingConfig,
     ids, _ = assemble(cand, sel, renormalize=False, empty_id=-1)
     finite = torch.isfinite(torch.gather(s + rank_offset.to(torch.float32), 1, cand.ids))
     return cand.ids, (ids >= 0) & finite
+
+
+@torch.no_grad()
+def select_segments(scores: torch.Tensor, segs: Segments, cfg: RoutingConfig,
+                    rank_offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`select` over the kept rows of ``segs`` only; the other rows (padding) get valid
+    ids with every slot empty, so they take no expert and no share of any budget."""
+    if segs.kept is None:
+        return select(scores, segs.cu_seqlens, cfg, rank_offset)
+    k = segs.kept
+    ids_k, keep_k = select(scores[k], segs.cu_seqlens, cfg, None if rank_offset is None else rank_offset[k])
+    n = scores.shape[0]
+    ids = torch.arange(cfg.cap, device=scores.device, dtype=torch.int64).expand(n, cfg.cap).clone()
+    keep = torch.zeros(n, cfg.cap, dtype=torch.bool, device=scores.device)
+    ids[k] = ids_k
+    keep[k] = keep_k
+    return ids, keep
 
 
 def combine(scores: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor, *, renormalize: bool,

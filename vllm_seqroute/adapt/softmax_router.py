@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vllm_seqroute.adapt.select import combine, row_segments, select
+from vllm_seqroute.adapt.select import combine, select_segments
 
 # router class name -> (renormalise: attribute name or True, cast weights to the logits' dtype)
 ROUTERS: dict[str, tuple[str | bool, bool]] = {
@@ -38,11 +38,11 @@ def make_forward(router: Any, patch: Any) -> Any:
         hidden_states = hidden_states.reshape(-1, router.hidden_dim)
         router_logits = F.linear(hidden_states, router.weight)
         probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
-        cu = row_segments(probs.shape[0], patch.rows, probs.device)
-        ids, keep = select(probs, cu, patch.cfg)
+        segs = patch.segments(probs.shape[0], probs.device)
+        ids, keep = select_segments(probs, segs, patch.cfg)
         weights = combine(probs, ids, keep, renormalize=renormalize)
         if cast:
             weights = weights.to(router_logits.dtype)
-        return router_logits, weights, patch.finish(ids, keep)
+        return router_logits, weights, patch.finish(ids, keep, segs)
 
     return forward

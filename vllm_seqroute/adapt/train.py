@@ -1,10 +1,17 @@
-"""Fine-tune a transformers MoE checkpoint with a routing policy; write a checkpoint whose
-``config.json`` records the policy (``"seqroute": {...}``) for serving."""
+"""Fine-tune a transformers MoE checkpoint with a routing policy on ``transformers.Trainer``
+(accelerate underneath, so ``torchrun`` / ``accelerate launch`` with DDP or FSDP work as for
+any Trainer script); write a checkpoint whose ``config.json`` records the policy
+(``"seqroute": {...}``) for serving.
+
+The routing is :func:`vllm_seqroute.adapt.apply_routing` on the model before the Trainer wraps
+it: the patch lives on the router instances, so DDP/FSDP wrapping and gradient checkpointing
+keep it. ``torch.compile`` and DeepSpeed ZeRO-3 are refused (:func:`check_wrapping`).
+"""
 
 from __future__ import annotations
 
 import json
-import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,11 +19,12 @@ from typing import Any
 
 import torch
 
-from vllm_seqroute.adapt.apply import apply_routing
-from vllm_seqroute.adapt.data import batches, list_text_files, sequences, token_stream
+from vllm_seqroute.adapt.apply import RoutingHandle, apply_routing
+from vllm_seqroute.adapt.data import TEXT_SUFFIXES, TokenRows, documents, pack, pad_rows
+from vllm_seqroute.adapt.record import record_routing, recorded_options
 from vllm_seqroute.policies import RoutingConfig
 
-CONFIG_KEY = "seqroute"  # the same key as vLLM's additional_config["seqroute"]
+TRAINABLE_EXTRA = "seqroute_trainable.safetensors"  # LoRA runs: the full-rank trainable weights
 
 
 @dataclass
@@ -27,54 +35,68 @@ class AdaptArgs:
     routing: RoutingConfig
     steps: int = 100
     seq_len: int = 512
-    batch_tokens: int = 8192
-    micro_batch_tokens: int = 8192  # gradient accumulation above this (selection is per row)
+    batch_tokens: int = 8192  # tokens per optimizer step, all processes together
+    micro_batch_tokens: int = 8192  # tokens per forward/backward and process (accumulation above)
     lr: float = 1e-4
     min_lr_ratio: float = 0.1
     warmup: int | None = None
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
-    dtype: str = "float32"  # training precision (the checkpoint keeps the input's dtype)
-    suffixes: tuple[str, ...] = (".py", ".txt", ".md", ".rst")
+    dtype: str = "float32"  # weights' dtype while training (the checkpoint keeps the input's dtype)
+    bf16: bool = False  # bf16 autocast (mixed precision; fp32 master weights when dtype is float32)
+    suffixes: tuple[str, ...] = TEXT_SUFFIXES
     max_file_kb: int | None = 512
+    text_field: str = "text"
+    messages_field: str = "messages"
+    packing: bool = True  # several documents per row, each its own segment; else one per row, padded
     aux_loss: bool = True
     set_model_k: bool = True
     experts_implementation: str | None = None
     device: str = "cpu"
+    gradient_checkpointing: bool = False
+    save_steps: int = 500  # Trainer checkpoints under OUT/checkpoints (0: none)
+    save_total_limit: int = 2
+    resume: str | None = None  # a checkpoint folder, or "latest" (the newest under OUT/checkpoints)
+    report_to: tuple[str, ...] = ()  # Trainer integrations, e.g. ("tensorboard",)
+    lora_r: int = 0  # > 0: LoRA of this rank on --lora-targets, router fully trainable
+    lora_alpha: float | None = None  # default 2 * lora_r
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    fsdp: str = ""  # Trainer's fsdp option, e.g. "full_shard auto_wrap"
+    fsdp_config: str | None = None
+    deepspeed: str | None = None
+    torch_compile: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def recorded_options(cfg: RoutingConfig) -> dict[str, Any]:
-    """The routing options a checkpoint records, spelled as vLLM's ``additional_config
-    ["seqroute"]`` keys; ``cfg`` resolved. Defaults are left out, except budget and cap."""
-    d = RoutingConfig()
-    out: dict[str, Any] = {"routing": cfg.policy}
-    if cfg.budget is not None and cfg.policy != "topp":
-        out["routing_budget"] = cfg.budget
-    if cfg.policy != "topk":
-        out["routing_cap"] = cfg.cap
-    if cfg.floor != d.floor:
-        out["routing_floor"] = cfg.floor
-    if cfg.policy == "seqtopk" and cfg.rule != d.rule:
-        out["routing_rule"] = cfg.rule
-    if cfg.policy == "topp":
-        out["routing_p"] = cfg.p
-    if cfg.policy == "entropy":
-        out["routing_k_min"] = cfg.k_min
-        out["routing_k_max"] = cfg.k_max
-    if cfg.pool != d.pool:
-        out["routing_pool"] = cfg.pool
-    return out
+def _env_on(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
 
 
-def lr_at(step: int, args: AdaptArgs) -> float:
-    """Linear warm-up, then cosine decay to ``min_lr_ratio * lr``."""
-    warm = args.warmup if args.warmup is not None else max(1, args.steps // 20)
-    if step < warm:
-        return args.lr * (step + 1) / warm
-    t = (step - warm) / max(1, args.steps - warm)
-    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+def check_wrapping(args: AdaptArgs) -> None:
+    """``ValueError`` (one sentence) for a wrapping the routing hook is not known to survive.
+    Reads the CLI's options and the environment ``accelerate launch`` sets from its config."""
+    dynamo = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").strip().lower()
+    if args.torch_compile or dynamo not in ("", "no", "none"):
+        raise ValueError("torch.compile is not supported: the routing selection runs data-dependent "
+                         "host code in every MoE layer; train without it")
+    stage = ""
+    if _env_on("ACCELERATE_USE_DEEPSPEED"):
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
+    if args.deepspeed:
+        try:
+            ds = json.loads(Path(args.deepspeed).read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--deepspeed: cannot read {args.deepspeed} ({e})") from e
+        stage = str(ds.get("zero_optimization", {}).get("stage", 0))
+    if stage.strip() == "3":
+        raise ValueError("DeepSpeed ZeRO-3 is not supported (the routing hook is untested with "
+                         "partitioned router weights); use FSDP or ZeRO stage 1/2")
+    sharded = bool(args.fsdp) or _env_on("ACCELERATE_USE_FSDP") or bool(args.deepspeed) or bool(stage)
+    if args.lora_r and sharded:
+        raise ValueError("--lora-r with FSDP or DeepSpeed is not supported (the LoRA merge runs in one "
+                         "process); use DDP (torchrun / accelerate launch without a sharding config)")
 
 
 def _resolve_for_model(cfg: RoutingConfig, model: Any) -> RoutingConfig:
@@ -85,104 +107,296 @@ def _resolve_for_model(cfg: RoutingConfig, model: Any) -> RoutingConfig:
         handle.remove()
 
 
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def batch_shape(args: AdaptArgs, world: int) -> tuple[int, int, int]:
+    """(rows per optimizer step, rows per forward and process, accumulation steps): the step's
+    rows split evenly over ``world`` processes, each forward at most ``micro_batch_tokens``."""
+    rows = max(1, args.batch_tokens // args.seq_len)
+    if rows % world:
+        raise ValueError(f"--batch-tokens: {rows} rows of {args.seq_len} tokens per step do not split "
+                         f"over {world} processes")
+    per_proc = rows // world
+    micro = max(1, min(per_proc, args.micro_batch_tokens // args.seq_len))
+    while per_proc % micro:
+        micro -= 1
+    return rows, micro, per_proc // micro
+
+
+def _training_rows(args: AdaptArgs, tok: Any, rows: int, progress: bool) -> tuple[TokenRows, int]:
+    need = args.steps * rows * args.seq_len + args.seq_len
+    docs = documents(tok, args.corpus, suffixes=args.suffixes,
+                     max_file_bytes=args.max_file_kb * 1024 if args.max_file_kb else None,
+                     text_field=args.text_field, messages_field=args.messages_field,
+                     max_tokens=need, seed=args.seed, progress=progress)
+    if args.packing:
+        tensors = pack(docs, args.seq_len)
+    else:
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        tensors = pad_rows(docs, args.seq_len, int(pad or 0))
+    data = TokenRows(tensors)
+    if len(data) < rows:
+        raise ValueError(f"corpus: {len(data)} rows of {args.seq_len} tokens, fewer than one step's {rows}")
+    return data, sum(len(d) for d in docs)
+
+
+def _make_trainer_class() -> Any:
+    """The Trainer subclass (built lazily: transformers is imported only when training)."""
+    from transformers import Trainer
+
+    class RoutingTrainer(Trainer):
+        """``Trainer`` whose loss is the LM loss plus the router's load-balancing loss, with
+        the LM part, the aux part and experts per token logged separately."""
+
+        def __init__(self, *a: Any, handle: RoutingHandle, aux_coef: float, aux_loss: bool,
+                     **kw: Any) -> None:
+            super().__init__(*a, **kw)
+            self.handle = handle
+            self.aux_coef = aux_coef
+            self.aux_loss = aux_loss
+            self.loss_is_scaled_for_ga = True  # compute_loss normalises over the accumulated batch
+            self._sums = torch.zeros(3, dtype=torch.float64)  # lm, aux, steps' micro-batches
+
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            ga = self.current_gradient_accumulation_steps
+            kw = {"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}
+            outputs = model(**inputs, output_router_logits=self.aux_loss, **kw)
+            aux = getattr(outputs, "aux_loss", None) if self.aux_loss else None
+            # with num_items_in_batch the model's LM loss is a sum over the whole accumulated,
+            # all-process batch divided by its label count; without it, a per-micro-batch mean
+            lm = outputs.loss - self.aux_coef * aux if aux is not None else outputs.loss
+            scale = 1.0 if num_items_in_batch is not None else 1.0 / ga
+            aux_part = aux / ga if aux is not None else torch.zeros((), device=lm.device)
+            loss = lm * scale + self.aux_coef * aux_part
+            procs = self.accelerator.num_processes
+            # contributions that add up, over micro-batches and processes, to the step's means
+            lm_part = lm.detach() if num_items_in_batch is not None else lm.detach() / ga / procs
+            self._sums += torch.tensor([float(lm_part), float(aux_part.detach()) / procs, 1.0 / ga],
+                                       dtype=torch.float64)
+            if num_items_in_batch is not None:
+                # the LM part is normalised over all processes' labels; DDP averages gradients
+                loss = loss * self.accelerator.num_processes
+            return (loss, outputs) if return_outputs else loss
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            if "loss" in logs:
+                # every rank reaches here at the same step (the Trainer gathers its loss first)
+                d = self.args.device
+                sums = self.accelerator.reduce(self._sums.to(d, torch.float32), reduction="sum").cpu()
+                k = torch.tensor([self.handle.avg_experts_per_token()], device=d, dtype=torch.float32)
+                k = self.accelerator.reduce(k, reduction="mean").cpu()
+                steps = max(float(sums[2]) / self.accelerator.num_processes, 1e-9)
+                logs["lm_loss"] = round(float(sums[0]) / steps, 5)
+                logs["aux_loss"] = round(float(sums[1]) / steps, 5)
+                logs["experts_per_token"] = round(float(k[0]), 4)
+                self._sums.zero_()
+                self.handle.reset_stats()
+            super().log(logs, start_time)
+
+        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+            super()._save(output_dir, state_dict)
+            if _is_peft(self.model):
+                # peft saves only the adapter; the router (trainable, full rank) goes beside it
+                from safetensors.torch import save_file
+
+                extra = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters()
+                         if p.requires_grad and "lora_" not in n}
+                save_file(extra, str(Path(output_dir or self.args.output_dir) / TRAINABLE_EXTRA))
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            extra = Path(resume_from_checkpoint) / TRAINABLE_EXTRA
+            if _is_peft(self.model) and extra.is_file():
+                from safetensors.torch import load_file
+
+                params = dict(self.model.named_parameters())
+                with torch.no_grad():
+                    for n, t in load_file(str(extra)).items():
+                        params[n].copy_(t)
+
+    return RoutingTrainer
+
+
+def _is_peft(model: Any) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
+
+
+def _callbacks(out: Path, resumed: bool, progress: bool, tokens_per_step: int) -> list[Any]:
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ProgressCallback
+
+    class JsonlLog(TrainerCallback):
+        """One line per logged step in ``OUT/train_log.jsonl`` (appended to on resume)."""
+
+        def __init__(self) -> None:
+            self.t0 = time.perf_counter()
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.is_world_process_zero and not resumed:
+                (out / "train_log.jsonl").write_text("")
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
+            if not state.is_world_process_zero or not logs or "lm_loss" not in logs:
+                return
+            rec = {"step": state.global_step, "lm_loss": logs["lm_loss"], "aux_loss": logs["aux_loss"],
+                   "experts_per_token": logs["experts_per_token"],
+                   "lr": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
+                   "elapsed_s": round(time.perf_counter() - self.t0, 2)}
+            with (out / "train_log.jsonl").open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    class Bar(ProgressCallback):
+        """The Trainer's bar with loss, experts per token and tokens/s as its postfix (the stock
+        one prints every log dict as a line)."""
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
+            bar = getattr(self, "training_bar", None)
+            if state.is_world_process_zero and bar is not None and logs and "lm_loss" in logs:
+                el = max(time.perf_counter() - self.t0, 1e-9)
+                bar.set_postfix(loss=f"{logs['lm_loss']:.4f}", k=f"{logs['experts_per_token']:.2f}",
+                                tok_s=f"{(state.global_step - self.step0) * tokens_per_step / el:.0f}")
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            super().on_train_begin(args, state, control, **kw)
+            self.t0, self.step0 = time.perf_counter(), state.global_step
+
+    return [JsonlLog()] + ([Bar()] if progress else [])
+
+
 def adapt(args: AdaptArgs, progress: bool = True) -> dict[str, Any]:
     """Run the fine-tune; returns a summary (also written to ``OUT/adapt.json``)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    check_wrapping(args)
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, default_data_collator
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    torch.manual_seed(args.seed)
     out = Path(args.out)
+    world = _world_size()
+    rows, micro, accum = batch_shape(args, world)
     tok = AutoTokenizer.from_pretrained(args.model)
     kw: dict[str, Any] = {"dtype": getattr(torch, args.dtype)}
     if args.experts_implementation:
         kw["experts_implementation"] = args.experts_implementation
-    model = AutoModelForCausalLM.from_pretrained(args.model, **kw).to(args.device)
+    model = AutoModelForCausalLM.from_pretrained(args.model, **kw)
     save_dtype = _checkpoint_dtype(Path(args.model)) or torch.bfloat16
     resolved = _resolve_for_model(args.routing, model)
+    is_main = int(os.environ.get("RANK", "0") or 0) == 0
+    data, corpus_tokens = _training_rows(args, tok, rows, progress and is_main)
 
-    rows = max(1, args.batch_tokens // args.seq_len)
-    micro_rows = max(1, min(rows, args.micro_batch_tokens // args.seq_len))
-    files = list_text_files(args.corpus, args.suffixes,
-                            args.max_file_kb * 1024 if args.max_file_kb else None)
-    need = args.steps * rows * args.seq_len
-    stream = token_stream(tok, files, max_tokens=need + args.seq_len, seed=args.seed, progress=progress)
-    seqs = sequences(stream, args.seq_len)
-
-    handle = apply_routing(model, resolved)
-    model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95))
     coef = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)
-    log: list[dict[str, Any]] = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=args.steps, desc=f"adapt {_label(resolved)}", unit="step")
+    handle = apply_routing(model, resolved)
+    if args.lora_r:
+        model = _with_lora(model, args)
+    if args.report_to and "tensorboard" in args.report_to:
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
+    resume: str | bool | None = None
+    if args.resume:
+        resume = True if args.resume == "latest" else args.resume
+    targs = TrainingArguments(
+        output_dir=str(out / "checkpoints"), max_steps=args.steps, per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accum, learning_rate=args.lr, lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": args.min_lr_ratio},
+        warmup_steps=args.warmup if args.warmup is not None else max(1, args.steps // 20),
+        weight_decay=args.weight_decay, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=args.grad_clip or 0.0,
+        bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+        logging_steps=1, report_to=list(args.report_to) or "none", disable_tqdm=not progress,
+        save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
+        save_total_limit=args.save_total_limit or None, seed=args.seed, data_seed=args.seed,
+        use_cpu=args.device == "cpu", train_sampling_strategy="sequential", remove_unused_columns=False,
+        dataloader_drop_last=True, average_tokens_across_devices=True, ddp_find_unused_parameters=False,
+        fsdp=args.fsdp or "", fsdp_config=_json_arg(args.fsdp_config), deepspeed=args.deepspeed,
+    )
+    trainer = _make_trainer_class()(
+        model=model, args=targs, train_dataset=data, data_collator=default_data_collator,
+        processing_class=tok, handle=handle, aux_coef=coef, aux_loss=args.aux_loss,
+        callbacks=_callbacks(out, bool(resume), progress, rows * args.seq_len))
+    for cb in list(trainer.callback_handler.callbacks):
+        if type(cb) in (ProgressCallback, PrinterCallback):  # replaced by Bar / the jsonl log
+            trainer.remove_callback(cb)
     t0 = time.perf_counter()
-    ema = None
-    for step, batch in enumerate(batches(seqs, rows, args.steps, seed=args.seed)):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args)
-        handle.reset_stats()
-        lm = aux_v = 0.0
-        for micro in batch.to(args.device).split(micro_rows):
-            outputs = model(input_ids=micro, labels=micro, output_router_logits=args.aux_loss)
-            frac = micro.shape[0] / batch.shape[0]
-            (outputs.loss * frac).backward()
-            aux = getattr(outputs, "aux_loss", None)
-            a = float(aux.detach()) if isinstance(aux, torch.Tensor) and args.aux_loss else 0.0
-            aux_v += a * frac
-            lm += (float(outputs.loss.detach()) - coef * a) * frac
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip) if args.grad_clip else None
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema = lm if ema is None else 0.95 * ema + 0.05 * lm
-        rec = {"step": step + 1, "lm_loss": round(lm, 5), "aux_loss": round(aux_v, 5),
-               "experts_per_token": round(handle.avg_experts_per_token(), 4),
-               "lr": lr_at(step, args), "grad_norm": float(gnorm) if gnorm is not None else None,
-               "elapsed_s": round(time.perf_counter() - t0, 2)}
-        log.append(rec)
-        if bar is not None:
-            el = time.perf_counter() - t0
-            bar.set_postfix(loss=f"{ema:.4f}", k=f"{rec['experts_per_token']:.2f}",
-                            tok_s=f"{(step + 1) * batch.numel() / el:.0f}")
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    handle.remove()
+    trainer.train(resume_from_checkpoint=resume)
     elapsed = time.perf_counter() - t0
-
-    model.eval()
-    model.to("cpu", save_dtype)
+    handle.remove()
     options = recorded_options(resolved)
-    setattr(model.config, CONFIG_KEY, options)
-    if args.set_model_k and resolved.policy in ("topk", "seqtopk") and resolved.budget:
-        model.config.num_experts_per_tok = int(resolved.budget)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    summary = {
-        "base_model": str(args.model), "routing": options, "steps": args.steps,
-        "seq_len": args.seq_len, "sequences_per_step": rows, "tokens_per_step": rows * args.seq_len,
-        "tokens_trained": args.steps * rows * args.seq_len, "corpus_files": len(files),
-        "corpus_tokens_used": len(stream), "lr": args.lr, "seed": args.seed,
-        "train_dtype": args.dtype, "elapsed_s": round(elapsed, 1),
-        "first_lm_loss": log[0]["lm_loss"] if log else None,
-        "last_lm_loss_avg10": (sum(r["lm_loss"] for r in log[-10:]) / len(log[-10:])) if log else None,
-        "args": {k: v for k, v in asdict(args).items() if k not in ("routing", "extra")},
-    }
-    (out / "adapt.json").write_text(json.dumps(summary, indent=2) + "\n")
-    with (out / "train_log.jsonl").open("w") as f:
-        for r in log:
-            f.write(json.dumps(r) + "\n")
+    state_dict = None
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # a collective
+    summary: dict[str, Any] = {}
+    if trainer.is_world_process_zero():
+        final = trainer.accelerator.unwrap_model(trainer.model)
+        if _is_peft(final):
+            final = final.merge_and_unload()
+        final.config.use_cache = True
+        _save_checkpoint(final, state_dict, out, save_dtype, resolved, args.set_model_k)
+        tok.save_pretrained(str(out))
+        log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if line]
+        summary = {
+            "base_model": str(args.model), "routing": options, "steps": args.steps,
+            "seq_len": args.seq_len, "sequences_per_step": rows, "tokens_per_step": rows * args.seq_len,
+            "tokens_trained": args.steps * rows * args.seq_len, "processes": world,
+            "micro_batch_rows": micro, "gradient_accumulation": accum, "packing": args.packing,
+            "documents_tokens": corpus_tokens, "training_rows": len(data), "lr": args.lr,
+            "seed": args.seed, "train_dtype": args.dtype, "bf16_autocast": args.bf16,
+            "lora_r": args.lora_r, "elapsed_s": round(elapsed, 1),
+            "first_lm_loss": log[0]["lm_loss"] if log else None,
+            "last_lm_loss_avg10": (sum(r["lm_loss"] for r in log[-10:]) / len(log[-10:])) if log else None,
+            "args": {k: v for k, v in asdict(args).items() if k not in ("routing", "extra")},
+        }
+        (out / "adapt.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    trainer.accelerator.wait_for_everyone()
     return summary
 
 
-def _label(cfg: RoutingConfig) -> str:
-    return f"{cfg.policy}@{cfg.budget}" if cfg.budget is not None else cfg.policy
+def _with_lora(model: Any, args: AdaptArgs) -> Any:
+    """peft LoRA on ``lora_targets``; every router weight stays fully trainable."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise ValueError("--lora-r needs the `peft` package (pip install peft)") from e
+    routers = {id(p) for n, p in model.named_parameters() if _is_router_param(model, n)}
+    cfg = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha or 2 * args.lora_r,
+                     lora_dropout=args.lora_dropout, target_modules=list(args.lora_targets),
+                     task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, cfg)
+    for p in peft_model.parameters():
+        if id(p) in routers:
+            p.requires_grad_(True)
+    return peft_model
+
+
+def _is_router_param(model: Any, name: str) -> bool:
+    from vllm_seqroute.adapt.apply import FAMILIES
+
+    owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    return type(owner).__name__ in FAMILIES and name.endswith(".weight")
+
+
+def _save_checkpoint(model: Any, state_dict: dict | None, out: Path, dtype: torch.dtype,
+                     resolved: RoutingConfig, set_model_k: bool) -> None:
+    """The servable checkpoint: weights in ``dtype``, ``config.json`` with the routing."""
+    record_routing(model.config, resolved, set_model_k=set_model_k)
+    out.mkdir(parents=True, exist_ok=True)
+    if state_dict is None:
+        model.eval()
+        model.to("cpu", dtype)
+        model.save_pretrained(str(out))
+        return
+    # sharded training: the gathered full state dict, cast, and the config's dtype to match
+    sd = {k: v.to("cpu", dtype) if v.is_floating_point() else v.cpu() for k, v in state_dict.items()}
+    model.save_pretrained(str(out), state_dict=sd)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _json_arg(value: str | None) -> dict | str | None:
+    """A JSON object given inline, or a path (the Trainer reads it)."""
+    if value and value.lstrip().startswith("{"):
+        return json.loads(value)
+    return value
 
 
 def _checkpoint_dtype(model_dir: Path) -> torch.dtype | None:
@@ -192,3 +406,4 @@ def _checkpoint_dtype(model_dir: Path) -> torch.dtype | None:
         return None
     name = cfg.get("dtype") or cfg.get("torch_dtype")
     return getattr(torch, name, None) if isinstance(name, str) else None
+

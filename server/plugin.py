@@ -3,15 +3,17 @@
 Loaded by vLLM's OpenAI server only when named in ``VLLM_PLUGINS`` (with the general plugin:
 ``VLLM_PLUGINS=seqroute,seqroute_http``). It adds, inside vLLM's own FastAPI app:
 
-- validation of ``vllm_xargs`` routing options on ``/v1/completions`` and
-  ``/v1/chat/completions`` (HTTP 400 before the engine, see :mod:`.validation`);
+- validation of ``vllm_xargs`` routing options on every route that turns a request into
+  sampling parameters (HTTP 400 before the engine, see :mod:`.validation`);
 - ``GET /v1/routing/stats`` (``?reset=true``, ``?requests=false``): the workers' counters;
 - ``seqroute_*`` series on ``/metrics`` fed by a background poller (:mod:`.telemetry`);
-- ``GET /routing``: the dashboard page (:mod:`.dashboard`).
+- ``GET``/``HEAD /routing``: the dashboard page (:mod:`.dashboard`).
 
 Authentication: with ``--api-key`` (or ``VLLM_API_KEY``) vLLM's middleware guards every
 ``/v1`` path, the stats route included; ``/routing`` is outside that prefix, so the plugin
-checks the same keys itself: ``Authorization: Bearer KEY`` or ``?api_key=KEY``.
+checks the same keys itself: ``Authorization: Bearer KEY``, ``?api_key=KEY`` (first load), or
+the ``seqroute_api_key`` cookie the page sets (path ``/routing``) so that the key can leave the
+address bar. Without a valid key, ``/routing`` answers 401 with a small page asking for it.
 """
 
 from __future__ import annotations
@@ -24,17 +26,26 @@ import secrets
 import time
 from argparse import Namespace
 from typing import Any
+from urllib.parse import unquote
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from . import dashboard, telemetry
-from .validation import ServerRouting, ValidateRoutingMiddleware, error_body
+from .validation import (
+    JsonXargsMiddleware,
+    RoutingOptionError,
+    ServerRouting,
+    error_body,
+    install_sampling_params_check,
+    validate_xargs,
+)
 
 logger = logging.getLogger("vllm_seqroute.server")
 
 STATS_PATH = "/v1/routing/stats"
 DASHBOARD_PATH = "/routing"
+KEY_COOKIE = "seqroute_api_key"
 
 
 def _rpc_timeout() -> float:
@@ -83,18 +94,18 @@ class SeqrouteHTTP:
                                                code=503, type_="ServiceUnavailableError"), status_code=503)
             return JSONResponse(payload, headers={"Cache-Control": "no-store"})
 
-        @router.get(DASHBOARD_PATH, include_in_schema=False)
+        @router.api_route(DASHBOARD_PATH, methods=["GET", "HEAD"], include_in_schema=False)
         async def routing_dashboard(request: Request) -> Response:
             if not self.authorized(request):
-                return JSONResponse(
-                    {"error": "Unauthorized",
-                     "message": "pass the API key as ?api_key=KEY or an 'Authorization: Bearer KEY' header"},
-                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                tried = bool(request.query_params.get("api_key") or request.cookies.get(KEY_COOKIE)
+                             or request.headers.get("authorization"))
+                return dashboard.key_page(rejected=tried)
             return dashboard.page(stats_path=STATS_PATH.lstrip("/"))
 
         self._app = app
         app.include_router(router)
-        app.add_middleware(ValidateRoutingMiddleware, plugin=self)
+        app.add_middleware(JsonXargsMiddleware, plugin=self)
+        install_sampling_params_check(self.check_extra_args)
 
     # --- phase B: state -------------------------------------------------------------------
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
@@ -185,6 +196,15 @@ class SeqrouteHTTP:
     def count_rejected(self) -> None:
         self.rejected += 1
 
+    def check_extra_args(self, extra_args: Any) -> None:
+        """The check every ``SamplingParams`` built in this process runs (see
+        :func:`.validation.install_sampling_params_check`)."""
+        try:
+            validate_xargs(extra_args, self.server, info_known=self.info_known)
+        except RoutingOptionError:
+            self.count_rejected()
+            raise
+
     def authorized(self, request: Any) -> bool:
         if not self._key_hashes:
             return True
@@ -192,6 +212,9 @@ class SeqrouteHTTP:
         candidates = [given] if scheme.lower() == "bearer" else []
         if request.query_params.get("api_key"):
             candidates.append(request.query_params["api_key"])
+        cookies = getattr(request, "cookies", None) or {}
+        if cookies.get(KEY_COOKIE):
+            candidates.append(unquote(cookies[KEY_COOKIE]))  # the page stores it URI-encoded
         ok = False
         for c in candidates:
             digest = hashlib.sha256(c.encode()).digest()

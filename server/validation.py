@@ -1,68 +1,36 @@
 """Per-request routing options (``vllm_xargs``) checked before a request reaches the engine.
 
-Two stages, both with the semantics of :mod:`vllm_seqroute.options` (the worker's own parser):
+One check (:func:`validate_xargs`, the worker's own rules from :mod:`vllm_seqroute.options`)
+runs where every request becomes sampling parameters: :func:`install_sampling_params_check`
+wraps ``SamplingParams._verify_extra_args`` in the API server process, so each endpoint that
+builds ``SamplingParams`` from ``vllm_xargs`` (completions, chat, responses, messages, the
+chat batch route, ``/invocations``, transcriptions, and routes added later) refuses a bad
+option with vLLM's own error path: HTTP 400, ``{"error": {"message", "type":
+"BadRequestError", "param": "vllm_xargs.routing_budget", "code": 400}}``.
 
-1. shape: a pydantic model built from ``options.FIELDS`` (strict types, policy and rule
-   names, positive / non-negative integers, ``routing_p`` in (0, 1], no unknown ``routing*``
-   key);
-2. fit: ``options.request_config`` against what the server was started with (the model's
-   experts, its K, the routing width), exactly as the worker resolves the request.
+vLLM's request model parses ``vllm_xargs`` first and changes two things the check must see:
+``true`` becomes ``1`` and a ``null`` value or a non-object ``vllm_xargs`` is refused with a
+multi-error dump. :class:`JsonXargsMiddleware` looks at the raw JSON of any POST for just
+those (:func:`check_json_types`) and answers the same one-line 400.
 
-A failure is an OpenAI-style HTTP 400 naming the field
-(``{"error": {"message", "type": "BadRequestError", "param": "vllm_xargs.routing_budget",
-"code": 400}}``); the engine never sees the request.
+Messages are one line, name the key the user sent and quote user input cut to a short bound
+(:data:`MAX_MESSAGE_CHARS` in all), whatever the input's size.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
-
-from vllm_seqroute.options import CHOICES, FIELDS, request_config
+from vllm_seqroute.options import FIELDS, overrides_from, request_config, shown, shown_key
 from vllm_seqroute.policies.config import RoutingConfig
 
-# Routes whose JSON body may carry ``vllm_xargs`` routing options.
-VALIDATED_PATHS = ("/v1/completions", "/v1/chat/completions")
 PARAM_PREFIX = "vllm_xargs."
-
-# Bounds on the request keys beyond their type (server-dependent ranges come in stage 2).
-_BOUNDS: dict[str, dict[str, Any]] = {
-    "routing_budget": {"ge": 1},
-    "routing_cap": {"ge": 1},
-    "routing_floor": {"ge": 0},
-    "routing_p": {"gt": 0, "le": 1},
-    "routing_k_min": {"ge": 1},
-    "routing_k_max": {"ge": 1},
-}
-
-
-class _Base(BaseModel):
-    # strict: no "2" -> 2, no 2.0 -> 2, no True -> 1 (ints are accepted for floats, as in options.coerce)
-    model_config = ConfigDict(strict=True, extra="allow")
-
-    @model_validator(mode="after")
-    def _no_unknown_routing_keys(self) -> _Base:
-        for key in self.model_extra or {}:
-            if key.startswith("routing"):
-                raise ValueError(f"unknown routing option; known: {', '.join(sorted(FIELDS))}")
-        return self
-
-
-def _field_type(key: str, typ: type) -> Any:
-    if key in CHOICES:
-        return Literal[tuple(CHOICES[key])]  # type: ignore[valid-type]
-    return Annotated[typ, Field(**_BOUNDS.get(key, {}))]
-
-
-RoutingXargs: type[BaseModel] = create_model(  # type: ignore[call-overload]
-    "RoutingXargs",
-    __base__=_Base,
-    **{key: (_field_type(key, typ) | None, None) for key, (_, typ) in FIELDS.items()},
-)
-"""The routing subset of ``vllm_xargs`` (other keys pass through untouched)."""
+ANTHROPIC_PATHS = ("/v1/messages",)
+MAX_MESSAGE_CHARS = 400  # a rejected request's message, whatever the input (RoutingConfig's text too)
 
 
 @dataclass(frozen=True)
@@ -88,11 +56,17 @@ class RoutingOptionError(ValueError):
     """A rejected request: ``param`` is the offending ``vllm_xargs`` key (or None)."""
 
     def __init__(self, message: str, param: str | None) -> None:
-        super().__init__(message)
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[:MAX_MESSAGE_CHARS - 1] + "…"
+        super().__init__(" ".join(message.split()))  # one line
         self.param = param
 
     def body(self) -> dict[str, Any]:
         return error_body(str(self), param=self.param)
+
+    def anthropic_body(self) -> dict[str, Any]:
+        """The shape vLLM's ``/v1/messages`` gives its errors (``AnthropicErrorResponse``)."""
+        return {"type": "error", "error": {"type": "BadRequestError", "message": str(self)}}
 
 
 def error_body(message: str, *, param: str | None = None, code: int = 400,
@@ -101,9 +75,32 @@ def error_body(message: str, *, param: str | None = None, code: int = 400,
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+def _error(key: str, message: str) -> RoutingOptionError:
+    """``message`` starts with ``key`` (the worker's convention); the param is the same key."""
+    name = shown_key(key)
+    rest = message[len(key) + 1:] if message.startswith(key + ":") else " " + message
+    return RoutingOptionError(f"{PARAM_PREFIX}{name}:{rest}", PARAM_PREFIX + name)
+
+
+def _routing_keys(xargs: dict[Any, Any]) -> list[str]:
+    return [k for k in xargs if isinstance(k, str) and k.startswith("routing")]
+
+
+def check_json_types(xargs: Any) -> None:
+    """What only the raw JSON shows (vLLM's request model changes or refuses it before
+    :func:`validate_xargs` can look): ``vllm_xargs`` must be an object, and a routing option
+    must not be ``null`` (leave it out instead) or ``true``/``false`` (not a number)."""
+    if xargs is None:
+        return
+    if not isinstance(xargs, dict):
+        raise RoutingOptionError(f"vllm_xargs: expected a JSON object of options, got {shown(xargs)}",
+                                 "vllm_xargs")
+    for key in _routing_keys(xargs):
+        value = xargs[key]
+        if value is None:
+            raise _error(key, f"{key}: null is not a value (leave the key out for the server's setting)")
+        if isinstance(value, bool) and key in FIELDS:
+            raise _error(key, f"{key}: expected {FIELDS[key][1].__name__}, got {shown(value)}")
 
 
 def validate_xargs(xargs: Any, server: ServerRouting | None, *, info_known: bool = True) -> None:
@@ -111,52 +108,94 @@ def validate_xargs(xargs: Any, server: ServerRouting | None, *, info_known: bool
 
     ``server`` None with ``info_known``: the engine does not route (started without
     ``--routing``, or a model without MoE layers), so routing keys are refused rather than
-    silently ignored. ``info_known=False`` (the worker could not be asked): only stage 1 runs.
+    silently ignored. ``info_known=False`` (the workers could not be asked): names, types and
+    single values are checked; what needs the model (experts, width) is not.
     """
-    if not isinstance(xargs, dict):
-        return  # vLLM's own request model reports a wrong vllm_xargs type
-    keys = [k for k in xargs if isinstance(k, str) and k.startswith("routing")]
+    check_json_types(xargs)
+    if not xargs:
+        return
+    keys = _routing_keys(xargs)
     if not keys:
         return
     try:
-        RoutingXargs.model_validate(xargs)
-    except ValidationError as e:
-        err = e.errors(include_url=False)[0]
-        loc = err.get("loc") or ()
-        key = str(loc[0]) if loc else next((k for k in keys if k not in FIELDS), keys[0])
-        msg = err.get("msg", "invalid value").removeprefix("Value error, ")
-        shown = f" (got {_short(err['input'])})" if loc and "input" in err else ""
-        raise RoutingOptionError(f"{PARAM_PREFIX}{key}: {msg}{shown}", PARAM_PREFIX + key) from None
-    if server is None:
-        if not info_known:
+        if server is not None:
+            request_config(server.base, xargs, num_experts=server.num_experts, model_k=server.model_k,
+                           width=server.width)
             return
-        raise RoutingOptionError(
-            f"{PARAM_PREFIX}{keys[0]}: per-request routing is off on this server (start it with "
-            "--routing, e.g. --routing topk, on a Mixture-of-Experts model)", PARAM_PREFIX + keys[0])
-    try:
-        request_config(server.base, xargs, num_experts=server.num_experts, model_k=server.model_k,
-                       width=server.width)
+        overrides = overrides_from(xargs)
+        if overrides and not info_known:
+            RoutingConfig(**overrides)  # single values (positive, in range), RoutingConfig's rules
     except ValueError as e:
         msg = str(e)
         key = msg.partition(":")[0]
-        key = key if key in FIELDS else keys[0]
-        raise RoutingOptionError(f"{PARAM_PREFIX}{msg}", PARAM_PREFIX + key) from None
+        key = key if key in FIELDS or key.startswith("routing") else keys[0]
+        raise _error(key, msg if msg.startswith(key) else f"{key}: {msg}") from None
+    if server is None and info_known:
+        raise _error(keys[0], f"{keys[0]}: per-request routing is off on this server (start it with "
+                     "--routing, e.g. --routing topk, on a Mixture-of-Experts model)")
 
 
-class ValidateRoutingMiddleware:
-    """Pure ASGI middleware: reads the JSON body of the completion routes, answers 400 for bad
-    routing options, and otherwise replays the body unchanged (streaming responses and client
-    disconnects pass straight through). Bodies that are not JSON objects are left to vLLM."""
+# --- where requests become sampling parameters ----------------------------------------------
+_check: Callable[[Any], None] | None = None
+
+
+@functools.cache
+def _vllm_error_type() -> type[Exception]:
+    from vllm.exceptions import VLLMValidationError
+
+    class RoutingValidationError(VLLMValidationError):
+        """vLLM's 400-with-param error; ``str`` is the message alone (vLLM's own appends
+        ``(parameter=...)``, which the body's ``param`` already says)."""
+
+        def __str__(self) -> str:
+            return str(self.args[0])
+
+    return RoutingValidationError
+
+
+def as_vllm_error(e: RoutingOptionError) -> Exception:
+    """The same rejection as vLLM's ``VLLMValidationError`` (HTTP 400 with ``param``)."""
+    return _vllm_error_type()(str(e), parameter=e.param)
+
+
+def install_sampling_params_check(check: Callable[[Any], None]) -> None:
+    """Run ``check(extra_args)`` whenever this process builds a ``SamplingParams`` with
+    ``extra_args`` (vLLM calls ``_verify_extra_args`` from ``__post_init__`` then). Idempotent;
+    a later call replaces the check. Only the API server calls this: offline ``LLM`` use keeps
+    vLLM's behaviour, and its workers fall back to the server's routing with a warning."""
+    from vllm.sampling_params import SamplingParams
+
+    global _check
+    _check = check
+    original = SamplingParams._verify_extra_args
+    if getattr(original, "_seqroute_check", False):
+        return
+
+    def _verify_extra_args(self: Any) -> None:
+        if _check is not None:
+            try:
+                _check(self.extra_args)
+            except RoutingOptionError as e:
+                raise as_vllm_error(e) from None
+        original(self)
+
+    _verify_extra_args._seqroute_check = True  # type: ignore[attr-defined]
+    SamplingParams._verify_extra_args = _verify_extra_args  # type: ignore[method-assign]
+
+
+# --- the raw JSON -----------------------------------------------------------------------------
+class JsonXargsMiddleware:
+    """Pure ASGI middleware over every POST with a JSON body that mentions ``vllm_xargs``: answers
+    400 for what :func:`check_json_types` refuses and for routing options on a beam-search request
+    (vLLM's beam search drops ``vllm_xargs``), else replays the body unchanged (streaming responses
+    and client disconnects pass straight through). Bodies that are not JSON are left to vLLM."""
 
     def __init__(self, app: Any, plugin: Any) -> None:
         self.app = app
         self.plugin = plugin
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("method") != "POST":
-            return await self.app(scope, receive, send)
-        path = scope["path"].removeprefix(scope.get("root_path", "") or "")
-        if path.rstrip("/") not in VALIDATED_PATHS:
+        if scope["type"] != "http" or scope.get("method") != "POST" or not _json_content(scope):
             return await self.app(scope, receive, send)
 
         chunks: list[bytes] = []
@@ -172,7 +211,9 @@ class ValidateRoutingMiddleware:
         error = self._check(body)
         if error is not None:
             self.plugin.count_rejected()
-            return await _send_json(send, 400, error.body())
+            path = scope["path"].removeprefix(scope.get("root_path", "") or "")
+            anthropic = path.startswith(ANTHROPIC_PATHS)  # vLLM answers these in Anthropic's shape
+            return await _send_json(send, 400, error.anthropic_body() if anthropic else error.body())
 
         replayed = False
 
@@ -187,20 +228,35 @@ class ValidateRoutingMiddleware:
 
     def _check(self, body: bytes) -> RoutingOptionError | None:
         if b"vllm_xargs" not in body and b"\\u" not in body:
-            return None  # fast path: no routing options possible
+            return None  # fast path: no vllm_xargs key possible
         try:
             data = json.loads(body)
         except json.JSONDecodeError:
             return None  # vLLM answers malformed JSON itself (400)
         except (ValueError, RecursionError) as e:  # e.g. an integer with too many digits
-            return RoutingOptionError(f"request body could not be parsed: {str(e)[:200]}", None)
-        if not isinstance(data, dict):
+            if b"vllm_xargs" not in body:
+                return None
+            return RoutingOptionError(f"request body could not be parsed: {str(e)[:120]}", None)
+        if not isinstance(data, dict) or "vllm_xargs" not in data:
             return None
+        xargs = data["vllm_xargs"]
         try:
-            validate_xargs(data.get("vllm_xargs"), self.plugin.server, info_known=self.plugin.info_known)
+            check_json_types(xargs)
         except RoutingOptionError as e:
             return e
+        if data.get("use_beam_search") is True and isinstance(xargs, dict) and _routing_keys(xargs):
+            key = _routing_keys(xargs)[0]
+            return _error(key, f"{key}: not applied with use_beam_search (vLLM's beam search does not "
+                          "pass vllm_xargs to the engine)")
         return None
+
+
+def _json_content(scope: dict[str, Any]) -> bool:
+    """JSON or no declared type (vLLM parses both as JSON); multipart forms are left alone."""
+    for name, value in scope.get("headers") or ():
+        if name == b"content-type":
+            return b"json" in value.lower()
+    return True
 
 
 async def _send_json(send: Any, status: int, payload: dict[str, Any]) -> None:

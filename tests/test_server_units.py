@@ -1,11 +1,14 @@
-"""The HTTP layer without an engine: option validation, the validating middleware, metric
-folding and exposition, the dashboard page, key checks, packaging, plugin gating, and the
-``vllm-seqroute serve`` parser."""
+"""The HTTP layer without an engine: option validation (messages, bounds, cross-field rules),
+the SamplingParams check through vLLM's own error path, the raw-JSON middleware, metric folding
+and exposition, the dashboard and key pages, key checks, log routing, packaging, plugin gating,
+and the ``vllm-seqroute serve`` parser."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -13,17 +16,19 @@ from typing import Any
 import pytest
 from seqroute_server import METRIC_NAMES, METRICS, dashboard, telemetry
 from seqroute_server.validation import (
+    MAX_MESSAGE_CHARS,
+    JsonXargsMiddleware,
     RoutingOptionError,
-    RoutingXargs,
     ServerRouting,
-    ValidateRoutingMiddleware,
     validate_xargs,
 )
 
-from vllm_seqroute.options import FIELDS
+from tests.conftest import has_vllm
+from vllm_seqroute.options import POLICIES, _effective, config_from_options, request_config
 from vllm_seqroute.policies.config import RoutingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+needs_vllm_early = pytest.mark.skipif(not has_vllm(), reason="needs vLLM")
 # a seqtopk server on a 16-expert, K=4 model: width min(16, 2*4) = 8
 SERVER = ServerRouting(base=RoutingConfig(policy="seqtopk"), num_experts=16, model_k=4, width=8, num_layers=2)
 
@@ -47,7 +52,8 @@ GOOD = [
 BAD = [
     ({"routing": "bogus"}, "routing"),
     ({"routing": 3}, "routing"),
-    ({"routing": None, "routing_rule": "sideways"}, "routing_rule"),
+    ({"routing": None, "routing_rule": "sideways"}, "routing"),  # null: leave the key out instead
+    ({"routing_rule": "sideways"}, "routing_rule"),
     ({"routing_budget": "2"}, "routing_budget"),
     ({"routing_budget": 2.0}, "routing_budget"),
     ({"routing_budget": True}, "routing_budget"),
@@ -61,20 +67,33 @@ BAD = [
     ({"routing_cap": -4}, "routing_cap"),
     ({"routing_floor": -1}, "routing_floor"),
     ({"routing": "seqtopk", "routing_cap": 1, "routing_floor": 2}, "routing_cap"),
-    ({"routing_p": 0}, "routing_p"),
-    ({"routing_p": 1.5}, "routing_p"),
-    ({"routing_p": "0.5"}, "routing_p"),
-    ({"routing_p": float("nan")}, "routing_p"),
-    ({"routing_k_min": 0}, "routing_k_min"),
+    ({"routing": "topp", "routing_p": 0}, "routing_p"),
+    ({"routing": "topp", "routing_p": 1.5}, "routing_p"),
+    ({"routing": "topp", "routing_p": "0.5"}, "routing_p"),
+    ({"routing": "topp", "routing_p": float("nan")}, "routing_p"),
+    ({"routing": "entropy", "routing_k_min": 0}, "routing_k_min"),
     ({"routing": "entropy", "routing_k_max": 12}, "routing_k_max"),  # wider than the server
     ({"routing": "entropy", "routing_k_min": 4, "routing_k_max": 2}, "routing_k_max"),
     ({"routing_budgt": 2}, "routing_budgt"),
     ({"routing": "seqtopk", "routing_banana": 1}, "routing_banana"),
+    # cross-field rules, named by the key the user sent
+    ({"routing": "seqtopk", "routing_budget": 4, "routing_cap": 3}, "routing_cap"),  # cap >= budget
+    ({"routing": "seqtopk", "routing_budget": 6, "routing_cap": 4}, "routing_cap"),
+    ({"routing_floor": 9}, "routing_floor"),  # above the default cap (the width 8); no cap sent
+    ({"routing": "topk", "routing_floor": 3, "routing_budget": 2}, "routing_budget"),  # topk: exactly 2
+    ({"routing": "topk", "routing_cap": 3}, "routing_cap"),  # below the model's K=4 (the default budget)
+    ({"routing": "topp", "routing_floor": 5, "routing_cap": 4}, "routing_cap"),
+    ({"routing": "entropy", "routing_k_min": 9}, "routing_k_min"),  # the default k_max follows: > width
+    ({"routing": "entropy", "routing_k_max": 6, "routing_cap": 5}, "routing_cap"),
+    ({"routing": "entropy", "routing_budget": 6}, "routing_budget"),  # default k_max 12 > width 8
+    # options that do nothing for the request's policy
+    ({"routing_p": 0.5}, "routing_p"),
+    ({"routing": "topk", "routing_rule": "window"}, "routing_rule"),
+    ({"routing": "topp", "routing_k_max": 3}, "routing_k_max"),
+    # JSON the worker would otherwise see changed: null, booleans, a non-object vllm_xargs
+    ({"routing_budget": None}, "routing_budget"),
+    ({"routing_cap": False}, "routing_cap"),
 ]
-
-
-def test_model_matches_options_fields() -> None:
-    assert set(RoutingXargs.model_fields) == set(FIELDS)
 
 
 @pytest.mark.parametrize("xargs", GOOD, ids=[json.dumps(x) for x in GOOD])
@@ -88,8 +107,96 @@ def test_bad_options_name_the_field(xargs: dict[str, Any], key: str) -> None:
         validate_xargs(xargs, SERVER)
     assert info.value.param == f"vllm_xargs.{key}"
     assert str(info.value).startswith(f"vllm_xargs.{key}:")
+    assert "\n" not in str(info.value) and len(str(info.value)) <= MAX_MESSAGE_CHARS
     body = info.value.body()["error"]
     assert body["type"] == "BadRequestError" and body["code"] == 400 and body["param"] == info.value.param
+
+
+@pytest.mark.parametrize("xargs", [[1], "routing=topk", 3, True])
+def test_vllm_xargs_must_be_an_object(xargs: Any) -> None:
+    with pytest.raises(RoutingOptionError, match="^vllm_xargs: expected a JSON object") as info:
+        validate_xargs(xargs, SERVER)
+    assert info.value.param == "vllm_xargs"
+
+
+HUGE = [
+    ({"routing_" + "k" * 2_000_000: 1}, "routing_"),  # a 2 MB key name
+    ({"routing": "x" * 2_000_000}, "routing"),
+    ({"routing_budget": "9" * 1_000_000}, "routing_budget"),
+    ({"routing_budget": 10 ** 4000}, "routing_budget"),
+    ({"routing_budget": -(10 ** 4000)}, "routing_budget"),
+    ({"routing_budget": list(range(100_000))}, "routing_budget"),
+    ({"routing_cap": {str(i): i for i in range(10_000)}}, "routing_cap"),
+]
+
+
+@pytest.mark.parametrize("xargs,key", HUGE, ids=[f"huge-{i}" for i in range(len(HUGE))])
+def test_messages_stay_small_whatever_the_input(xargs: dict[str, Any], key: str) -> None:
+    with pytest.raises(RoutingOptionError) as info:
+        validate_xargs(xargs, SERVER)
+    body = json.dumps(info.value.body())
+    assert len(body) < 2 * MAX_MESSAGE_CHARS, body[:300]
+    assert info.value.param.startswith(f"vllm_xargs.{key}") and len(info.value.param) < 64
+    assert "\n" not in str(info.value)
+
+
+def test_messages_name_what_was_sent_and_why() -> None:
+    def msg(xargs: dict[str, Any]) -> str:
+        with pytest.raises(RoutingOptionError) as info:
+            validate_xargs(xargs, SERVER)
+        return str(info.value)
+
+    assert msg({"routing_floor": 9}) == ("vllm_xargs.routing_floor: 9 is above routing_cap 8 this request "
+                                         "gets (the server's routing width)")
+    assert msg({"routing": "seqtopk", "routing_budget": 4, "routing_cap": 3}) == (
+        "vllm_xargs.routing_cap: 3 is below routing_budget 4; seqtopk needs routing_budget <= routing_cap")
+    assert "send \"routing\": \"topp\"" in msg({"routing_p": 0.5})
+    assert msg({"routing": "x" * 100}).startswith('vllm_xargs.routing: "' + "x" * 40 + '…" (100 characters)')
+    assert msg({"routing_budget": None}).startswith("vllm_xargs.routing_budget: null is not a value")
+
+
+def test_server_cap_conflicts_name_the_request_key() -> None:
+    """A server started with --routing-cap 4: a request that sends only a budget or a floor
+    hears about the server's cap under its own key."""
+    capped = ServerRouting(base=RoutingConfig(policy="seqtopk", cap=4), num_experts=16, model_k=4, width=4,
+                           num_layers=2)
+    for xargs, key in (({"routing_budget": 5}, "routing_budget"), ({"routing_floor": 5}, "routing_floor")):
+        with pytest.raises(RoutingOptionError) as info:
+            validate_xargs(xargs, capped)
+        assert info.value.param == f"vllm_xargs.{key}", str(info.value)
+    validate_xargs({"routing_budget": 3}, capped)
+
+
+def test_server_flags_get_cross_field_rules() -> None:
+    for opts, key in (({"routing": "seqtopk", "routing_budget": 4, "routing_cap": 2}, "routing_cap"),
+                      ({"routing": "entropy", "routing_k_min": 3, "routing_k_max": 2}, "routing_k_max"),
+                      ({"routing": "topk", "routing_floor": 3, "routing_cap": 2}, "routing_cap")):
+        with pytest.raises(ValueError, match=f"^{key}: "):
+            config_from_options(opts)
+    assert config_from_options({"routing": "seqtopk", "routing_budget": 2, "routing_cap": 4}).cap == 4
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_effective_values_match_resolve(policy: str) -> None:
+    """The values the cross-field rules check are the ones the worker resolves (width = E: no clip)."""
+    for budget in (None, 1, 2, 3, 5):
+        for floor in (0, 1, 2):
+            for k_min in ((1, 2) if policy == "entropy" else (1,)):
+                try:
+                    cfg = RoutingConfig(policy=policy, budget=budget, floor=floor, k_min=k_min)
+                    want = cfg.resolve(16, default_budget=4)
+                except ValueError:
+                    continue
+                eff = _effective(dataclasses.asdict(cfg), num_experts=16, model_k=4, width=16)
+                assert (eff["budget"], eff["cap"], eff["k_max"]) == (want.budget, want.cap, want.k_max), cfg
+                xargs = {"routing": policy, "routing_floor": floor, **({"routing_budget": budget} if budget else {}),
+                         **({"routing_k_min": k_min} if policy == "entropy" else {})}
+                if policy == "topk" and floor > (budget or 4):  # topk takes exactly its budget
+                    with pytest.raises(ValueError, match="routing_floor <= routing_budget"):
+                        request_config(RoutingConfig(policy=policy), xargs, num_experts=16, model_k=4, width=16)
+                    continue
+                got = request_config(RoutingConfig(policy=policy), xargs, num_experts=16, model_k=4, width=16)
+                assert got == want
 
 
 def test_routing_off_refuses_routing_keys_only() -> None:
@@ -120,7 +227,8 @@ class _Plugin:
         self.rejected += 1
 
 
-def _asgi_call(app: Any, path: str, body: bytes, chunks: int = 1) -> tuple[int, bytes]:
+def _asgi_call(app: Any, path: str, body: bytes, chunks: int = 1,
+               headers: list[tuple[bytes, bytes]] | None = None) -> tuple[int, bytes]:
     """Run one POST (its body in ``chunks`` messages) through an ASGI app: (status, response body)."""
     parts = [body[len(body) * i // chunks: len(body) * (i + 1) // chunks] for i in range(chunks)]
     incoming = [{"type": "http.request", "body": p, "more_body": i < len(parts) - 1}
@@ -133,7 +241,7 @@ def _asgi_call(app: Any, path: str, body: bytes, chunks: int = 1) -> tuple[int, 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "method": "POST", "path": path, "root_path": "", "headers": []}
+    scope = {"type": "http", "method": "POST", "path": path, "root_path": "", "headers": headers or []}
     asyncio.run(app(scope, receive, send))
     status = next(m["status"] for m in sent if m["type"] == "http.response.start")
     return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
@@ -154,41 +262,99 @@ async def _echo_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"ok"})
 
 
-@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
-def test_middleware_rejects_before_the_app(path: str) -> None:
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/responses", "/v1/some/future/route"])
+@pytest.mark.parametrize("xargs,param", [
+    ([1], "vllm_xargs"),
+    ("topk", "vllm_xargs"),
+    ({"routing_budget": None}, "vllm_xargs.routing_budget"),
+    ({"routing_cap": True}, "vllm_xargs.routing_cap"),
+])
+def test_middleware_refuses_what_vllm_would_change(path: str, xargs: Any, param: str) -> None:
+    """vLLM's request model turns ``true`` into 1 and answers null / a non-object with a
+    multi-error dump: the raw JSON is checked first, on any POST route."""
     seen.clear()
     plugin = _Plugin()
-    app = ValidateRoutingMiddleware(_echo_app, plugin=plugin)
-    body = json.dumps({"prompt": "x", "vllm_xargs": {"routing_budget": -2}}).encode()
+    app = JsonXargsMiddleware(_echo_app, plugin=plugin)
+    body = json.dumps({"prompt": "x", "vllm_xargs": xargs}).encode()
     status, out = _asgi_call(app, path, body, chunks=3)
     assert status == 400 and seen == [] and plugin.rejected == 1
     err = json.loads(out)["error"]
-    assert err["param"] == "vllm_xargs.routing_budget" and err["code"] == 400
+    assert err["param"] == param and err["code"] == 400 and "\n" not in err["message"]
+
+
+def test_middleware_answers_messages_in_anthropic_shape() -> None:
+    app = JsonXargsMiddleware(_echo_app, plugin=_Plugin())
+    status, out = _asgi_call(app, "/v1/messages", json.dumps({"vllm_xargs": [1]}).encode())
+    data = json.loads(out)
+    assert status == 400 and data["type"] == "error" and data["error"]["message"].startswith("vllm_xargs:")
+
+
+def test_middleware_refuses_routing_options_with_beam_search() -> None:
+    app = JsonXargsMiddleware(_echo_app, plugin=_Plugin())
+    body = {"prompt": "x", "use_beam_search": True, "vllm_xargs": {"routing_budget": 2}}
+    status, out = _asgi_call(app, "/v1/completions", json.dumps(body).encode())
+    assert status == 400 and "use_beam_search" in json.loads(out)["error"]["message"]
 
 
 @pytest.mark.parametrize("body", [
     json.dumps({"prompt": "x", "vllm_xargs": {"routing": "topp", "routing_p": 0.3}}).encode(),
+    json.dumps({"prompt": "x", "vllm_xargs": {"routing_budget": -2}}).encode(),  # values: the SamplingParams check
+    json.dumps({"prompt": "x", "vllm_xargs": {"other": None}}).encode(),  # not a routing key: vLLM's
     json.dumps({"prompt": "x"}).encode(),
     b'{"prompt": "x", bad json',
     json.dumps([1, 2]).encode(),
-    json.dumps({"prompt": "x", "vllm_xargs": [1]}).encode(),  # vLLM's own model rejects this
 ])
 def test_middleware_forwards_the_body_unchanged(body: bytes) -> None:
     seen.clear()
-    app = ValidateRoutingMiddleware(_echo_app, plugin=_Plugin())
+    app = JsonXargsMiddleware(_echo_app, plugin=_Plugin())
     status, out = _asgi_call(app, "/v1/completions", body, chunks=2)
     assert status == 200 and out == b"ok" and seen == [body]
 
 
-def test_middleware_ignores_other_routes_and_escaped_keys_are_seen() -> None:
+def test_middleware_sees_escaped_keys_and_leaves_forms_alone() -> None:
     seen.clear()
-    app = ValidateRoutingMiddleware(_echo_app, plugin=_Plugin())
-    bad = json.dumps({"vllm_xargs": {"routing": "nope"}}).encode()
-    assert _asgi_call(app, "/v1/embeddings", bad)[0] == 200
-    escaped = b'{"vllm\\u005fxargs": {"routing": "nope"}}'
+    app = JsonXargsMiddleware(_echo_app, plugin=_Plugin())
+    escaped = b'{"vllm\\u005fxargs": {"routing": null}}'
     assert _asgi_call(app, "/v1/completions", escaped)[0] == 400
     huge = b'{"vllm_xargs": {"routing_budget": 1' + b"0" * 5000 + b"}}"
-    assert _asgi_call(app, "/v1/completions", huge)[0] == 400
+    status, out = _asgi_call(app, "/v1/completions", huge)
+    assert status == 400 and len(out) < 400
+    form = JsonXargsMiddleware(_echo_app, plugin=_Plugin())
+    scope_headers = [(b"content-type", b"multipart/form-data; boundary=x")]
+    assert _asgi_call(form, "/v1/audio/transcriptions", b'{"vllm_xargs": [1]}', headers=scope_headers)[0] == 200
+
+
+@needs_vllm_early
+def test_sampling_params_check_answers_through_vllms_error_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any SamplingParams built with bad routing options raises vLLM's validation error, which
+    vLLM's handlers turn into HTTP 400 with ``param`` and the plugin's one-line message."""
+    from seqroute_server import validation
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+    from vllm.sampling_params import SamplingParams
+
+    monkeypatch.setattr(SamplingParams, "_verify_extra_args", SamplingParams._verify_extra_args)
+    monkeypatch.setattr(validation, "_check", None)
+    rejected: list[str] = []
+
+    def check(extra: Any) -> None:
+        try:
+            validate_xargs(extra, SERVER)
+        except RoutingOptionError as e:
+            rejected.append(str(e))
+            raise
+
+    validation.install_sampling_params_check(check)
+    validation.install_sampling_params_check(check)  # idempotent: one wrapper
+    sp = SamplingParams(max_tokens=4, extra_args={"routing": "topk", "routing_budget": 2, "other": 1})
+    assert sp.extra_args["routing_budget"] == 2
+    with pytest.raises(Exception) as info:
+        SamplingParams.from_optional(max_tokens=4, extra_args={"routing_budget": 99})
+    err = create_error_response(info.value).error
+    assert err.code == 400 and err.param == "vllm_xargs.routing_budget" and err.type == "BadRequestError"
+    assert err.message == "vllm_xargs.routing_budget: 99 exceeds the model's 16 experts"
+    assert len(rejected) == 1
+    with pytest.raises(Exception, match="extra_args integers"):  # vLLM's own check still runs after ours
+        SamplingParams(max_tokens=4, extra_args={"other": 2**70})
 
 
 # --- telemetry --------------------------------------------------------------------------
@@ -278,10 +444,25 @@ def test_dashboard_headers() -> None:
     assert resp.headers["cache-control"] == "no-store"
 
 
+def test_key_page_asks_for_the_key() -> None:
+    resp = dashboard.key_page(rejected=False)
+    page = resp.body.decode()
+    assert resp.status_code == 401 and resp.headers["www-authenticate"] == "Bearer"
+    assert resp.headers["content-type"].startswith("text/html") and "default-src 'none'" in \
+        resp.headers["content-security-policy"]
+    assert "{{" not in page and 'id="key-form"' in page and 'type="password"' in page
+    assert re.search(r'id="key-error"[^>]*\bhidden\b', page)  # no key sent yet: no complaint
+    assert not re.search(r'id="key-error"[^>]*\bhidden\b', dashboard.key_page(rejected=True).body.decode())
+    assert not re.search(r"\b(src|href)\s*=", page)
+    assert len(page) < 8000
+
+
 class _Req:
-    def __init__(self, headers: dict[str, str] | None = None, query: dict[str, str] | None = None) -> None:
+    def __init__(self, headers: dict[str, str] | None = None, query: dict[str, str] | None = None,
+                 cookies: dict[str, str] | None = None) -> None:
         self.headers = {k.lower(): v for k, v in (headers or {}).items()}
         self.query_params = query or {}
+        self.cookies = cookies or {}
 
 
 def test_dashboard_key_check(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -299,6 +480,10 @@ def test_dashboard_key_check(monkeypatch: pytest.MonkeyPatch) -> None:
     assert p.authorized(_Req({"Authorization": "Bearer k2"}))
     assert p.authorized(_Req({"authorization": "bearer k1"}))
     assert p.authorized(_Req(query={"api_key": "k1"}))
+    assert p.authorized(_Req(cookies={"seqroute_api_key": "k2"}))  # the page's cookie (URI-encoded)
+    assert not p.authorized(_Req(cookies={"seqroute_api_key": "k3", "other": "k1"}))
+    p._key_hashes = [hashlib.sha256(b"a b/c").digest()]
+    assert p.authorized(_Req(cookies={"seqroute_api_key": "a%20b%2Fc"}))
 
     class Args:
         api_key = None
@@ -307,6 +492,37 @@ def test_dashboard_key_check(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _api_keys(Args()) == ["envkey"]
     Args.api_key = ["cli"]
     assert _api_keys(Args()) == ["cli"]
+
+
+# --- log routing ----------------------------------------------------------------------------
+def test_plugin_logs_go_to_vllms_handler_unless_the_app_configured_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In vLLM's worker processes a library's bare ``logging.info`` adds Python's default root
+    handler: our lines must still go out once, through vLLM's handler (its format)."""
+    from vllm_seqroute.vllm_glue import show_logs_with_vllm
+
+    class Keep(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lines: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.lines.append(record.getMessage())
+
+    vllm_handler, app_handler = Keep(), Keep()
+    implicit = logging.StreamHandler()
+    implicit.setFormatter(logging.Formatter(logging.BASIC_FORMAT))
+    implicit_lines: list[str] = []
+    implicit.emit = lambda record: implicit_lines.append(record.getMessage())  # type: ignore[method-assign]
+    root, vllm_logger = logging.getLogger(), logging.getLogger("vllm")
+    show_logs_with_vllm()
+    ours = logging.getLogger("vllm_seqroute.test")
+    monkeypatch.setattr(vllm_logger, "handlers", [vllm_handler])
+    monkeypatch.setattr(root, "handlers", [implicit])
+    ours.warning("one")
+    assert vllm_handler.lines == ["one"] and implicit_lines == []
+    monkeypatch.setattr(root, "handlers", [implicit, app_handler])  # the application configured root
+    ours.warning("two")
+    assert app_handler.lines == ["two"] and implicit_lines == ["two"] and vllm_handler.lines == ["one"]
 
 
 # --- packaging, plugin gating, serve ----------------------------------------------------

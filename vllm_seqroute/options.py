@@ -1,9 +1,14 @@
 """Routing options as users spell them (CLI flags, ``additional_config``, ``vllm_xargs``),
-mapped onto :class:`RoutingConfig`. No vLLM imports: the HTTP layer validates with it too."""
+mapped onto :class:`RoutingConfig`. No vLLM imports: the HTTP layer validates with it too.
+
+Every ``ValueError`` message is one line that starts with the key the user sent
+(``routing_floor: ...``) and quotes user input cut to a short bound (:func:`shown`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from typing import Any
 
 from vllm_seqroute.policies.config import POLICIES, RULES, RoutingConfig
@@ -20,6 +25,47 @@ FIELDS: dict[str, tuple[str, type]] = {
     "routing_k_max": ("k_max", int),
 }
 CHOICES = {"routing": POLICIES, "routing_rule": RULES}
+# Request keys that act on some policies only; sent with another policy they would be ignored
+# silently, so a request is refused instead (the message says which policy they need).
+APPLIES_TO: dict[str, tuple[str, ...]] = {
+    "routing_rule": ("seqtopk",),
+    "routing_p": ("topp",),
+    "routing_k_min": ("entropy",),
+    "routing_k_max": ("entropy",),
+}
+SHOWN_CHARS = 40  # user input quoted in a message is cut to about this many characters
+
+_KEY_OF_FIELD = {field: key for key, (field, _) in FIELDS.items()}
+
+
+def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """User input as JSON spells it, cut to ``limit`` characters (containers are described, huge
+    integers counted), so a message stays small whatever the input's size."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, int):
+        if value.bit_length() > 4 * limit:  # str() of a huge int is slow (and capped by Python)
+            return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+        text = str(value)
+    elif isinstance(value, float):
+        text = json.dumps(value)
+    elif isinstance(value, str):
+        text = json.dumps(value[:limit + 1])
+        if len(value) > limit:
+            return text[:limit + 1] + '…" (' + f"{len(value)} characters)"
+    elif isinstance(value, (list, tuple)):
+        return f"a list of {len(value)} item{'' if len(value) == 1 else 's'}"
+    elif isinstance(value, dict):
+        return f"an object of {len(value)} key{'' if len(value) == 1 else 's'}"
+    else:
+        text = type(value).__name__
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def shown_key(key: Any, limit: int = SHOWN_CHARS) -> str:
+    """An option name for a message (a user's unknown key can be any size)."""
+    text = str(key)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def coerce(key: str, value: Any) -> Any:
@@ -28,9 +74,10 @@ def coerce(key: str, value: Any) -> Any:
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, typ) or isinstance(value, bool):
-        raise ValueError(f"{key}: expected {typ.__name__}, got {value!r}")
+        expected = "a number" if typ is float else typ.__name__
+        raise ValueError(f"{key}: expected {expected}, got {shown(value)}")
     if key in CHOICES and value not in CHOICES[key]:
-        raise ValueError(f"{key}: {value!r} is not one of {CHOICES[key]}")
+        raise ValueError(f"{key}: {shown(value)} is not one of {', '.join(CHOICES[key])}")
     return value
 
 
@@ -38,16 +85,46 @@ def overrides_from(options: dict[str, Any], *, strict: bool = True) -> dict[str,
     """RoutingConfig field overrides from user keys (``routing``, ``routing_budget``...).
 
     Unknown ``routing*`` keys raise when ``strict``; other keys are ignored (they belong to
-    other features of vLLM's ``extra_args``).
+    other features of vLLM's ``extra_args``). A ``None`` value means "not sent".
     """
     out: dict[str, Any] = {}
     for key, value in options.items():
         if key in FIELDS:
             if value is not None:
                 out[FIELDS[key][0]] = coerce(key, value)
-        elif strict and key.startswith("routing"):
-            raise ValueError(f"{key}: unknown routing option; known: {sorted(FIELDS)}")
+        elif strict and isinstance(key, str) and key.startswith("routing"):
+            raise ValueError(f"{shown_key(key)}: unknown routing option; known: {', '.join(FIELDS)}")
     return out
+
+
+def _check_fields_alone(policy: str, sent: dict[str, Any]) -> None:
+    """Each sent field on its own (positive, in range...): RoutingConfig's messages name it."""
+    for field, value in sent.items():
+        if field != "policy":
+            RoutingConfig(policy=policy, **{field: value, **({"k_min": 1} if field == "k_max" else {})})
+
+
+def _check_pairs(fields: dict[str, Any], sent: set[str]) -> None:
+    """Explicit values that contradict each other (no model needed): ``lo <= hi`` per policy.
+    The message names the key the user sent (both sent: the upper one)."""
+    policy = fields["policy"]
+    rules = [("floor", "cap")]
+    if policy in ("topk", "seqtopk"):
+        rules.append(("budget", "cap"))
+    if policy == "topk":  # topk takes exactly its budget: a larger floor would override it
+        rules.append(("floor", "budget"))
+    if policy == "entropy":
+        rules += [("k_min", "k_max"), ("k_max", "cap")]
+    for lo, hi in rules:
+        a, b = fields.get(lo), fields.get(hi)
+        if a is None or b is None or a <= b:
+            continue
+        if hi in sent or lo not in sent:
+            origin = "" if lo in sent else " (the server's)"
+            raise ValueError(f"{_KEY_OF_FIELD[hi]}: {shown(b)} is below {_KEY_OF_FIELD[lo]} {shown(a)}"
+                             f"{origin}; {policy} needs {_KEY_OF_FIELD[lo]} <= {_KEY_OF_FIELD[hi]}")
+        raise ValueError(f"{_KEY_OF_FIELD[lo]}: {shown(a)} is above the {_KEY_OF_FIELD[hi]} {shown(b)} "
+                         f"(the server's); {policy} needs {_KEY_OF_FIELD[lo]} <= {_KEY_OF_FIELD[hi]}")
 
 
 def config_from_options(options: dict[str, Any]) -> RoutingConfig:
@@ -57,13 +134,83 @@ def config_from_options(options: dict[str, Any]) -> RoutingConfig:
     pool = opts.pop("pool", opts.pop("routing_pool", "bounded"))
     unknown = sorted(k for k in opts if k not in FIELDS)
     if unknown:
-        raise ValueError(f"{unknown[0]}: unknown routing option; known: {sorted(FIELDS)}")
+        raise ValueError(f"{shown_key(unknown[0])}: unknown routing option; known: {', '.join(FIELDS)}")
     kw = {FIELDS[k][0]: coerce(k, v) for k, v in opts.items()}
     kw.setdefault("policy", "topk")
     try:
+        _check_fields_alone(kw["policy"], kw)
+        _check_pairs({**dataclasses.asdict(RoutingConfig(policy=kw["policy"])), **kw}, set(kw))
         return RoutingConfig(pool=pool, **kw)
     except ValueError as e:
         raise ValueError(user_message(str(e))) from None
+
+
+def _effective(f: dict[str, Any], *, num_experts: int, model_k: int, width: int) -> dict[str, Any]:
+    """The budget, k_max and cap a request ends up with: :meth:`RoutingConfig.resolve`'s
+    defaults, then a derived cap fitted to the server's routing width (kept equal to
+    ``resolve`` by ``tests/test_server_units.py``)."""
+    E, policy = num_experts, f["policy"]
+    budget = f["budget"] if f["budget"] is not None else model_k
+    k_max = f["k_max"]
+    if policy == "entropy" and k_max is None:
+        k_max = min(E, max(f["k_min"], 2 * budget))
+    cap = f["cap"]
+    if cap is None:
+        default = {"topk": budget, "entropy": k_max}.get(policy, min(E, 2 * budget))
+        need = {"topk": budget, "entropy": k_max}.get(policy, 0)
+        cap = max(min(max(default, min(f["floor"], E)), width), need)
+    return {**f, "budget": budget, "k_max": k_max, "cap": cap}
+
+
+def _check_fit(f: dict[str, Any], sent: set[str], *, num_experts: int, model_k: int, width: int) -> None:
+    """What the model and the server's routing width allow, and the rules between values where
+    one was derived (a default, or the width). The message names the key the user sent that
+    set the offending value."""
+    eff = _effective(f, num_experts=num_experts, model_k=model_k, width=width)
+    policy = f["policy"]
+    src = {x: x for x in sent}  # value -> the sent key that set it
+    if policy == "entropy" and "k_max" not in sent:  # the default k_max grows with k_min and budget
+        src["k_max"] = next((x for x in ("k_min", "budget") if x in sent), "")
+    if "cap" not in sent:  # a default cap follows budget (topk, seqtopk, topp) or k_max (entropy)
+        src["cap"] = src.get("k_max" if policy == "entropy" else "budget", "")
+
+    def key(*fields: str) -> str:
+        return _KEY_OF_FIELD[next((src[x] for x in fields if src.get(x)), fields[0])]
+
+    def origin(field: str) -> str:
+        if field in sent:
+            return ""
+        if field == "cap":
+            return " this request gets (the server's routing width)" if eff["cap"] == width and \
+                width < num_experts else f" this request gets (the {policy} default)"
+        return {"budget": " (the model's K)", "k_max": " (the entropy default)"}.get(field, " (the server's)")
+
+    if "budget" in sent and eff["budget"] > num_experts:
+        raise ValueError(f"routing_budget: {shown(eff['budget'])} exceeds the model's {num_experts} experts")
+    limits = [(field, num_experts, f"the model's {num_experts} experts") for field in ("cap", "k_max")]
+    limits += [(field, width, f"the server's routing width {width} (start the server with a larger "
+                "--routing-cap)") for field in ("budget" if policy == "topk" else "",
+                                                 "k_max" if policy == "entropy" else "", "cap") if field]
+    def lead(k: str, field: str, v: int) -> str:
+        v_ = shown(v)
+        return f"{v_} is" if k == _KEY_OF_FIELD[field] else f"sets {_KEY_OF_FIELD[field]} to {v_}, which is"
+
+    for field, limit, what in limits:
+        v = eff[field]
+        if v is not None and v > limit:
+            k = key(field)
+            raise ValueError(f"{k}: {lead(k, field, v)} above {what}")
+    rules = [("floor", "cap")] + ([("budget", "cap")] if policy in ("topk", "seqtopk") else []) \
+        + ([("floor", "budget")] if policy == "topk" else []) \
+        + ([("k_min", "k_max"), ("k_max", "cap")] if policy == "entropy" else [])
+    for lo, hi in rules:
+        a, b = eff[lo], eff[hi]
+        if a is None or b is None or a <= b:
+            continue
+        k = key(lo, hi)
+        if src.get(lo):
+            raise ValueError(f"{k}: {lead(k, lo, a)} above {_KEY_OF_FIELD[hi]} {shown(b)}{origin(hi)}")
+        raise ValueError(f"{k}: {lead(k, hi, b)} below {_KEY_OF_FIELD[lo]} {shown(a)}{origin(lo)}")
 
 
 def request_config(base: RoutingConfig, extra_args: dict[str, Any] | None, *, num_experts: int,
@@ -71,33 +218,39 @@ def request_config(base: RoutingConfig, extra_args: dict[str, Any] | None, *, nu
     """A request's resolved config: server defaults, then its ``vllm_xargs``.
 
     A policy override drops the server's policy-specific numbers (a ``topp`` request does not
-    inherit a ``seqtopk`` server's cap). Everything must fit the server's routing width.
-    ``ValueError`` messages name the user's key (``routing_budget: ...``).
+    inherit a ``seqtopk`` server's cap). Options that do nothing for the request's policy are
+    refused (``APPLIES_TO``); values must agree with each other and fit the model and the
+    server's routing width. ``ValueError`` messages name the key the user sent.
     """
     try:
         ov = overrides_from(extra_args or {})
         if not ov:
-            cfg = base
-        elif "policy" in ov and ov["policy"] != base.policy:
-            cfg = RoutingConfig(**{"rule": base.rule, "pool": base.pool, **ov})
+            return _resolved(base, num_experts=num_experts, model_k=model_k, width=width)
+        policy = ov.get("policy", base.policy)
+        for key, policies in APPLIES_TO.items():
+            if FIELDS[key][0] in ov and policy not in policies:
+                raise ValueError(f"{key}: applies to {', '.join(policies)} only, and this request routes "
+                                 f"with {policy} (send \"routing\": \"{policies[0]}\" to use it)")
+        if policy != base.policy:
+            fields = {**dataclasses.asdict(RoutingConfig(policy=policy)), "rule": base.rule,
+                      "pool": base.pool}
         else:
-            cfg = dataclasses.replace(base, **ov)
-        if cfg.budget is not None and cfg.budget > num_experts:
-            raise ValueError(f"budget: {cfg.budget} exceeds the model's {num_experts} experts")
-        need = {"topk": cfg.budget or model_k, "entropy": cfg.k_max or 0}.get(cfg.policy, 0)
-        for field, v in (("budget" if cfg.policy == "topk" else "k_max", need), ("cap", cfg.cap or 0)):
-            if v > width:
-                raise ValueError(f"{field}: {v} exceeds the server's routing width {width} "
-                                 "(start the server with a larger --routing-cap)")
-        if cfg.cap is None:
-            d = cfg.resolve(num_experts, default_budget=model_k).cap
-            cfg = dataclasses.replace(cfg, cap=max(min(d, width), need))
-        return cfg.resolve(num_experts, default_budget=model_k)
+            fields = dataclasses.asdict(base)
+        sent = {k: v for k, v in ov.items() if k != "policy"}
+        _check_fields_alone(policy, sent)
+        fields.update(ov)
+        _check_pairs(fields, set(sent))
+        _check_fit(fields, set(sent), num_experts=num_experts, model_k=model_k, width=width)
+        return _resolved(RoutingConfig(**fields), num_experts=num_experts, model_k=model_k, width=width)
     except ValueError as e:
         raise ValueError(user_message(str(e))) from None
 
 
-_KEY_OF_FIELD = {field: key for key, (field, _) in FIELDS.items()}
+def _resolved(cfg: RoutingConfig, *, num_experts: int, model_k: int, width: int) -> RoutingConfig:
+    if cfg.cap is None:
+        eff = _effective(dataclasses.asdict(cfg), num_experts=num_experts, model_k=model_k, width=width)
+        cfg = dataclasses.replace(cfg, cap=eff["cap"])
+    return cfg.resolve(num_experts, default_budget=model_k)
 
 
 def user_message(msg: str) -> str:

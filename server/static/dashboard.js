@@ -6,7 +6,16 @@
   var cfg = window.SEQROUTE_CONFIG || {};
   var statsPath = cfg.statsPath || 'v1/routing/stats';
   var params = new URLSearchParams(window.location.search);
-  var apiKey = params.get('api_key') || '';
+  var KEY_COOKIE = 'seqroute_api_key';
+  var apiKey = params.get('api_key') || readKeyCookie();
+  if (params.has('api_key')) {
+    // first load with ?api_key=KEY: keep the key in a session cookie for this page's path (the
+    // server checks it on reload) and take it out of the address bar and the history entry
+    if (apiKey) { storeKeyCookie(apiKey); }
+    params.delete('api_key');
+    var rest = params.toString();
+    history.replaceState(null, '', window.location.pathname + (rest ? '?' + rest : '') + window.location.hash);
+  }
   var SVG_NS = 'http://www.w3.org/2000/svg';
 
   var el = function (id) { return document.getElementById(id); };
@@ -24,6 +33,21 @@
   if (Array.prototype.some.call(refreshSel.options, function (o) { return o.value === wanted; })) {
     refreshSel.value = wanted;
   }
+
+  function readKeyCookie() {
+    var found = document.cookie.split('; ').filter(function (c) { return c.indexOf(KEY_COOKIE + '=') === 0; })[0];
+    if (!found) { return ''; }
+    try { return decodeURIComponent(found.slice(KEY_COOKIE.length + 1)); } catch (e) { return ''; }
+  }
+  function storeKeyCookie(key) {
+    document.cookie = KEY_COOKIE + '=' + encodeURIComponent(key) + '; path=' + window.location.pathname +
+      '; SameSite=Strict';
+  }
+  el('key-button').addEventListener('click', function () {
+    // forget the key and reload: the server then asks for one
+    document.cookie = KEY_COOKIE + '=; path=' + window.location.pathname + '; Max-Age=0; SameSite=Strict';
+    window.location.reload();
+  });
 
   function setState(state, text) {
     body.dataset.state = state;
@@ -65,9 +89,11 @@
         var j = await res.json();
         if (j && j.error) { detail = typeof j.error === 'string' ? j.error : (j.error.message || detail); }
       } catch (e) { /* not JSON */ }
-      var hint = res.status === 401 ? ' (open this page as /routing?api_key=KEY)' : '';
+      var hint = res.status === 401 ? ' (the API key was not accepted)' : '';
+      el('key-button').hidden = res.status !== 401;
       return fail('HTTP ' + res.status + (detail ? ': ' + detail : '') + hint);
     }
+    el('key-button').hidden = true;
     var data;
     try { data = await res.json(); } catch (e) { return fail('bad response (not JSON)'); }
     previous = last;
@@ -145,7 +171,10 @@
   }
 
   var STOPS = [[-1, [44, 123, 182]], [0, [247, 247, 247]], [1, [215, 25, 28]]];
-  function colour(t) {  // t in [-1, 1]: blue (unused) .. white (uniform) .. red (4x uniform)
+  var NO_PAIRS = 'rgb(58,63,71)';   // an expert with 0 pairs in its layer (the legend's "0 pairs")
+  var NO_TOKENS = 'rgb(220,223,228)';  // a layer with no tokens in view
+  // t = log4(load / even load), clipped to [-1, 1]: blue (<= 1/4 of even) .. white (even) .. red (>= 4x)
+  function colour(t) {
     t = Math.max(-1, Math.min(1, t));
     var a = t < 0 ? STOPS[0] : STOPS[1];
     var b = t < 0 ? STOPS[1] : STOPS[2];
@@ -175,7 +204,7 @@
     for (var e = 0; e < E; e += step) { ctx.fillText(String(e), left + e * cw + cw / 2, top / 2); }
     ctx.textAlign = 'right';
     var lstep = Math.ceil(12 / ch);
-    var drawn = 0, total = 0;
+    var drawn = 0, total = 0, unused = 0;
     for (var l = 0; l < L; l++) {
       if (l % lstep === 0) {
         ctx.fillStyle = '#1d2330';
@@ -186,10 +215,11 @@
       for (e = 0; e < row.length; e++) {
         var fill;
         if (rowSum <= 0) {
-          fill = '#dcdfe4';
+          fill = NO_TOKENS;
         } else {
           var r = row[e] * row.length / rowSum;
-          fill = r <= 0 ? colour(-1) : colour(Math.log2(r) / 2);
+          fill = r <= 0 ? NO_PAIRS : colour(Math.log2(r) / 2);
+          if (r <= 0) { unused += 1; }
         }
         ctx.fillStyle = fill;
         ctx.fillRect(left + e * cw, top + l * ch, cw - (cw > 6 ? 1 : 0), ch - (ch > 6 ? 1 : 0));
@@ -200,7 +230,9 @@
     heat.geom = { left: left, top: top, cw: cw, ch: ch, L: L, E: E };
     canvas.dataset.cells = String(drawn);
     canvas.dataset.total = String(total);
-    el('heatmap-note').textContent = total ? total + ' (token, expert) pairs' : 'no routed tokens in view';
+    canvas.dataset.unused = String(unused);
+    el('heatmap-note').textContent = total ? '· ' + total + ' (token, expert) pairs; ' + unused +
+      ' expert' + (unused === 1 ? '' : 's') + ' with 0 pairs' : '· no routed tokens in view';
   }
 
   function heatTip(ev) {
@@ -212,7 +244,7 @@
     if (e < 0 || l < 0 || l >= g.L || e >= (heat.cells[l] || []).length) { tip.hidden = true; return; }
     var row = heat.cells[l], n = row[e], s = sum(row);
     tip.textContent = 'layer ' + l + ', expert ' + e + ': ' + n + ' pairs' +
-      (s ? ' (' + (100 * n / s).toFixed(1) + '%, ' + (n * row.length / s).toFixed(2) + '× uniform)' : '');
+      (s ? ' (' + (100 * n / s).toFixed(1) + '% of the layer, ' + (n * row.length / s).toFixed(2) + '× even load)' : '');
     tip.style.left = (x + 12) + 'px';
     tip.style.top = (y + 12) + 'px';
     tip.hidden = false;
@@ -247,7 +279,7 @@
     root.setAttribute('width', W);
     root.setAttribute('height', H);
     root.setAttribute('viewBox', '0 0 ' + W + ' ' + H);
-    var left = 44, right = 12, top = 16, bottom = 36;
+    var left = 44, right = 12, top = 26, bottom = 36;
     var n = Math.max(counts.length, 1), total = sum(counts);
     var peak = Math.max.apply(null, counts.concat([1]));
     var bw = (W - left - right) / n;
@@ -255,6 +287,7 @@
     root.appendChild(svg('line', { x1: left, y1: top, x2: left, y2: H - bottom, 'class': 'axis' }));
     root.appendChild(svg('text', { x: 4, y: top + 4 }, total ? (100 * peak / total).toFixed(0) + '%' : ''));
     root.appendChild(svg('text', { x: W / 2, y: H - 6, 'text-anchor': 'middle' }, 'experts per token'));
+    root.appendChild(svg('text', { x: 4, y: top - 4 }, 'share of decisions'));
     var bars = 0;
     counts.forEach(function (c, k) {
       var h = total ? (H - top - bottom) * c / peak : 0;
@@ -273,7 +306,10 @@
     var mean = total ? counts.reduce(function (s, c, i) { return s + c * i; }, 0) / total : 0;
     if (total) {
       var mx = left + mean * bw + bw / 2;
-      root.appendChild(svg('line', { x1: mx, y1: top, x2: mx, y2: H - bottom, 'class': 'mean' }));
+      var line = svg('line', { x1: mx, y1: top, x2: mx, y2: H - bottom, 'class': 'mean' });
+      line.appendChild(svg('title', {}, 'mean: ' + mean.toFixed(2) + ' experts per token'));
+      root.appendChild(line);
+      root.appendChild(svg('text', { x: mx + 4, y: top + 10, 'class': 'mean-label' }, 'mean ' + mean.toFixed(2)));
     }
     root.dataset.bars = String(bars);
     root.dataset.total = String(total);
@@ -289,7 +325,7 @@
       var t = v.tokens_by_policy[i] || 0, pairs = v.pairs_by_policy[i] || 0, g = v.granted_by_policy[i] || 0;
       if (!t) { return; }
       var tr = document.createElement('tr');
-      [p, t, pairs, (pairs / t).toFixed(2), g, g ? (pairs / g).toFixed(3) : '–'].forEach(function (x) {
+      [p, t, pairs, (pairs / t).toFixed(2), g, g ? (pairs / g).toFixed(2) : '–'].forEach(function (x) {
         var td = document.createElement('td');
         td.textContent = String(x);
         tr.appendChild(td);

@@ -17,22 +17,39 @@ def register() -> None:
     patches.apply_all()
 
 
+def _implicit_root_handler(handler: logging.Handler) -> bool:
+    """The handler ``logging.basicConfig()`` adds when any library logs through the root logger
+    before anyone configured it (it happens in vLLM's worker processes): not an application's
+    choice of where logs go."""
+    fmt = getattr(handler.formatter, "_fmt", None)
+    return type(handler) is logging.StreamHandler and fmt in (None, logging.BASIC_FORMAT)
+
+
 class _ToVllmHandler(logging.Handler):
-    """Hands our records to vLLM's own logger handlers, whenever vLLM has configured them (it
-    does so lazily, after plugins load) and nothing on the root logger will print them."""
+    """Routes our records, once each: to the root logger's handlers where an application (or
+    pytest) configured them, else to vLLM's own handler (its format: process name, pid, level,
+    time, file:line), else to the root logger (Python's last resort). vLLM configures its handler
+    lazily in each process (API server, engine core, workers), so the choice is made per record."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        root = logging.getLogger()
         target = logging.getLogger("vllm")
-        if target.handlers and not logging.getLogger().handlers:
-            target.handle(record)
+        if target.handlers and all(_implicit_root_handler(h) for h in root.handlers):
+            for handler in target.handlers:  # vLLM's handlers only (not on up to the root)
+                if record.levelno >= handler.level:
+                    handler.handle(record)
+        else:
+            root.handle(record)
 
 
 def show_logs_with_vllm() -> None:
-    """Our ``vllm_seqroute`` INFO lines (e.g. "no MoE layers") go out in vLLM's format and
-    stream; where the application (or pytest) configured the root logger, they propagate there
-    instead, once. Without this they would vanish: nothing handles a non-vLLM logger there."""
+    """Our ``vllm_seqroute`` INFO lines (e.g. "no MoE layers") go out in vLLM's format and stream
+    from every process; where the application (or pytest) configured the root logger, they go
+    there instead. The logger does not propagate (as vLLM's own), so a root handler that some
+    library added implicitly never prints them a second time in Python's default format."""
     ours = logging.getLogger("vllm_seqroute")
     if ours.level == logging.NOTSET:
         ours.setLevel(logging.INFO)  # as vLLM's own loggers
     if not any(isinstance(h, _ToVllmHandler) for h in ours.handlers):
         ours.addHandler(_ToVllmHandler())
+    ours.propagate = False

@@ -55,4 +55,8 @@ CONTRACTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("vllm.v1.core.sched.output", "CachedRequestData.resumed_req_ids", ()),
     ("vllm.v1.core.sched.output", "CachedRequestData.num_computed_tokens", ()),
     ("vllm.sampling_params", "SamplingParams.extra_args", ()),
+    # the HTTP layer (seqroute_server.validation): routing options checked where requests become
+    # SamplingParams, rejected through vLLM's own 400-with-param error
+    ("vllm.sampling_params", "SamplingParams._verify_extra_args", ("self",)),
+    ("vllm.exceptions", "VLLMValidationError.__init__", ("self", "message", "parameter", "value")),
 )

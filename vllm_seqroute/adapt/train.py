@@ -207,6 +207,17 @@ def _make_trainer_class() -> Any:
                 save_file(extra, str(Path(output_dir or self.args.output_dir) / TRAINABLE_EXTRA))
 
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+            target = self.accelerator.unwrap_model(model if model is not None else self.model)
+            if not (self.is_fsdp_enabled or self.is_deepspeed_enabled or _is_peft(target)):
+                # save_pretrained writes MoE experts in the per-expert layout of the original
+                # checkpoints, which the Trainer's plain load_state_dict does not convert back to
+                # the fused experts (they would silently keep their initial values); from_pretrained
+                # converts, so the checkpoint is loaded through it
+                dtype = next(target.parameters()).dtype
+                loaded = type(target).from_pretrained(resume_from_checkpoint, dtype=dtype)
+                target.load_state_dict(loaded.state_dict(), strict=True)
+                del loaded
+                return
             super()._load_from_checkpoint(resume_from_checkpoint, model)
             extra = Path(resume_from_checkpoint) / TRAINABLE_EXTRA
             if _is_peft(self.model) and extra.is_file():
@@ -234,18 +245,26 @@ def _callbacks(out: Path, resumed: bool, progress: bool, tokens_per_step: int) -
         def __init__(self) -> None:
             self.t0 = time.perf_counter()
 
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if state.is_world_process_zero and not resumed:
-                (out / "train_log.jsonl").write_text("")
+            self.fresh = True
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
             if not state.is_world_process_zero or not logs or "lm_loss" not in logs:
                 return
+            path = out / "train_log.jsonl"
+            if self.fresh:
+                # first line of this run: a new run starts the file; a resumed one keeps the
+                # lines of the steps before its checkpoint (the run it resumes may have logged more)
+                self.fresh = False
+                keep = []
+                if resumed and path.is_file():
+                    keep = [ln for ln in path.read_text().splitlines()
+                            if ln and json.loads(ln)["step"] < state.global_step]
+                path.write_text("".join(ln + "\n" for ln in keep))
             rec = {"step": state.global_step, "lm_loss": logs["lm_loss"], "aux_loss": logs["aux_loss"],
                    "experts_per_token": logs["experts_per_token"],
                    "lr": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
                    "elapsed_s": round(time.perf_counter() - self.t0, 2)}
-            with (out / "train_log.jsonl").open("a") as f:
+            with path.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
 
     class Bar(ProgressCallback):

@@ -69,26 +69,37 @@ def assert_weights_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
         torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)
 
 
-@pytest.mark.vllm
-@pytest.mark.skipif(not has_vllm(), reason="needs vLLM (the run is served at the end)")
-def test_one_and_two_processes_train_save_resume_and_serve(model_dir: Any, tmp_path: Path, engine: Any) -> None:
+@pytest.fixture(scope="module")
+def one_process(model_dir: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(base, corpus, out) of a one-process run: gradient accumulation 2, activations recomputed."""
     from vllm_seqroute.adapt.cli import main
 
-    base = model_dir("qwen3_moe")
-    data = corpus(tmp_path)
-    one, two = tmp_path / "one", tmp_path / "two"
-    # one process, gradient accumulation 2, activations recomputed in backward
-    assert main(flags(base, data, one, "--gradient-checkpointing")) == 0
-    # two processes (DDP over gloo), no accumulation: the same global batch of 4 rows per step
-    torchrun(flags(base, data, two))
+    tmp = tmp_path_factory.mktemp("one")
+    base, data = model_dir("qwen3_moe"), corpus(tmp)
+    assert main(flags(base, data, tmp / "one", "--gradient-checkpointing")) == 0
+    return base, data, tmp / "one"
+
+
+def assert_same_run(one: Path, two: Path) -> None:
     l1, l2 = log_of(one), log_of(two)
     assert [r["step"] for r in l1] == [r["step"] for r in l2] == [1, 2, 3, 4]
     for a, b in zip(l1, l2, strict=True):
         assert a["lm_loss"] == pytest.approx(b["lm_loss"], rel=2e-3), (l1, l2)
         assert a["experts_per_token"] == pytest.approx(b["experts_per_token"], abs=0.02)
     assert l1[-1]["lm_loss"] < l1[0]["lm_loss"] - 0.3  # it learns
+    assert_weights_close(weights(one), weights(two), rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not has_vllm(), reason="needs vLLM (the run is served at the end)")
+def test_one_and_two_processes_train_save_resume_and_serve(one_process: tuple[Path, Path, Path],
+                                                           tmp_path: Path, engine: Any) -> None:
+    base, data, one = one_process
+    two = tmp_path / "two"
+    # two processes (DDP over gloo), no accumulation: the same global batch of 4 rows per step
+    torchrun(flags(base, data, two))
+    assert_same_run(one, two)
     w2 = weights(two)
-    assert_weights_close(weights(one), w2, rtol=2e-2, atol=2e-3)
     assert (two / "adapt.json").is_file() and json.loads((two / "adapt.json").read_text())["processes"] == 2
 
     # resume the two-process run from its step-2 checkpoint: the same final weights and log
@@ -111,6 +122,17 @@ def test_one_and_two_processes_train_save_resume_and_serve(model_dir: Any, tmp_p
     ref = heldout_loss_torch(str(two), texts, {"routing": "seqtopk", "routing_budget": 2, "routing_cap": 4},
                              windows=windows)
     assert total / count == pytest.approx(ref, rel=0.01)
+
+
+def test_fsdp_two_processes_match_one(one_process: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    base, data, one = one_process
+    out = tmp_path / "fsdp"
+    # FSDP full sharding per decoder layer (gloo, CPU): the routing patch lives on the router
+    # instances inside the wrapped layers; the gathered state dict is written in the input's dtype
+    torchrun(flags(base, data, out, "--fsdp", "full_shard auto_wrap", "--fsdp-config",
+                   '{"transformer_layer_cls_to_wrap": ["Qwen3MoeDecoderLayer"]}', "--save-steps", "0"))
+    assert_same_run(one, out)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 def test_lora_merges_with_routers_trained(model_dir: Any, tmp_path: Path) -> None:

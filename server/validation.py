@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -78,7 +79,8 @@ def error_body(message: str, *, param: str | None = None, code: int = 400,
 def _error(key: str, message: str) -> RoutingOptionError:
     """``message`` starts with ``key`` (the worker's convention); the param is the same key."""
     name = shown_key(key)
-    rest = message[len(key) + 1:] if message.startswith(key + ":") else " " + message
+    head = next((h for h in (key + ":", name + ":") if message.startswith(h)), "")
+    rest = message[len(head):] if head else " " + message
     return RoutingOptionError(f"{PARAM_PREFIX}{name}:{rest}", PARAM_PREFIX + name)
 
 
@@ -87,9 +89,10 @@ def _routing_keys(xargs: dict[Any, Any]) -> list[str]:
 
 
 def check_json_types(xargs: Any) -> None:
-    """What only the raw JSON shows (vLLM's request model changes or refuses it before
-    :func:`validate_xargs` can look): ``vllm_xargs`` must be an object, and a routing option
-    must not be ``null`` (leave it out instead) or ``true``/``false`` (not a number)."""
+    """What only the raw JSON shows (vLLM's request model changes or refuses it, with a
+    multi-error dump, before :func:`validate_xargs` can look): ``vllm_xargs`` must be an object,
+    and a routing option a string or a number: not ``null`` (leave it out instead), not
+    ``true``/``false`` (vLLM would make it 1/0), not an object or a list."""
     if xargs is None:
         return
     if not isinstance(xargs, dict):
@@ -99,8 +102,11 @@ def check_json_types(xargs: Any) -> None:
         value = xargs[key]
         if value is None:
             raise _error(key, f"{key}: null is not a value (leave the key out for the server's setting)")
-        if isinstance(value, bool) and key in FIELDS:
-            raise _error(key, f"{key}: expected {FIELDS[key][1].__name__}, got {shown(value)}")
+        if isinstance(value, (bool, dict, list)):  # no routing option takes these
+            try:
+                overrides_from({key: value})
+            except ValueError as e:
+                raise _error(key, str(e)) from None
 
 
 def validate_xargs(xargs: Any, server: ServerRouting | None, *, info_known: bool = True) -> None:
@@ -181,6 +187,25 @@ def install_sampling_params_check(check: Callable[[Any], None]) -> None:
 
     _verify_extra_args._seqroute_check = True  # type: ignore[attr-defined]
     SamplingParams._verify_extra_args = _verify_extra_args  # type: ignore[method-assign]
+    _quiet_rejections_in_anthropic_log()
+
+
+class _DropRejectionTracebacks(logging.Filter):
+    """A rejected option is a client error already answered with HTTP 400; a traceback per such
+    request would let a client flood the server log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, _vllm_error_type())
+
+
+def _quiet_rejections_in_anthropic_log() -> None:
+    """vLLM's ``/v1/messages`` route logs every exception of its handler with a traceback
+    (``logger.exception("Error in create_messages")``), a rejected routing option included."""
+    from vllm.entrypoints.anthropic import api_router
+
+    if not any(isinstance(f, _DropRejectionTracebacks) for f in api_router.logger.filters):
+        api_router.logger.addFilter(_DropRejectionTracebacks())
 
 
 # --- the raw JSON -----------------------------------------------------------------------------

@@ -1,8 +1,11 @@
 """The HTTP layer in a real vLLM OpenAI server (CPU build, tiny MoE model, 127.0.0.1 only):
-per-request routing through the ``openai`` client, HTTP 400 for bad options, the stats route,
-``/metrics``, API-key checks, load and failure behaviour, and the dashboard in headless
-Chromium. One server for the whole module (started with ``vllm-seqroute serve``); every test
-is bounded in request count and time. Figures are printed (run with ``-s`` to see them)."""
+per-request routing through the ``openai`` client, HTTP 400 for bad options on every endpoint
+that carries ``vllm_xargs`` (a table of malformed inputs; one-line, size-bounded messages; the
+next valid answer unchanged; good and bad requests in flight together), the stats route,
+``/metrics``, API-key checks, load and failure behaviour, log format, and the dashboard and its
+key page in headless Chromium. One server for the whole module (started with
+``vllm-seqroute serve``); every test is bounded in request count and time. Figures are printed
+(run with ``-s`` to see them)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import http.client
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -279,10 +283,21 @@ def test_api_key_guards_stats_and_dashboard(server: Server) -> None:
         assert server.request("GET", path, key=None)[0] == 401, path
         assert server.request("GET", path, key="wrong")[0] == 401, path
         assert server.request("GET", path)[0] == 200, path
-    assert server.request("GET", "/routing?api_key=wrong", key=None)[0] == 401
+    # without a key: a small page asking for it (not JSON); a refused key says so
+    status, page, headers = server.request("GET", "/routing", key=None)
+    assert status == 401 and headers["content-type"].startswith("text/html") and b'id="key-form"' in page
+    assert len(page) < 8000 and re.search(rb'id="key-error"[^>]*hidden', page)
+    status, page, _ = server.request("GET", "/routing?api_key=wrong", key=None)
+    assert status == 401 and not re.search(rb'id="key-error"[^>]*hidden', page)
     status, page, headers = server.request("GET", f"/routing?api_key={KEY}", key=None)
     assert status == 200 and headers["content-type"].startswith("text/html") and b"<canvas" in page
     assert KEY.encode() not in page  # the page never echoes the key
+    cookie = {"Cookie": f"seqroute_api_key={KEY}"}  # what the page keeps once the key left the URL
+    assert server.request("GET", "/routing", key=None, headers=cookie)[0] == 200
+    # HEAD is answered like GET, without a body
+    assert server.request("HEAD", "/routing", key=None)[:2] == (401, b"")
+    status, body, headers = server.request("HEAD", "/routing")
+    assert status == 200 and body == b"" and headers["content-type"].startswith("text/html")
     # the key check runs before the option check, which runs before the engine
     bad = {"model": MODEL, "prompt": "x", "vllm_xargs": {"routing": "bogus"}}
     assert server.request("POST", "/v1/completions", bad, key=None)[0] == 401
@@ -498,6 +513,160 @@ def test_200_malformed_requests_get_400_and_change_nothing(server: Server) -> No
           f"check, {200 - ours} (bad JSON) by vLLM/FastAPI; next valid answer unchanged")
 
 
+# --- every endpoint that carries vllm_xargs --------------------------------------------------
+_CHAT = [{"role": "user", "content": "route me"}]
+# name -> (path, request body without vllm_xargs); greedy, a few tokens
+ENDPOINTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "completions": ("/v1/completions", {"model": MODEL, "prompt": "route me", "max_tokens": 4, "temperature": 0}),
+    "chat": ("/v1/chat/completions", {"model": MODEL, "messages": _CHAT, "max_tokens": 4, "temperature": 0}),
+    "responses": ("/v1/responses", {"model": MODEL, "input": "route me", "max_output_tokens": 4,
+                                    "temperature": 0}),
+    "messages": ("/v1/messages", {"model": MODEL, "messages": _CHAT, "max_tokens": 4, "temperature": 0}),
+    "chat-batch": ("/v1/chat/completions/batch", {"model": MODEL, "messages": [_CHAT], "max_tokens": 4,
+                                                  "temperature": 0}),
+    "invocations-completion": ("/invocations", {"model": MODEL, "prompt": "route me", "max_tokens": 4,
+                                                "temperature": 0}),
+    "invocations-chat": ("/invocations", {"model": MODEL, "messages": _CHAT, "max_tokens": 4, "temperature": 0}),
+}
+STREAMING = {"completions-stream": "completions", "chat-stream": "chat", "responses-stream": "responses",
+             "messages-stream": "messages"}
+
+# (vllm_xargs as sent, the param the answer must name (prefix))
+MALFORMED: list[tuple[Any, str]] = [
+    ({"routing": "bogus"}, "vllm_xargs.routing"),
+    ({"routing": None}, "vllm_xargs.routing"),
+    ({"routing_budget": True}, "vllm_xargs.routing_budget"),
+    ({"routing_budget": "2"}, "vllm_xargs.routing_budget"),
+    ({"routing_budget": 2.5}, "vllm_xargs.routing_budget"),
+    ({"routing_budget": [2, None]}, "vllm_xargs.routing_budget"),
+    ({"routing_budget": {"value": 2}}, "vllm_xargs.routing_budget"),
+    ({"routing_budget": 17}, "vllm_xargs.routing_budget"),
+    ({"routing_budget": 10 ** 4000}, "vllm_xargs.routing_budget"),
+    ({"routing": "seqtopk", "routing_budget": 4, "routing_cap": 3}, "vllm_xargs.routing_cap"),
+    ({"routing_floor": 9}, "vllm_xargs.routing_floor"),
+    ({"routing": "entropy", "routing_k_min": 5, "routing_k_max": 3}, "vllm_xargs.routing_k_max"),
+    ({"routing_p": 0.5}, "vllm_xargs.routing_p"),
+    ({"routing": "topp", "routing_p": float("nan")}, "vllm_xargs.routing_p"),
+    ({"routing_" + "k" * 2_000_000: 1}, "vllm_xargs.routing_kkk"),  # a 2 MB key name
+    ({"routing": "x" * 2_000_000}, "vllm_xargs.routing"),  # a 2 MB value
+    ([1], "vllm_xargs"),
+    ("routing=topk", "vllm_xargs"),
+]
+MAX_ERROR_BYTES = 1024
+
+
+def _body(endpoint: str, xargs: Any = None, **extra: Any) -> tuple[str, bytes]:
+    path, base = ENDPOINTS[STREAMING.get(endpoint, endpoint)]
+    body = {**base, **extra, **({"stream": True} if endpoint in STREAMING else {})}
+    if xargs is not None:
+        body["vllm_xargs"] = xargs
+    return path, json.dumps(body, allow_nan=True).encode()
+
+
+def _answer_text(endpoint: str, data: dict[str, Any]) -> str:
+    if endpoint.startswith("responses"):
+        return "".join(c["text"] for o in data["output"] if o["type"] == "message" for c in o["content"])
+    if endpoint.startswith("messages"):
+        return "".join(c.get("text", "") for c in data["content"])
+    choice = data["choices"][0]
+    return choice["text"] if "text" in choice else choice["message"]["content"]
+
+
+def _error_of(raw: bytes) -> tuple[str, str | None]:
+    """(message, param) of an OpenAI-style or Anthropic-style error body."""
+    data = json.loads(raw)
+    err = data["error"]
+    return err["message"], err.get("param")
+
+
+def test_malformed_options_on_every_endpoint(server: Server) -> None:
+    """Every (endpoint, malformed vllm_xargs) pair: HTTP 400, a one-line message that starts with the
+    field the user sent, a small response whatever the input's size; the next valid answer of each
+    endpoint is the one it gave before."""
+    names = [*ENDPOINTS, *STREAMING]
+    refs = {}
+    for name in ENDPOINTS:
+        path, body = _body(name, {"routing": "seqtopk", "routing_budget": 2})
+        status, raw, _ = server.request("POST", path, body)
+        assert status == 200, (name, raw[:300])
+        refs[name] = _answer_text(name, json.loads(raw))
+    rejected_before = server.stats(requests="false")["rejected_requests"]
+
+    async def go() -> list[tuple[str, int, Any, int, bytes, float]]:
+        sem = asyncio.Semaphore(8)
+
+        async def one(name: str, i: int) -> tuple[str, int, Any, int, bytes, float]:
+            path, body = _body(name, MALFORMED[i][0])
+            async with sem:
+                t = time.monotonic()
+                st, raw, _ = await asyncio.to_thread(server.request, "POST", path, body)
+                return name, i, None, st, raw, time.monotonic() - t
+
+        return list(await asyncio.gather(*(one(n, i) for n in names for i in range(len(MALFORMED)))))
+
+    t0 = time.monotonic()
+    results = _run(go())
+    wall = time.monotonic() - t0
+    for name, i, _, status, raw, _ in results:
+        case = (name, str(MALFORMED[i][0])[:80], raw[:300])
+        assert status == 400 and len(raw) <= MAX_ERROR_BYTES, case
+        message, param = _error_of(raw)
+        want = MALFORMED[i][1]
+        assert "\n" not in message and message.startswith(want), case
+        if not name.startswith("messages"):  # vLLM's Anthropic errors carry no param
+            assert param is not None and param.startswith(want) and message.startswith(param + ":"), case
+    for name in ENDPOINTS:  # the engine saw none of it: same answers as before
+        path, body = _body(name, {"routing": "seqtopk", "routing_budget": 2})
+        status, raw, _ = server.request("POST", path, body)
+        assert status == 200 and _answer_text(name, json.loads(raw)) == refs[name], name
+    rejected = server.stats(requests="false")["rejected_requests"] - rejected_before
+    assert rejected == len(results)
+    lat = sorted(r[5] for r in results)
+    print(f"\n[malformed] {len(MALFORMED)} cases x {len(names)} endpoints = {len(results)} requests -> all "
+          f"HTTP 400, largest answer {max(len(r[4]) for r in results)} bytes, in {wall:.1f} s "
+          f"(p50 {_pct(lat, .5) * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms); next answers unchanged")
+
+
+def test_good_options_take_effect_on_every_endpoint(server: Server) -> None:
+    for i, name in enumerate(ENDPOINTS):
+        budget = (1, 2, 3, 5, 6, 7, 8)[i % 7]
+        before = set(server.stats()["requests"])
+        path, body = _body(name, {"routing": "topk", "routing_budget": budget})
+        status, raw, _ = server.request("POST", path, body)
+        assert status == 200, (name, raw[:300])
+        new = [r for k, r in server.stats()["requests"].items() if k not in before]
+        assert new and all((r["policy"], r["budget"]) == ("topk", budget) for r in new), (name, new)
+
+
+def test_concurrent_good_and_bad_requests(server: Server) -> None:
+    """Good requests (streams and not, every policy) in flight with bad ones on every endpoint:
+    the good answers equal the same requests run alone, every bad one gets its 400."""
+    good = [(PROMPTS[i % len(PROMPTS)], MIXED_XARGS[i % len(MIXED_XARGS)]) for i in range(16)]
+    bad = [(name, MALFORMED[i % 14][0]) for i, name in enumerate([*ENDPOINTS, *STREAMING] * 3)]
+
+    async def go() -> tuple[list[str], list[Any]]:
+        async with _client(server) as c:
+            alone = [await _complete(c, p, x, stream=False, max_tokens=8) for p, x in good]
+
+            async def reject(name: str, xargs: Any) -> tuple[int, bytes]:
+                path, body = _body(name, xargs)
+                st, raw, _ = await asyncio.to_thread(server.request, "POST", path, body)
+                return st, raw
+
+            mixed = await asyncio.gather(*(_complete(c, p, x, stream=i % 2 == 1, max_tokens=8)
+                                           for i, (p, x) in enumerate(good)),
+                                         *(reject(n, x) for n, x in bad))
+            return alone, list(mixed)
+
+    t0 = time.monotonic()
+    alone, mixed = _run(go())
+    assert mixed[:len(good)] == alone
+    for status, raw in mixed[len(good):]:
+        assert status == 400 and len(raw) <= MAX_ERROR_BYTES, raw[:200]
+    print(f"\n[mixed] {len(good)} good + {len(bad)} bad requests in flight together: good answers equal "
+          f"their runs alone, all bad ones 400 ({time.monotonic() - t0:.1f} s)")
+
+
 # --- dashboard in headless Chromium -------------------------------------------------------
 def _chromium() -> str | None:
     for cand in (os.environ.get("SEQROUTE_CHROMIUM"), "chromium", "chromium-browser", "google-chrome",
@@ -672,6 +841,18 @@ _CANVAS_COLOURS = """(() => {
 })()"""
 
 
+# the colour at the centre of every heatmap cell: [layer, expert, [r, g, b]]
+_CELL_COLOURS = """(() => {
+  const c = document.getElementById('heatmap'), g = JSON.parse(c.dataset.geom), ctx = c.getContext('2d');
+  const out = [];
+  for (let l = 0; l < g.L; l++) for (let e = 0; e < g.E; e++) {
+    const d = ctx.getImageData(g.left + e * g.cw + Math.floor(g.cw / 2) - 1, g.top + l * g.ch + 2, 1, 1).data;
+    out.push([l, e, [d[0], d[1], d[2]]]);
+  }
+  return out;
+})()"""
+
+
 def test_dashboard_in_headless_chromium(server: Server, tmp_path: Path) -> None:
     binary = _chromium()
     if binary is None:
@@ -696,6 +877,18 @@ def test_dashboard_in_headless_chromium(server: Server, tmp_path: Path) -> None:
         nonzero = {k for k, c in enumerate(hist) if c}
         assert {k for k, c in bars if c} == nonzero and len(nonzero) >= 2
         assert browser.js("document.querySelectorAll('#policies tbody tr').length") >= 2
+        # the legend's "0 pairs" colour is used for exactly the experts with 0 pairs, and the
+        # even-load gradient for every other cell (a layer without idle experts shows none)
+        zeros = sum(c == 0 for row in stats["expert_load"] for c in row)
+        assert browser.js("Number(document.getElementById('heatmap').dataset.unused)") == zeros
+        cells = browser.js(_CELL_COLOURS)
+        for (layer, expert, rgb) in cells:
+            assert (rgb == [58, 63, 71]) == (stats["expert_load"][layer][expert] == 0), (layer, expert, rgb)
+        assert "0 pairs" in browser.js("document.getElementById('legend-none').textContent")
+        assert "mean" in browser.js("document.getElementById('histogram-legend').textContent")
+        assert browser.js("document.querySelector('#histogram line.mean title').textContent").startswith("mean")
+        note = browser.js("document.getElementById('policies-note').textContent")
+        assert "used / charged" in note and "floor" in note
         browser.screenshot(tmp_path / "dashboard.png")
 
         # one layer's histogram
@@ -747,15 +940,44 @@ def test_dashboard_in_headless_chromium(server: Server, tmp_path: Path) -> None:
         browser.close()
 
 
-def test_dashboard_denied_without_key_in_chromium(server: Server) -> None:
+def test_dashboard_key_page_and_key_out_of_the_url_in_chromium(server: Server) -> None:
     binary = _chromium()
     if binary is None:
         pytest.skip("no chromium binary found (set SEQROUTE_CHROMIUM, or run scripts/ci-deps.sh)")
     browser = Browser(binary)
     try:
-        browser.call("Page.navigate", {"url": f"{server.base}/routing"}, session=True)
-        browser.wait_for("document.readyState === 'complete' && document.body.innerText.includes('Unauthorized')")
+        # no key: the key page, not raw JSON
+        browser.call("Page.navigate", {"url": f"{server.base}/routing?refresh=2"}, session=True)
+        browser.wait_for("document.body && document.body.dataset.state === 'key'")
+        assert browser.js("document.getElementById('key-error').hidden")
         assert browser.js("typeof window.seqrouteDashboard") == "undefined"
+
+        def submit(key: str) -> None:
+            browser.js(f"document.getElementById('key').value = {json.dumps(key)}; "
+                       "document.getElementById('key-form').requestSubmit()")
+
+        submit("wrong")  # refused: the page says so
+        browser.wait_for("document.body && document.body.dataset.state === 'key' && "
+                         "!document.getElementById('key-error').hidden")
+        submit(KEY)
+        browser.wait_for("document.body && document.body.dataset.state === 'ok'")
+        assert browser.js("location.search") == "?refresh=2"
+        # first load with ?api_key=: the key leaves the address bar (and the history entry)
+        browser.call("Page.navigate", {"url": f"{server.base}/routing?api_key={KEY}&refresh=2"}, session=True)
+        browser.wait_for("document.body && document.body.dataset.state === 'ok'")
+        assert browser.js("location.href") == f"{server.base}/routing?refresh=2"
+        history = browser.call("Page.getNavigationHistory", session=True)["entries"]
+        assert all(KEY not in e["url"] for e in history), [e["url"] for e in history]
+        # a reload keeps working (the session cookie), and the key never went into the page
+        browser.call("Page.reload", session=True)
+        browser.wait_for("document.body && document.body.dataset.state === 'ok' && "
+                         "Number(document.body.dataset.updates) >= 1")
+        assert KEY not in browser.js("document.documentElement.outerHTML")
+        # a stats 401 offers to enter the key again
+        browser.js("window.seqrouteDashboard.setKey('wrong'); window.seqrouteDashboard.refresh()")
+        browser.wait_for("document.body.dataset.state === 'error' && !document.getElementById('key-button').hidden")
+        errors = [e for e in browser.events if e.get("method") == "Runtime.exceptionThrown"]
+        assert not errors, errors[:2]
     finally:
         browser.close()
 
@@ -779,3 +1001,14 @@ def test_plugin_log_lines_reach_the_server_log(server: Server) -> None:
     ready = [line for line in log.splitlines() if "vllm_seqroute: HTTP layer ready" in line]
     assert len(routing) == 1 and len(ready) == 1, server.log_tail(80)
     assert " INFO " in routing[0] and " INFO " in ready[0], (routing, ready)
+    # every plugin line, from every process (API server, engine core, worker), in vLLM's format:
+    # "(Worker pid=N) INFO 11-30 09:17:51 [file.py:81] vllm_seqroute: ..."
+    ours = [line for line in log.splitlines() if "vllm_seqroute" in line and "non-default args" not in line]
+    fmt = re.compile(r"^\((\w+)[^)]* pid=\d+\) (INFO|WARNING|ERROR) \d\d-\d\d "
+                     r"\d\d:\d\d:\d\d \[[\w.]+:\d+\] ")
+    bad = [line for line in ours if not fmt.match(line)]
+    assert ours and not bad, bad[:5]
+    processes = {m.group(1) for line in ours if (m := fmt.match(line))}
+    assert "APIServer" in processes and any("Worker" in p for p in processes), processes
+    # rejected requests are counted, not logged one by one (no traceback per bad request)
+    assert log.count("RoutingValidationError") == 0 and log.count("Error in create_messages") == 0

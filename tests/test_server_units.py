@@ -523,6 +523,11 @@ def test_plugin_logs_go_to_vllms_handler_unless_the_app_configured_root(monkeypa
     monkeypatch.setattr(root, "handlers", [implicit, app_handler])  # the application configured root
     ours.warning("two")
     assert app_handler.lines == ["two"] and implicit_lines == ["two"] and vllm_handler.lines == ["one"]
+    # pytest's capture handler sits on our logger and on the root: it gets the record once
+    monkeypatch.setattr(logging.getLogger("vllm_seqroute"), "handlers",
+                        [*logging.getLogger("vllm_seqroute").handlers, app_handler])
+    ours.warning("three")
+    assert app_handler.lines == ["two", "three"]
 
 
 # --- packaging, plugin gating, serve ----------------------------------------------------

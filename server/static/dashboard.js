@@ -231,6 +231,7 @@
     canvas.dataset.cells = String(drawn);
     canvas.dataset.total = String(total);
     canvas.dataset.unused = String(unused);
+    canvas.dataset.geom = JSON.stringify(heat.geom);
     el('heatmap-note').textContent = total ? '· ' + total + ' (token, expert) pairs; ' + unused +
       ' expert' + (unused === 1 ? '' : 's') + ' with 0 pairs' : '· no routed tokens in view';
   }
@@ -285,9 +286,9 @@
     var bw = (W - left - right) / n;
     root.appendChild(svg('line', { x1: left, y1: H - bottom, x2: W - right, y2: H - bottom, 'class': 'axis' }));
     root.appendChild(svg('line', { x1: left, y1: top, x2: left, y2: H - bottom, 'class': 'axis' }));
-    root.appendChild(svg('text', { x: 4, y: top + 4 }, total ? (100 * peak / total).toFixed(0) + '%' : ''));
+    root.appendChild(svg('text', { x: 4, y: top + 8 }, total ? (100 * peak / total).toFixed(0) + '%' : ''));
     root.appendChild(svg('text', { x: W / 2, y: H - 6, 'text-anchor': 'middle' }, 'experts per token'));
-    root.appendChild(svg('text', { x: 4, y: top - 4 }, 'share of decisions'));
+    root.appendChild(svg('text', { x: 4, y: 11 }, 'share of decisions'));
     var bars = 0;
     counts.forEach(function (c, k) {
       var h = total ? (H - top - bottom) * c / peak : 0;
@@ -325,7 +326,7 @@
       var t = v.tokens_by_policy[i] || 0, pairs = v.pairs_by_policy[i] || 0, g = v.granted_by_policy[i] || 0;
       if (!t) { return; }
       var tr = document.createElement('tr');
-      [p, t, pairs, (pairs / t).toFixed(2), g, g ? (pairs / g).toFixed(2) : '–'].forEach(function (x) {
+      [p, t, pairs, (pairs / t).toFixed(2), g, g ? (pairs / g).toFixed(3) : '–'].forEach(function (x) {
         var td = document.createElement('td');
         td.textContent = String(x);
         tr.appendChild(td);

@@ -33,13 +33,29 @@ class _ToVllmHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         root = logging.getLogger()
-        target = logging.getLogger("vllm")
-        if target.handlers and all(_implicit_root_handler(h) for h in root.handlers):
-            for handler in target.handlers:  # vLLM's handlers only (not on up to the root)
-                if record.levelno >= handler.level:
-                    handler.handle(record)
+        vllm_handlers = logging.getLogger("vllm").handlers
+        if vllm_handlers and all(_implicit_root_handler(h) for h in root.handlers):
+            targets = vllm_handlers  # vLLM's handlers only (not on up to the root)
         else:
-            root.handle(record)
+            targets = root.handlers
+        if not targets:
+            targets = [logging.lastResort] if logging.lastResort else []
+        reached = _handlers_on_the_way(record.name)  # e.g. pytest's, attached to our logger
+        for handler in targets:
+            if handler not in reached and record.levelno >= handler.level:
+                handler.handle(record)
+
+
+def _handlers_on_the_way(name: str) -> list[logging.Handler]:
+    """Handlers a record of logger ``name`` met before ours (up to ``vllm_seqroute``)."""
+    out: list[logging.Handler] = []
+    logger: logging.Logger | None = logging.getLogger(name)
+    while logger is not None:
+        out.extend(logger.handlers)
+        if logger.name == "vllm_seqroute" or not logger.propagate:
+            break
+        logger = logger.parent  # type: ignore[assignment]
+    return out
 
 
 def show_logs_with_vllm() -> None:

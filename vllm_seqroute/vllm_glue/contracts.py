@@ -59,4 +59,5 @@ CONTRACTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     # SamplingParams, rejected through vLLM's own 400-with-param error
     ("vllm.sampling_params", "SamplingParams._verify_extra_args", ("self",)),
     ("vllm.exceptions", "VLLMValidationError.__init__", ("self", "message", "parameter", "value")),
+    ("vllm.entrypoints.anthropic.api_router", "logger", ()),
 )

@@ -1,5 +1,6 @@
 """The plugin inside a real vLLM engine (CPU build): every MoE layer routed, topk identical to
-vLLM, SeqTopK within budget and independent of batching and chunking."""
+vLLM, SeqTopK within budget and independent of batching and chunking, empty slots never
+computed. The main behaviours run in both serving modes: eager and the default compiled one."""
 
 from __future__ import annotations
 
@@ -24,18 +25,32 @@ def greedy(llm: Any, prompts: list[str], max_tokens: int = 16, **kw: Any) -> lis
     return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
-def stats(llm: Any) -> dict[str, Any]:
-    return llm.collective_rpc("seqroute_stats")[0]
+def stats(llm: Any, reset: bool = False) -> dict[str, Any]:
+    return llm.collective_rpc("seqroute_stats", kwargs={"reset": reset})[0]
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_grouped"])
-def test_topk_at_model_k_is_token_identical(model_dir: Any, engine: Any, family: str) -> None:
+MODES = ["eager", "compiled"]  # compiled: vLLM's default (Dynamo + inductor on the CPU)
+
+
+def eager_of(mode: str) -> bool:
+    return mode == "eager"
+
+
+@pytest.mark.parametrize(("family", "mode"), [("qwen3_moe", "eager"), ("mixtral", "eager"),
+                                              ("deepseek_grouped", "eager"), ("qwen3_moe", "compiled")])
+def test_topk_at_model_k_is_token_identical(model_dir: Any, engine: Any, family: str, mode: str) -> None:
     from vllm_seqroute.testing.tiny_models import model_info
 
     path = model_dir(family)
-    plain = greedy(engine(path), PROMPTS)
-    llm = engine(path, {"routing": "topk"})
+    plain = greedy(engine(path, enforce_eager=eager_of(mode)), PROMPTS)
+    llm = engine(path, {"routing": "topk"}, enforce_eager=eager_of(mode))
     assert greedy(llm, PROMPTS) == plain
+    if mode == "compiled":  # a wider server computes the same: its empty slots never reach the kernel
+        wide = engine(path, {"routing": "topk", "routing_cap": 4}, enforce_eager=False)
+        stats(wide, reset=True)
+        assert greedy(wide, PROMPTS) == plain
+        s = stats(wide)
+        assert s["pairs_computed"] == sum(s["pairs_by_policy"]) > 0
     s = stats(llm)
     info = model_info(path)
     assert len(s["expert_load"]) == info["num_moe_layers"]  # every MoE layer routed by the plugin
@@ -45,18 +60,22 @@ def test_topk_at_model_k_is_token_identical(model_dir: Any, engine: Any, family:
         assert sum(hist) == hist[info["top_k"]] > 0
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_grouped"])
-def test_seqtopk_varies_experts_and_keeps_budget(model_dir: Any, engine: Any, family: str) -> None:
+@pytest.mark.parametrize(("family", "mode"), [("qwen3_moe", "eager"), ("deepseek_grouped", "eager"),
+                                              ("qwen3_moe", "compiled")])
+def test_seqtopk_varies_experts_and_keeps_budget(model_dir: Any, engine: Any, family: str, mode: str) -> None:
     from vllm_seqroute.testing.tiny_models import model_info
 
     path = model_dir(family)
     info = model_info(path)
-    llm = engine(path, {"routing": "seqtopk"})
+    llm = engine(path, {"routing": "seqtopk"}, enforce_eager=eager_of(mode))
+    stats(llm, reset=True)  # forget the start-up (profile and warm-up) runs
     greedy(llm, PROMPTS, max_tokens=24)
     s = stats(llm)
     k = info["top_k"]
-    # the CPU kernel corrupts other tokens on -1: every layer must use weight-0 fills
-    assert s["empty_slot_modes"] == {"skip": 0, "weight0": info["num_moe_layers"]}
+    # the CPU kernel corrupts other tokens on -1: every layer hands it the selected pairs only
+    assert s["empty_slot_modes"] == {"skip": 0, "compact": info["num_moe_layers"], "weight0": 0}
+    # the expert kernel computed exactly the selected pairs, no weight-0 work
+    assert s["pairs_computed"] == sum(s["pairs_by_policy"]) < s["tokens_computed"] * info["top_k"] * 2
     for hist in s["experts_per_token"]:
         assert sum(1 for c in hist if c) >= 2, hist  # experts per token vary
     assert s["requests"] and len(s["requests"]) == len(PROMPTS)
@@ -68,21 +87,24 @@ def test_seqtopk_varies_experts_and_keeps_budget(model_dir: Any, engine: Any, fa
             assert used <= sel <= used + seen  # the floor adds at most one expert per token
 
 
-def test_causal_output_independent_of_batch_and_chunking(model_dir: Any, engine: Any) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_causal_output_independent_of_batch_and_chunking(model_dir: Any, engine: Any, mode: str) -> None:
     path = model_dir("qwen3_moe")
     long_prompt = " ".join(["expert token router layer"] * 12)
     routing = {"routing": "seqtopk"}
-    llm = engine(path, routing)
+    llm = engine(path, routing, enforce_eager=eager_of(mode))
     alone = greedy(llm, [long_prompt], max_tokens=20)[0]
     busy = greedy(llm, [*PROMPTS[:2], long_prompt, *PROMPTS[2:]], max_tokens=20)[2]
     assert busy == alone
-    chunked = engine(path, routing, max_num_batched_tokens=16, enable_chunked_prefill=True)
+    chunked = engine(path, routing, max_num_batched_tokens=16, enable_chunked_prefill=True,
+                     enforce_eager=eager_of(mode))
     assert greedy(chunked, [long_prompt], max_tokens=20)[0] == alone
 
 
-def test_request_override_does_not_change_neighbours(model_dir: Any, engine: Any) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_request_override_does_not_change_neighbours(model_dir: Any, engine: Any, mode: str) -> None:
     path = model_dir("qwen3_moe")
-    llm = engine(path, {"routing": "seqtopk"})
+    llm = engine(path, {"routing": "seqtopk"}, enforce_eager=eager_of(mode))
     base = greedy(llm, PROMPTS)
     extra = [None, {"routing": "topp", "routing_p": 0.5}, None,
              {"routing": "topk", "routing_budget": 1}, {"routing": "entropy", "routing_k_max": 6}]
@@ -108,13 +130,24 @@ def test_dense_model_served_unchanged(model_dir: Any, engine: Any, caplog: Any) 
     assert len(lines) == 1
 
 
-def test_compiled_engine_matches_eager(model_dir: Any, engine: Any) -> None:
+def test_compact_experts_equal_weight0_experts(model_dir: Any, engine: Any, monkeypatch: Any) -> None:
+    """Compaction changes what the kernel computes, never a token's output: the same engine with
+    weight-0 empty slots (every slot computed) answers identically, at more than twice the pairs."""
     path = model_dir("qwen3_moe")
-    routing = {"routing": "seqtopk"}
-    eager = greedy(engine(path, routing), PROMPTS)
-    compiled = engine(path, routing, enforce_eager=False)
-    assert greedy(compiled, PROMPTS) == eager
-    assert stats(compiled)["tokens_by_policy"][1] > 0  # the opaque op ran in the compiled model
+    routing = {"routing": "seqtopk", "routing_budget": 1}
+    compact = engine(path, routing)
+    stats(compact, reset=True)
+    want = greedy(compact, PROMPTS, max_tokens=20)
+    c = stats(compact)
+    monkeypatch.setenv("SEQROUTE_EMPTY_SLOTS", "weight0")
+    weight0 = engine(path, routing)
+    stats(weight0, reset=True)
+    assert greedy(weight0, PROMPTS, max_tokens=20) == want
+    w = stats(weight0)
+    assert w["empty_slot_modes"]["weight0"] == len(w["expert_load"])
+    assert w["pairs_by_policy"] == c["pairs_by_policy"]
+    assert c["pairs_computed"] == sum(c["pairs_by_policy"])
+    assert w["pairs_computed"] == w["tokens_computed"] * 2 > 1.5 * c["pairs_computed"]  # width 2
 
 
 def test_preemption_recomputes_the_same_routing(model_dir: Any, engine: Any) -> None:

@@ -126,6 +126,6 @@ def _log_after_load(orig: Callable) -> Callable:
         if st.STATE is not None:
             from vllm_seqroute.vllm_glue import empty_slots
 
-            st.STATE.empty_slot_modes = empty_slots.configure(self.get_model())
+            st.STATE.empty_slot_modes, st.STATE.experts_computed = empty_slots.configure(self.get_model())
         return out
     return f

@@ -203,13 +203,16 @@ _LIB = None
 
 
 def register_op() -> None:
-    """Register ``torch.ops.vllm_seqroute.select`` once per process."""
+    """Register ``torch.ops.vllm_seqroute.select`` (and the CPU experts' op) once per process."""
     global _LIB
     if _LIB is not None:
         return
     from torch.library import Library
     from vllm.utils.torch_utils import direct_register_custom_op
 
+    from vllm_seqroute.vllm_glue import compact_experts
+
     _LIB = Library("vllm_seqroute", "FRAGMENT")
     direct_register_custom_op("select", select, mutates_args=[], fake_impl=select_fake,
                               target_lib=_LIB)
+    compact_experts.register_op(_LIB)

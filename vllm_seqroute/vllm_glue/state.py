@@ -45,6 +45,7 @@ class RoutingState:
     step_policies: set[int] = field(default_factory=set)  # host-known policies of this step
     slot_policy_host: list[int] = field(default_factory=list)
     empty_slot_modes: dict[str, int] = field(default_factory=dict)
+    experts_computed: list[Any] = field(default_factory=list)  # CPU: pairs each layer's kernel ran
     restarts: int = 0
     step_single_tokens: bool = False  # host-known: every request has one token this step
     step_all_vanilla: bool = False  # host-known: every request is topk at the model's K
@@ -191,6 +192,9 @@ class RoutingState:
     def stats(self, reset: bool = False) -> dict[str, Any]:
         out = {
             "empty_slot_modes": self.empty_slot_modes,
+            # CPU: (token, expert) pairs the expert kernels really computed, and their token rows
+            "pairs_computed": sum(c.pairs for c in computed) if (computed := self.experts_computed) else None,
+            "tokens_computed": sum(c.tokens for c in computed) if computed else None,
             "restarts": self.restarts,
             "policies": list(POLICIES),
             "tokens_by_policy": self.tokens_by_policy.tolist(),
@@ -206,6 +210,8 @@ class RoutingState:
             for t in (self.tokens_by_policy, self.pairs_by_policy, self.granted_by_policy,
                       *self.expert_load, *self.experts_per_token):
                 t.zero_()
+            for c in self.experts_computed:
+                c.pairs = c.tokens = 0
         return out
 
 

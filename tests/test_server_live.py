@@ -864,6 +864,7 @@ def test_dashboard_in_headless_chromium(server: Server, tmp_path: Path) -> None:
         browser.call("Page.navigate", {"url": f"{server.base}/routing?api_key={KEY}&refresh=2"}, session=True)
         browser.wait_for("document.body && document.body.dataset.state === 'ok'")
         load_s = time.monotonic() - t0
+        assert not browser.js(_visible("key-button"))  # offered only when the key is refused
         stats = server.stats(requests="false")
         # both charts drawn from the server's data
         cells = browser.js("Number(document.getElementById('heatmap').dataset.cells)")
@@ -926,6 +927,21 @@ def test_dashboard_in_headless_chromium(server: Server, tmp_path: Path) -> None:
         browser.call("Network.setBlockedURLs", {"urls": []}, session=True)
         browser.wait_for("document.body.dataset.state === 'ok'", timeout=20)
 
+        # idle experts: after a reset, one short topk-1 request leaves most experts with 0 pairs;
+        # exactly those cells take the legend's "0 pairs" colour
+        server.stats(reset="true")
+        status, _ = server.json("POST", "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1,
+                                                            "vllm_xargs": {"routing": "topk", "routing_budget": 1}})
+        assert status == 200
+        browser.wait_for("Number(document.getElementById('heatmap').dataset.total) > 0 && "
+                         "Number(document.getElementById('heatmap').dataset.total) < 20", timeout=20)
+        load = server.stats(requests="false")["expert_load"]
+        zeros = sum(c == 0 for row in load for c in row)
+        assert zeros >= 16 and browser.js("Number(document.getElementById('heatmap').dataset.unused)") == zeros
+        for (layer, expert, rgb) in browser.js(_CELL_COLOURS):
+            assert (rgb == [58, 63, 71]) == (load[layer][expert] == 0), (layer, expert, rgb)
+        browser.screenshot(tmp_path / "dashboard-idle-experts.png")
+
         # nothing but this server was contacted; no script errors, no CSP violations
         urls = [e["params"]["request"]["url"] for e in browser.events if e.get("method") == "Network.requestWillBeSent"]
         assert urls and all(u.startswith(server.base + "/") for u in urls), urls
@@ -940,7 +956,12 @@ def test_dashboard_in_headless_chromium(server: Server, tmp_path: Path) -> None:
         browser.close()
 
 
-def test_dashboard_key_page_and_key_out_of_the_url_in_chromium(server: Server) -> None:
+def _visible(element_id: str) -> str:
+    """JS: the element is on screen (rendered with a size), whatever its attributes say."""
+    return f"(document.getElementById('{element_id}')?.getClientRects().length > 0)"
+
+
+def test_dashboard_key_page_and_key_out_of_the_url_in_chromium(server: Server, tmp_path: Path) -> None:
     binary = _chromium()
     if binary is None:
         pytest.skip("no chromium binary found (set SEQROUTE_CHROMIUM, or run scripts/ci-deps.sh)")
@@ -949,16 +970,16 @@ def test_dashboard_key_page_and_key_out_of_the_url_in_chromium(server: Server) -
         # no key: the key page, not raw JSON
         browser.call("Page.navigate", {"url": f"{server.base}/routing?refresh=2"}, session=True)
         browser.wait_for("document.body && document.body.dataset.state === 'key'")
-        assert browser.js("document.getElementById('key-error').hidden")
+        assert not browser.js(_visible("key-error")) and browser.js(_visible("key-form"))
         assert browser.js("typeof window.seqrouteDashboard") == "undefined"
+        browser.screenshot(tmp_path / "key-page.png")
 
         def submit(key: str) -> None:
             browser.js(f"document.getElementById('key').value = {json.dumps(key)}; "
                        "document.getElementById('key-form').requestSubmit()")
 
         submit("wrong")  # refused: the page says so
-        browser.wait_for("document.body && document.body.dataset.state === 'key' && "
-                         "!document.getElementById('key-error').hidden")
+        browser.wait_for("document.body && document.body.dataset.state === 'key' && " + _visible("key-error"))
         submit(KEY)
         browser.wait_for("document.body && document.body.dataset.state === 'ok'")
         assert browser.js("location.search") == "?refresh=2"
@@ -975,7 +996,7 @@ def test_dashboard_key_page_and_key_out_of_the_url_in_chromium(server: Server) -
         assert KEY not in browser.js("document.documentElement.outerHTML")
         # a stats 401 offers to enter the key again
         browser.js("window.seqrouteDashboard.setKey('wrong'); window.seqrouteDashboard.refresh()")
-        browser.wait_for("document.body.dataset.state === 'error' && !document.getElementById('key-button').hidden")
+        browser.wait_for("document.body.dataset.state === 'error' && " + _visible("key-button"))
         errors = [e for e in browser.events if e.get("method") == "Runtime.exceptionThrown"]
         assert not errors, errors[:2]
     finally:

@@ -36,6 +36,12 @@ APPLIES_TO: dict[str, tuple[str, ...]] = {
 SHOWN_CHARS = 40  # user input quoted in a message is cut to about this many characters
 
 _KEY_OF_FIELD = {field: key for key, (field, _) in FIELDS.items()}
+_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(RoutingConfig))
+
+
+def _fields(cfg: RoutingConfig) -> dict[str, Any]:
+    """A config's fields (all scalars: no deep copy, unlike ``dataclasses.asdict``)."""
+    return {name: getattr(cfg, name) for name in _CONFIG_FIELDS}
 
 
 def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
@@ -139,7 +145,7 @@ def config_from_options(options: dict[str, Any]) -> RoutingConfig:
     kw.setdefault("policy", "topk")
     try:
         _check_fields_alone(kw["policy"], kw)
-        _check_pairs({**dataclasses.asdict(RoutingConfig(policy=kw["policy"])), **kw}, set(kw))
+        _check_pairs({**_fields(RoutingConfig(policy=kw["policy"])), **kw}, set(kw))
         return RoutingConfig(pool=pool, **kw)
     except ValueError as e:
         raise ValueError(user_message(str(e))) from None
@@ -232,10 +238,10 @@ def request_config(base: RoutingConfig, extra_args: dict[str, Any] | None, *, nu
                 raise ValueError(f"{key}: applies to {', '.join(policies)} only, and this request routes "
                                  f"with {policy} (send \"routing\": \"{policies[0]}\" to use it)")
         if policy != base.policy:
-            fields = {**dataclasses.asdict(RoutingConfig(policy=policy)), "rule": base.rule,
+            fields = {**_fields(RoutingConfig(policy=policy)), "rule": base.rule,
                       "pool": base.pool}
         else:
-            fields = dataclasses.asdict(base)
+            fields = _fields(base)
         sent = {k: v for k, v in ov.items() if k != "policy"}
         _check_fields_alone(policy, sent)
         fields.update(ov)
@@ -248,7 +254,7 @@ def request_config(base: RoutingConfig, extra_args: dict[str, Any] | None, *, nu
 
 def _resolved(cfg: RoutingConfig, *, num_experts: int, model_k: int, width: int) -> RoutingConfig:
     if cfg.cap is None:
-        eff = _effective(dataclasses.asdict(cfg), num_experts=num_experts, model_k=model_k, width=width)
+        eff = _effective(_fields(cfg), num_experts=num_experts, model_k=model_k, width=width)
         cfg = dataclasses.replace(cfg, cap=eff["cap"])
     return cfg.resolve(num_experts, default_budget=model_k)
 

@@ -120,13 +120,16 @@ class SeqrouteHTTP:
         self._poller = asyncio.get_running_loop().create_task(self._poll_forever(),
                                                               name="seqroute-metrics-poller")
 
-    async def refresh_info(self) -> None:
+    async def refresh_info(self, *, quiet: bool = False) -> None:
+        """Ask the workers what they route with. Until they answer, requests get the checks
+        that need no model (names, types, single values); the poller asks again (``quiet``)."""
         try:
             infos = await asyncio.wait_for(self.engine_client.collective_rpc("seqroute_info"),
                                            _rpc_timeout())
         except Exception as e:
-            logger.warning("vllm_seqroute: could not read the workers' routing setup (%r); per-request "
-                           "routing options are type-checked only", e)
+            if not quiet:
+                logger.warning("vllm_seqroute: could not read the workers' routing setup (%r); per-request "
+                               "routing options are checked for names and types only until they answer", e)
             self.info_known = False
             return
         self.info = next((i for i in infos or [] if i), None)
@@ -183,6 +186,8 @@ class SeqrouteHTTP:
         while True:
             await asyncio.sleep(interval * min(2 ** failures, 12))
             try:
+                if not self.info_known:
+                    await self.refresh_info(quiet=True)
                 await self.poll_once()
                 failures = 0
             except asyncio.CancelledError:

@@ -494,6 +494,37 @@ def test_dashboard_key_check(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _api_keys(Args()) == ["cli"]
 
 
+def test_routing_setup_read_again_until_the_workers_answer() -> None:
+    """An engine that cannot answer ``seqroute_info`` at start (a stand-in: the real one answers):
+    requests get the model-free checks, and the full ones once a later read succeeds."""
+    from seqroute_server.plugin import SeqrouteHTTP
+
+    info = {"base": dataclasses.asdict(SERVER.base), "num_experts": 16, "model_k": 4, "width": 8,
+            "num_layers": 2}
+
+    class SlowEngine:
+        answers: list[Any] = [TimeoutError("no answer"), [info]]
+
+        async def collective_rpc(self, method: str, kwargs: Any = None) -> Any:
+            out = self.answers.pop(0)
+            if isinstance(out, Exception):
+                raise out
+            return out
+
+    p = SeqrouteHTTP()
+    p.engine_client = SlowEngine()
+    asyncio.run(p.refresh_info())
+    assert not p.info_known
+    p.check_extra_args({"routing_budget": 99})  # the model's size is not known yet
+    with pytest.raises(RoutingOptionError):
+        p.check_extra_args({"routing_budget": -1})
+    asyncio.run(p.refresh_info(quiet=True))
+    assert p.info_known and p.server == SERVER
+    with pytest.raises(RoutingOptionError, match="exceeds the model's 16 experts"):
+        p.check_extra_args({"routing_budget": 99})
+    assert p.rejected == 2
+
+
 # --- log routing ----------------------------------------------------------------------------
 def test_plugin_logs_go_to_vllms_handler_unless_the_app_configured_root(monkeypatch: pytest.MonkeyPatch) -> None:
     """In vLLM's worker processes a library's bare ``logging.info`` adds Python's default root

@@ -326,7 +326,7 @@ def adapt(args: AdaptArgs, progress: bool = True) -> dict[str, Any]:
         save_total_limit=args.save_total_limit or None, seed=args.seed, data_seed=args.seed,
         use_cpu=args.device == "cpu", train_sampling_strategy="sequential", remove_unused_columns=False,
         dataloader_drop_last=True, average_tokens_across_devices=True, ddp_find_unused_parameters=False,
-        fsdp=args.fsdp or "", fsdp_config=_json_arg(args.fsdp_config), deepspeed=args.deepspeed,
+        **_fsdp_args(args.fsdp, _json_arg(args.fsdp_config)), deepspeed=args.deepspeed,
     )
     trainer = _make_trainer_class()(
         model=model, args=targs, train_dataset=data, data_collator=default_data_collator,
@@ -409,6 +409,37 @@ def _save_checkpoint(model: Any, state_dict: dict | None, out: Path, dtype: torc
     cfg = json.loads((out / "config.json").read_text())
     cfg["dtype"] = str(dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _fsdp_args(fsdp: str, config: dict | str | None) -> dict[str, Any]:
+    """TrainingArguments' FSDP fields for the CLI's ``--fsdp "full_shard auto_wrap"`` form.
+    transformers 5.19 deprecates that string (removal announced for 5.20) for ``fsdp=True`` with
+    the choices in ``fsdp_config``; from 5.19 on the string is translated here, by the rules of
+    that deprecation: a sharding strategy sets ``reshard_after_forward`` (FSDP2: full_shard ->
+    True, shard_grad_op -> False; FSDP1: the strategy's name), ``offload`` sets
+    ``cpu_offload``, ``auto_wrap`` is the default."""
+    if not fsdp:
+        return {"fsdp": "", "fsdp_config": config}
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__).release < (5, 19):
+        return {"fsdp": fsdp, "fsdp_config": config}
+    cfg = dict(json.loads(Path(config).read_text()) if isinstance(config, str) else config or {})
+    fsdp2 = int(cfg.get("version", 2)) == 2
+    for item in fsdp.split():
+        if item in ("full_shard", "shard_grad_op") and fsdp2:
+            cfg.setdefault("reshard_after_forward", item == "full_shard")
+        elif item in ("full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2", "no_shard"):
+            if fsdp2:
+                raise ValueError(f"--fsdp: {item} needs FSDP1 (--fsdp-config '{{\"version\": 1}}')")
+            cfg.setdefault("reshard_after_forward", item)
+        elif item == "offload":
+            cfg.setdefault("cpu_offload", True)
+        elif item != "auto_wrap":
+            raise ValueError(f"--fsdp: unknown option {item!r} (full_shard, shard_grad_op, offload, "
+                             "auto_wrap)")
+    return {"fsdp": True, "fsdp_config": cfg}
 
 
 def _json_arg(value: str | None) -> dict | str | None:

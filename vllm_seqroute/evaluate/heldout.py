@@ -55,6 +55,54 @@ def nll_torch(model: Any, windows: Sequence[Sequence[int]], batch_size: int = 8,
     return total, count
 
 
+@torch.no_grad()
+def token_entropy_torch(model: Any, windows: Sequence[Sequence[int]], batch_size: int = 4,
+                        progress: bool = False) -> list[list[float]]:
+    """Per window, the entropy (nats) of the model's next-token distribution at each position;
+    windows of equal length share a batch."""
+    by_len: dict[int, list[int]] = {}
+    for i, w in enumerate(windows):
+        by_len.setdefault(len(w), []).append(i)
+    chunks = [ix[j:j + batch_size] for ix in by_len.values() for j in range(0, len(ix), batch_size)]
+    it: Any = chunks
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(chunks, desc="predictive entropy", unit="batch", leave=False)
+    dev = next(model.parameters()).device
+    out: list[list[float]] = [[] for _ in windows]
+    for chunk in it:
+        ids = torch.tensor([list(windows[i]) for i in chunk], dtype=torch.long, device=dev)
+        lp = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
+        ent = -(lp.exp() * lp).sum(-1)
+        for i, row in zip(chunk, ent.tolist(), strict=True):
+            out[i] = row
+    return out
+
+
+def entropy_of_windows(model_dir: str, windows: Sequence[Sequence[int]], progress: bool = False) -> Any:
+    """``[windows, longest]`` float64 array (NaN past a window's end) of the predictive entropy of
+    ``model_dir`` under its own routing (transformers; bf16 on a GPU, fp32 on the CPU), the
+    model freed afterwards."""
+    import numpy as np
+
+    cuda = torch.cuda.is_available()
+    model = load_torch_model(model_dir, torch.bfloat16 if cuda else torch.float32)
+    if cuda:
+        model.to("cuda")
+    try:
+        rows = token_entropy_torch(model, windows, progress=progress)
+    finally:
+        del model
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    out = np.full((len(rows), max(len(r) for r in rows)), np.nan)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
 def load_torch_model(model_dir: str, dtype: torch.dtype = torch.float32) -> Any:
     from transformers import AutoModelForCausalLM
 
@@ -106,21 +154,24 @@ def close_llm(llm: Any) -> None:
     gc.collect()
 
 
-def nll_vllm(llm: Any, windows: Sequence[Sequence[int]], progress: bool = False) -> tuple[float, int]:
-    """(sum of -log p over positions 2.., count) from ``prompt_logprobs``; one request per window."""
+def prompt_nll(llm: Any, windows: Sequence[Sequence[int]], progress: bool = False
+               ) -> tuple[list[str], list[list[float]]]:
+    """Per window: its request id and ``-log p`` of positions 2.. from ``prompt_logprobs``."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
     prompts = [TokensPrompt(prompt_token_ids=list(w)) for w in windows]
     outs = llm.generate(prompts, params, use_tqdm=progress)
-    total, count = 0.0, 0
-    for w, out in zip(windows, outs, strict=True):
-        plp = out.prompt_logprobs
-        for tok, entry in zip(w[1:], plp[1:], strict=True):
-            total -= entry[tok].logprob
-            count += 1
-    return total, count
+    nll = [[-entry[tok].logprob for tok, entry in zip(w[1:], out.prompt_logprobs[1:], strict=True)]
+           for w, out in zip(windows, outs, strict=True)]
+    return [out.request_id for out in outs], nll
+
+
+def nll_vllm(llm: Any, windows: Sequence[Sequence[int]], progress: bool = False) -> tuple[float, int]:
+    """(sum of -log p over positions 2.., count) from ``prompt_logprobs``; one request per window."""
+    _, nll = prompt_nll(llm, windows, progress)
+    return sum(sum(x) for x in nll), sum(len(x) for x in nll)
 
 
 def heldout_loss_vllm(model_dir: str, texts: Sequence[str], routing: dict[str, Any] | None = None,

@@ -64,11 +64,14 @@ def _f(v: Any, fmt: str) -> str:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     ref = any(r.get("torch_ref_loss") is not None for r in rows)
+    from vllm_seqroute.evaluate import difficulty_report
+
     multi = len({r["model"] for r in rows}) > 1
+    diff = any(r.get("difficulty") for r in rows)
     head = (["model"] if multi else []) + [
         "routing", "loss (nats/tok)", "ppl"] + (["torch ref loss", "vLLM vs ref"] if ref else []) + [
         "experts/token", "expert MFLOP/token", "load max/mean (avg, worst layer)", "prefill tok/s",
-        "decode tok/s", "decode ms/step", "peak RSS MiB"]
+        "decode tok/s", "decode ms/step", "peak RSS MiB"] + (difficulty_report.HEAD if diff else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = ([r["model"]] if multi else []) + [r["routing"], _f(r["loss"], ".4f"), _f(r["ppl"], ".3f")]
@@ -82,6 +85,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
                   "n/a" if r["decode_ms_per_step"] is None
                   else f"{r['decode_ms_per_step']:.1f} (batch {r['decode_batch']})",
                   _f(r["peak_rss_mib"], ".0f")]
+        if diff:
+            cells += difficulty_report.table_cells(r)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -85,6 +85,8 @@ class Job:
     decode_prompt: int = 64
     decode_tokens: int = 64
     speed: bool = True  # measure prefill/decode throughput (False: loss and counters only)
+    records_file: str = ""  # per-token routing records of the loss pass go here ("": none)
+    gen_tokens: int = 0  # recorded generation (experts vs position): tokens per request (0: none)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -95,7 +97,7 @@ def _peak_rss_mib() -> float:
 
 def run_job(job: Job) -> dict[str, Any]:
 
-    from vllm_seqroute.evaluate.heldout import close_llm, make_llm, nll_vllm
+    from vllm_seqroute.evaluate.heldout import close_llm, make_llm, nll_vllm, prompt_nll
 
     windows = json.loads(Path(job.windows_file).read_text())
     longest = max(len(w) for w in windows)
@@ -104,7 +106,8 @@ def run_job(job: Job) -> dict[str, Any]:
     # caching off by itself, so cache hits would flatter the other policies
     kw = {"enable_prefix_caching": False, **job.extra}
     llm = make_llm(job.model, job.spec.options, dtype=job.dtype, enforce_eager=job.enforce_eager,
-                   max_model_len=max(longest, job.decode_prompt + job.decode_tokens) + 8, **kw)
+                   max_model_len=max(longest, job.decode_prompt + max(job.decode_tokens, job.gen_tokens)) + 8,
+                   **kw)
     startup = time.perf_counter() - t0
     routed = job.spec.options is not None
 
@@ -113,22 +116,63 @@ def run_job(job: Job) -> dict[str, Any]:
             return None
         return llm.collective_rpc("seqroute_stats", kwargs={"reset": reset, "requests": False})[0]
 
+    def record(on: bool, max_tokens: int = 0) -> dict[str, Any] | None:
+        return llm.collective_rpc("seqroute_record", kwargs={"on": on, "max_tokens": max_tokens})[0]
+
+    recording = routed and bool(job.records_file)
     nll_vllm(llm, windows[:2])  # warm-up (first-call costs), then counters from zero
     stats(True)
+    if recording:
+        record(True, sum(len(w) for w in windows))
     t = time.perf_counter()
-    total, count = nll_vllm(llm, windows)
+    req_ids, nll = prompt_nll(llm, windows)
     t_loss = time.perf_counter() - t
+    recs = record(False) if recording else None
     st = stats(True)
+    total, count = sum(sum(x) for x in nll), sum(len(x) for x in nll)
 
     out = {"loss_nll_sum": total, "loss_tokens": count, "loss": total / count, "windows": len(windows),
            "stats": st, "startup_s": round(startup, 2), "loss_pass_s": round(t_loss, 3),
            "decode_batch": job.decode_batch}
+    if recs is not None:
+        out.update(_save_records(job.records_file, req_ids, nll, recs))
+    if recording and job.gen_tokens > 0:
+        out.update(_recorded_generation(llm, windows, job, record))
+        stats(True)
     if job.speed:
         out.update(_speed(llm, windows, job))
     stats(True)
     close_llm(llm)
     out["peak_rss_mib"] = _peak_rss_mib()
     return out
+
+
+def _save_records(path: str, req_ids: list[str], nll: list[list[float]], recs: dict[str, Any]
+                  ) -> dict[str, Any]:
+    """The loss pass's records joined with its per-token losses, as ``path`` (.npz)."""
+    import numpy as np
+
+    from vllm_seqroute.evaluate.difficulty import join_windows
+
+    joined = join_windows(req_ids, nll, recs)
+    np.savez_compressed(path, **joined)
+    return {"records_file": path, "records_tokens": int(joined["loss"].shape[0]),
+            "records_dropped": recs["dropped"]}
+
+
+def _recorded_generation(llm: Any, windows: list[list[int]], job: Job, record: Any) -> dict[str, Any]:
+    """``decode_batch`` requests: a window's first ``decode_prompt`` tokens, then ``gen_tokens``
+    greedy tokens, recorded (experts per token against position)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    plen = min(job.decode_prompt, min(len(w) for w in windows))
+    prompts = [TokensPrompt(prompt_token_ids=list(windows[i % len(windows)][:plen]))
+               for i in range(job.decode_batch)]
+    record(True, job.decode_batch * (plen + job.gen_tokens))
+    llm.generate(prompts, SamplingParams(max_tokens=job.gen_tokens, temperature=0.0, ignore_eos=True),
+                 use_tqdm=False)
+    return {"gen_records": record(False), "gen_prompt_len": plen, "gen_tokens": job.gen_tokens}
 
 
 def _best_time(fn: Any, repeats: int) -> float:

@@ -31,12 +31,11 @@ def apply_all() -> None:
 
 
 def _patch_router_factory() -> None:
-    from vllm.model_executor.layers.fused_moe import layer
+    """vLLM's MoE layer gets the plugin's router; routers built elsewhere (a model calling
+    ``router_factory`` directly or passing ``router=``) are named in the log (``router.py``)."""
+    from vllm_seqroute.vllm_glue import router
 
-    from vllm_seqroute.vllm_glue.router import make_router_factory
-
-    if not hasattr(layer.create_fused_moe_router, "__wrapped__"):
-        layer.create_fused_moe_router = make_router_factory(layer.create_fused_moe_router)
+    router.install()
 
 
 def _patch_engine_args() -> None:
@@ -112,5 +111,17 @@ def _patch_worker_rpc() -> None:
             "max_slots": s.max_slots,
         }
 
+    def seqroute_record(self: Any, on: bool, max_tokens: int = 0) -> dict[str, Any] | None:
+        """Evaluation only, opt-in and bounded: ``on`` starts recording the experts each token
+        gets per layer (at most ``max_tokens`` tokens, CPU only); off stops and returns the
+        records by request and position. None when routing is off."""
+        from vllm_seqroute.vllm_glue import state
+
+        s = state.STATE
+        if s is None or not s.layers:
+            return None
+        return s.record(on, max_tokens)
+
     WorkerWrapperBase.seqroute_stats = seqroute_stats
+    WorkerWrapperBase.seqroute_record = seqroute_record
     WorkerWrapperBase.seqroute_info = seqroute_info

@@ -36,6 +36,16 @@ def _sorted_candidates(rank: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 def select(router_logits: torch.Tensor, group_ids: torch.Tensor, van_w: torch.Tensor,
            van_ids: torch.Tensor, bias: torch.Tensor | None, layer: int, scoring: int,
            renormalize: bool, scale: float, skip_empty: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    w, ids = _select(router_logits, group_ids, van_w, van_ids, bias, layer, scoring, renormalize,
+                     scale, skip_empty)
+    if st.STATE.recorder is not None:  # opt-in eval records (CPU only): read the outputs afterwards
+        st.STATE.recorder.on_layer(layer, w, ids)
+    return w, ids
+
+
+def _select(router_logits: torch.Tensor, group_ids: torch.Tensor, van_w: torch.Tensor,
+            van_ids: torch.Tensor, bias: torch.Tensor | None, layer: int, scoring: int,
+            renormalize: bool, scale: float, skip_empty: bool) -> tuple[torch.Tensor, torch.Tensor]:
     state = st.STATE
     info = state.layers[layer]
     n, e = router_logits.shape

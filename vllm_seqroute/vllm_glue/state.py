@@ -51,6 +51,7 @@ class RoutingState:
     step_all_vanilla: bool = False  # host-known: every request is topk at the model's K
     step_native: bool = False  # host-known: the native CPU body serves this step's policies
     step_cache: dict[int, Any] = field(default_factory=dict)  # select_op.StepContext by tokens
+    recorder: Any = None  # evaluate.records.RoutingRecorder while an eval records (CPU, opt-in)
 
     def __post_init__(self) -> None:
         s, dev = self.max_slots + 1, self.device  # last row: padding / unknown tokens
@@ -116,6 +117,8 @@ class RoutingState:
             if num_computed:  # prefix-cache hit: skipped tokens count as neutral history
                 layer.ledger.seen[slot] = num_computed
                 layer.ledger.used[slot] = num_computed * cfg.budget if cfg.budget else 0
+        if self.recorder is not None:
+            self.recorder.add_request(req_id, num_computed)
 
     def remove_request(self, req_id: str) -> None:
         slot = self.slot_of_req.pop(req_id, None)
@@ -124,6 +127,8 @@ class RoutingState:
             while len(self.finished) > 4096:  # bounded: oldest first
                 self.finished.pop(next(iter(self.finished)))
             self.free_slots.append(slot)
+        if self.recorder is not None:
+            self.recorder.remove_request(req_id)
 
     def _slot_record(self, slot: int) -> dict[str, Any]:
         return {
@@ -171,6 +176,8 @@ class RoutingState:
         if (slots < 0).any():
             self.step_policies.add(self.slot_policy_host[self.max_slots])
         self.step_native = self._native_serves(self.step_policies)
+        if self.recorder is not None:
+            self.recorder.on_step(req_ids, num_scheduled)
 
     def _native_serves(self, policies: set[int]) -> bool:
         """The native CPU body serves every policy but the window rule, with bounded ledgers."""
@@ -187,6 +194,22 @@ class RoutingState:
         self.step_policies = ALL_POLICY_IDS if cuda else {self.slot_policy_host[self.max_slots]}
         self.step_single_tokens = self.step_all_vanilla = False
         self.step_native = not cuda and self._native_serves(self.step_policies)
+        if self.recorder is not None:
+            self.recorder.clear_step()
+
+    # --- per-token records (evaluation only) ----------------------------------------------
+    def record(self, on: bool, max_tokens: int = 0) -> dict[str, Any]:
+        """``on``: start a fresh recording of at most ``max_tokens`` tokens (requests added from
+        now on); off: stop it and return its records (see :mod:`vllm_seqroute.evaluate.records`)."""
+        from vllm_seqroute.evaluate.records import RoutingRecorder
+
+        if not on:
+            rec, self.recorder = self.recorder, None
+            return rec.records() if rec is not None else RoutingRecorder(1, len(self.layers), 1).records()
+        if self.device.type != "cpu":
+            raise ValueError(f"routing records: CPU only (this worker routes on {self.device.type})")
+        self.recorder = RoutingRecorder(max_tokens, len(self.layers), max(x.width for x in self.layers))
+        return {"recording": True, "max_tokens": max_tokens, "num_layers": len(self.layers)}
 
     # --- stats --------------------------------------------------------------------------
     def stats(self, reset: bool = False) -> dict[str, Any]:

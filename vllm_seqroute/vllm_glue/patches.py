@@ -31,11 +31,12 @@ def apply_all() -> None:
 
 
 def _patch_router_factory() -> None:
-    """vLLM's MoE layer gets the plugin's router; routers built elsewhere (a model calling
-    ``router_factory`` directly or passing ``router=``) are named in the log (``router.py``)."""
-    from vllm_seqroute.vllm_glue import router
+    from vllm.model_executor.layers.fused_moe import layer
 
-    router.install()
+    from vllm_seqroute.vllm_glue.router import make_router_factory
+
+    if not hasattr(layer.create_fused_moe_router, "__wrapped__"):
+        layer.create_fused_moe_router = make_router_factory(layer.create_fused_moe_router)
 
 
 def _patch_engine_args() -> None:

@@ -72,6 +72,23 @@ def test_recorder_aligns_tokens_to_positions_and_stays_bounded() -> None:
         RoutingRecorder(0, 2, 3)
 
 
+def test_recording_is_refused_off_the_cpu_and_off_by_default() -> None:
+    """Off the CPU the count per layer would cost a host sync (or break graph capture): the
+    worker answers that it is not recording and serving goes on unrecorded."""
+    from vllm_seqroute.policies import RoutingConfig
+    from vllm_seqroute.vllm_glue.state import RoutingState
+
+    for device, recording in (("meta", False), ("cpu", True)):
+        s = RoutingState(base=RoutingConfig(policy="seqtopk"), max_slots=2, max_tokens=8,
+                         device=torch.device(device))
+        s.add_layer(8, 2, 4)
+        assert s.recorder is None  # never on by default
+        got = s.record(True, 16)
+        assert got["recording"] is recording and (recording or "CPU only" in got["reason"])
+        assert (s.recorder is not None) is recording
+        assert s.record(False)["recorded"] == 0 and s.recorder is None
+
+
 def test_windows_join_their_next_token_loss() -> None:
     from vllm_seqroute.evaluate.difficulty import join_windows, summarize_difficulty
 

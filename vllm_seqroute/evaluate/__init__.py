@@ -1,6 +1,7 @@
 """Evaluate routing policies: held-out loss through vLLM (``prompt_logprobs``) and through the
 pure-PyTorch reference, and ``vllm-seqroute eval`` (quality, experts per token, expert load,
-throughput, memory and FLOPs per policy, as a markdown table and PNG plots).
+throughput, memory and FLOPs per policy, whether the experts follow token difficulty, as a
+markdown table and PNG plots).
 
 Imports of vLLM and transformers happen inside the functions.
 """

@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         if ns.torch_reference:
             res["torch_ref_loss"] = heldout_loss_torch(m, [], routing_config(spec.options),
                                                        windows=windows_of[m])
+        if res.get("records_note"):
+            print(f"vllm-seqroute eval: {labels[m]} {spec.label}: no per-token records: "
+                  f"{res['records_note']}", file=sys.stderr)
         dims = model_dims(m)
         row = summarize(labels[m], spec.label, res, dims)
         if not ns.no_records:

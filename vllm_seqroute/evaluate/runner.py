@@ -120,10 +120,12 @@ def run_job(job: Job) -> dict[str, Any]:
         return llm.collective_rpc("seqroute_record", kwargs={"on": on, "max_tokens": max_tokens})[0]
 
     recording = routed and bool(job.records_file)
+    started: dict[str, Any] | None = None
     nll_vllm(llm, windows[:2])  # warm-up (first-call costs), then counters from zero
     stats(True)
     if recording:
-        record(True, sum(len(w) for w in windows))
+        started = record(True, sum(len(w) for w in windows))
+        recording = bool(started and started["recording"])
     t = time.perf_counter()
     req_ids, nll = prompt_nll(llm, windows)
     t_loss = time.perf_counter() - t
@@ -134,6 +136,8 @@ def run_job(job: Job) -> dict[str, Any]:
     out = {"loss_nll_sum": total, "loss_tokens": count, "loss": total / count, "windows": len(windows),
            "stats": st, "startup_s": round(startup, 2), "loss_pass_s": round(t_loss, 3),
            "decode_batch": job.decode_batch}
+    if routed and job.records_file and not recording:
+        out["records_note"] = started.get("reason") if started else "no routed MoE layer"
     if recs is not None:
         out.update(_save_records(job.records_file, req_ids, nll, recs))
     if recording and job.gen_tokens > 0:

@@ -206,8 +206,9 @@ class RoutingState:
         if not on:
             rec, self.recorder = self.recorder, None
             return rec.records() if rec is not None else RoutingRecorder(1, len(self.layers), 1).records()
-        if self.device.type != "cpu":
-            raise ValueError(f"routing records: CPU only (this worker routes on {self.device.type})")
+        if self.device.type != "cpu":  # counting per layer would sync the host (or break graphs)
+            return {"recording": False, "reason": f"routing records are CPU only (this worker routes "
+                                                  f"on {self.device.type})"}
         self.recorder = RoutingRecorder(max_tokens, len(self.layers), max(x.width for x in self.layers))
         return {"recording": True, "max_tokens": max_tokens, "num_layers": len(self.layers)}
 

@@ -5,17 +5,14 @@ answers exactly as plain vLLM does, and SeqTopK's expert kernels compute the sel
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import has_vllm, stop_process_group
-from tests.test_server_live import KEY, MODEL, Server, _free_port
+from tests.conftest import has_vllm
+from tests.test_server_live import KEY, MODEL, Server, running
 
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not has_vllm(), reason="needs vLLM")]
 PROMPTS = ["def add(a, b):\n    return", "import numpy as np\nx = np.", "the model expert token"]
@@ -27,23 +24,13 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server,
 
     root = tmp_path_factory.mktemp("compiled")
     model = build_model("qwen3_moe", root / "model")
-    port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    env.update(VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "vllm_seqroute.cli", "serve", str(model), "--served-model-name", MODEL,
-           "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY, "--routing", "seqtopk",
-           "--dtype", "bfloat16", "--max-model-len", "512", "--max-num-seqs", "16", "--seed", "0",
-           "--distributed-executor-backend", "uni"]
-    log = root / "server.log"
-    t0 = time.monotonic()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    srv = Server(proc, port, log)
-    try:
-        srv.wait_ready(t0)
+    env.update(VLLM_PLUGINS="seqroute,seqroute_http", VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false")
+    args = [str(model), "--served-model-name", MODEL, "--api-key", KEY, "--routing", "seqtopk",
+            "--dtype", "bfloat16", "--max-model-len", "512", "--max-num-seqs", "16", "--seed", "0",
+            "--distributed-executor-backend", "uni"]
+    with running(args, env, root / "server.log") as srv:
         yield srv, model
-    finally:
-        stop_process_group(proc)
 
 
 def _complete(srv: Server, xargs: dict[str, Any] | None) -> list[list[int]]:

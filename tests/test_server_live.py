@@ -119,24 +119,13 @@ class Server:
             return ""
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    from vllm_seqroute.testing.tiny_models import build_model
-
-    root = tmp_path_factory.mktemp("server")
-    model = build_model("qwen3_moe", root / "model")  # 16 experts, K=4, 2 MoE layers
+@contextlib.contextmanager
+def running(args: list[str], env: dict[str, str], log: Path) -> Iterator[Server]:
+    """``vllm-seqroute serve ARGS`` on a free port (``--port`` added), ready; stopped after."""
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    env.update(VLLM_PLUGINS="seqroute,seqroute_http", VLLM_CPU_KVCACHE_SPACE="1",
-               SEQROUTE_METRICS_INTERVAL="1", SEQROUTE_PER_EXPERT_METRICS="1",
-               TOKENIZERS_PARALLELISM="false", VLLM_LOGGING_LEVEL="INFO")
     script = Path(sys.executable).with_name("vllm-seqroute")
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "vllm_seqroute.cli"]
-    cmd += ["serve", str(model), "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port),
-            "--api-key", KEY, "--routing", "seqtopk", "--enforce-eager", "--dtype", "bfloat16",
-            "--max-model-len", "512", "--max-num-seqs", "64", "--seed", "0",
-            "--distributed-executor-backend", "uni", "--disable-uvicorn-access-log"]
-    log = root / "server.log"
+    cmd += ["serve", *args, "--host", "127.0.0.1", "--port", str(port)]
     t0 = time.monotonic()
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -147,6 +136,23 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         yield srv
     finally:
         stop_process_group(proc)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    from vllm_seqroute.testing.tiny_models import build_model
+
+    root = tmp_path_factory.mktemp("server")
+    model = build_model("qwen3_moe", root / "model")  # 16 experts, K=4, 2 MoE layers
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    env.update(VLLM_PLUGINS="seqroute,seqroute_http", VLLM_CPU_KVCACHE_SPACE="1",
+               SEQROUTE_METRICS_INTERVAL="1", SEQROUTE_PER_EXPERT_METRICS="1",
+               TOKENIZERS_PARALLELISM="false", VLLM_LOGGING_LEVEL="INFO")
+    args = [str(model), "--served-model-name", MODEL, "--api-key", KEY, "--routing", "seqtopk",
+            "--enforce-eager", "--dtype", "bfloat16", "--max-model-len", "512", "--max-num-seqs", "64",
+            "--seed", "0", "--distributed-executor-backend", "uni", "--disable-uvicorn-access-log"]
+    with running(args, env, root / "server.log") as srv:
+        yield srv
 
 
 def _client(server: Server, key: str = KEY, **kw: Any) -> Any:

@@ -1,17 +1,40 @@
-"""Every upstream vLLM symbol the glue relies on, with the parameters it passes or reads.
-``tests/test_contracts.py`` checks each against the installed vLLM; ``docs/CONTRACTS.md``
-explains why each is needed. A vLLM upgrade starts here."""
+"""Every upstream vLLM symbol the package and the HTTP layer rely on, with the parameters they
+pass or read, including attributes read off vLLM's objects (``runner.requests``,
+``input_batch.req_ids``, ``MoERunner.router``, ...). ``tests/test_contracts.py`` checks each
+against the installed vLLM (imported); ``tests/test_contract_manifests.py`` checks each against
+every recorded release manifest (``docs/contracts/``, written by ``scripts/contract_manifest.py``
+from a wheel's sources, never imported); ``docs/CONTRACTS.md`` explains why each is needed. A vLLM
+upgrade starts here."""
 
 from __future__ import annotations
 
-# (module, attribute path, parameter names that must exist, in order where listed)
-CONTRACTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+from typing import NamedTuple
+
+from vllm_seqroute.vllm_glue.version import SUPPORTED, minor
+
+
+class Contract(NamedTuple):
+    module: str
+    path: str  # attribute path inside the module: Class.method, Class.attribute, function
+    params: tuple[str, ...] = ()  # parameter names that must exist
+    minors: tuple[str, ...] = SUPPORTED  # the vLLM minors where it lives here (moved symbols)
+
+
+def applicable(version: str) -> list[Contract]:
+    """The contracts a vLLM release must meet."""
+    return [c for c in CONTRACTS if minor(version) in c.minors]
+
+
+_FM = "vllm.model_executor.layers.fused_moe"
+
+# (module, attribute path, parameter names that must exist[, minors where it lives here])
+_RAW: tuple[tuple, ...] = (
     ("vllm.model_executor.layers.fused_moe.layer", "create_fused_moe_router", ()),
     ("vllm.model_executor.layers.fused_moe.router.router_factory", "create_fused_moe_router",
      ("top_k", "global_num_experts", "renormalize", "use_grouped_topk", "num_expert_group",
       "topk_group", "scoring_func", "num_fused_shared_experts", "routed_scaling_factor",
       "e_score_correction_bias", "custom_routing_function", "eplb_state", "zero_expert_type",
-      "hash_indices_table")),
+      "hash_indices_table", "num_logical_experts")),
     ("vllm.model_executor.layers.fused_moe.router.base_router", "BaseRouter.__init__",
      ("self", "top_k", "global_num_experts", "eplb_state")),
     ("vllm.model_executor.layers.fused_moe.router.base_router", "BaseRouter._compute_routing",
@@ -71,4 +94,76 @@ CONTRACTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("vllm.sampling_params", "SamplingParams._verify_extra_args", ("self",)),
     ("vllm.exceptions", "VLLMValidationError.__init__", ("self", "message", "parameter", "value")),
     ("vllm.entrypoints.anthropic.api_router", "logger", ()),
+    # --- the gate, the router and the layers it cannot reach --------------------------------------
+    ("vllm", "__version__", ()),
+    (f"{_FM}.router.fused_moe_router", "FusedMoERouter.supports_monolithic_kernels", (), ("0.33",)),
+    (f"{_FM}.runner.moe_runner", "MoERunner.__init__", ("self", "layer_name", "moe_config", "router")),
+    (f"{_FM}.runner.moe_runner", "MoERunner.router", ()),
+    (f"{_FM}.runner.moe_runner", "MoERunner.layer_name", ()),
+    # --- empty slots: walking a routed layer to its experts ------------------------------------
+    (f"{_FM}.fused_moe_method_base", "FusedMoEMethodBase.moe_kernel", ()),
+    (f"{_FM}.modular_kernel", "FusedMoEKernel.impl", ()),
+    (f"{_FM}.modular_kernel", "FusedMoEKernelModularImpl.fused_experts", ()),
+    (f"{_FM}.modular_kernel", "FusedMoEExperts.moe_config", ()),
+    (f"{_FM}.experts.triton_moe", "TritonExperts.quantization_emulation", ()),
+    ("vllm.platforms", "current_platform", ()),
+    ("vllm.platforms.interface", "Platform.is_cuda", ("self",)),
+    ("vllm.platforms.interface", "Platform.is_cpu", ("self",)),
+    ("vllm.platforms.interface", "Platform.device_type", ()),
+    # --- the engine config the router factory and the flags read --------------------------------
+    ("vllm.config", "VllmConfig.scheduler_config", ()),
+    ("vllm.config", "VllmConfig.device_config", ()),
+    ("vllm.config", "VllmConfig.model_config", ()),
+    ("vllm.config", "VllmConfig.cache_config", ()),
+    ("vllm.config", "VllmConfig.additional_config", ()),
+    ("vllm.config.scheduler", "SchedulerConfig.max_num_seqs", ()),
+    ("vllm.config.scheduler", "SchedulerConfig.max_num_batched_tokens", ()),
+    ("vllm.config.device", "DeviceConfig.device_type", ()),
+    ("vllm.config.model", "ModelConfig.hf_config", ()),
+    ("vllm.config.cache", "CacheConfig.enable_prefix_caching", ()),
+    ("vllm.engine.arg_utils", "EngineArgs.speculative_config", ()),
+    # --- runner internals read by the hooks -----------------------------------------------------
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.requests", ()),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.input_batch", ()),
+    ("vllm.v1.worker.gpu_input_batch", "InputBatch.req_ids", ()),
+    ("vllm.v1.worker.gpu_input_batch", "InputBatch.num_reqs", ()),
+    ("vllm.v1.worker.gpu_input_batch", "CachedRequestState.sampling_params", ()),
+    ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner", ()),
+    ("vllm.v1.core.sched.output", "NewRequestData.req_id", ()),
+    ("vllm.v1.core.sched.output", "CachedRequestData.req_ids", ()),
+    # --- vllm-seqroute serve (server/serve.py) --------------------------------------------------
+    ("vllm.entrypoints.cli.serve", "ServeSubcommand.subparser_init", ("self", "subparsers")),
+    ("vllm.entrypoints.cli.serve", "ServeSubcommand.cmd", ("args",)),
+    ("vllm.entrypoints.cli.serve", "ServeSubcommand.validate", ("self", "args")),
+    ("vllm.utils.argparse_utils", "FlexibleArgumentParser", ()),
+    ("vllm.logger", "configure_logging_from_args", ("args",)),
+    ("vllm.entrypoints.serve.utils.api_utils", "cli_env_setup", (), ("0.32",)),
+    ("vllm.entrypoints.common.startup", "cli_env_setup", (), ("0.33",)),
+    ("vllm.envs", "VLLM_PLUGINS", ()),
+    ("vllm.plugins", "load_plugins_by_group", ("group",)),
+    ("vllm.plugins", "DEFAULT_PLUGINS_GROUP", ()),
+    ("vllm.plugins", "PLATFORM_PLUGINS_GROUP", ()),
+    ("vllm.plugins", "IO_PROCESSOR_PLUGINS_GROUP", ()),
+    ("vllm.plugins", "STAT_LOGGER_PLUGINS_GROUP", ()),
+    # --- the seqroute_http endpoint plugin (server/plugin.py) -----------------------------------
+    ("vllm.plugins", "ENDPOINT_PLUGINS_GROUP", ()),
+    ("vllm.plugins", "load_endpoint_plugins", ()),
+    ("vllm.plugins.endpoint_plugins.interface", "EndpointPlugin.name", ()),
+    ("vllm.plugins.endpoint_plugins.interface", "EndpointPlugin.required_tasks", ()),
+    ("vllm.plugins.endpoint_plugins.interface", "EndpointPlugin.attach_router", ("self", "app")),
+    ("vllm.plugins.endpoint_plugins.interface", "EndpointPlugin.init_state",
+     ("self", "engine_client", "state", "args")),
+    ("vllm.engine.protocol", "EngineClient.collective_rpc", ("self", "method", "timeout", "args", "kwargs")),
+    # --- vllm-seqroute eval / bench (in-process LLM, vLLM's benchmark client) ----------------------
+    ("vllm", "LLM", ()),
+    ("vllm", "SamplingParams", ()),
+    ("vllm.inputs", "TokensPrompt", ()),
+    ("vllm.entrypoints.llm", "LLM.generate", ("self", "prompts", "sampling_params", "use_tqdm")),
+    ("vllm.entrypoints.llm", "LLM.collective_rpc", ("self", "method", "timeout", "args", "kwargs")),
+    ("vllm.entrypoints.llm", "LLM.llm_engine", ()),
+    ("vllm.v1.engine.llm_engine", "LLMEngine.engine_core", ()),
+    ("vllm.benchmarks.serve", "add_cli_args", ("parser",)),
+    ("vllm.benchmarks.serve", "main", ("args",)),
 )
+
+CONTRACTS: tuple[Contract, ...] = tuple(Contract(*c) for c in _RAW)

@@ -31,12 +31,11 @@ def apply_all() -> None:
 
 
 def _patch_router_factory() -> None:
-    from vllm.model_executor.layers.fused_moe import layer
+    """vLLM's MoE layer gets the plugin's router; routers built elsewhere (a model calling
+    ``router_factory`` directly or passing ``router=``) are named in the log (``router.py``)."""
+    from vllm_seqroute.vllm_glue import router
 
-    from vllm_seqroute.vllm_glue.router import make_router_factory
-
-    if not hasattr(layer.create_fused_moe_router, "__wrapped__"):
-        layer.create_fused_moe_router = make_router_factory(layer.create_fused_moe_router)
+    router.install()
 
 
 def _patch_engine_args() -> None:

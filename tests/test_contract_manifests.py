@@ -69,6 +69,21 @@ def test_moved_symbols_are_absent_where_their_minors_say_so() -> None:
             assert [c for c in CONTRACTS if c.path == name and m in c.minors], f"{name}: nowhere in {m}"
 
 
+# runner_hooks._wrap replaces cls.__dict__[name]: an inherited method would be missed there
+OWN_METHODS = [("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", m)
+               for m in ("_update_states", "_prepare_inputs", "_dummy_run", "load_model")] + \
+              [("vllm.v1.worker.gpu.model_runner", "GPUModelRunner", m)
+               for m in ("finish_requests", "prepare_inputs", "execute_model", "load_model")]
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.stem)
+def test_hooked_methods_are_defined_on_the_class_itself(path: Path) -> None:
+    modules = json.loads(path.read_text())["modules"]
+    inherited = [f"{mod}.{cls}.{name}" for mod, cls, name in OWN_METHODS
+                 if name not in modules[mod]["classes"][cls]["members"]]
+    assert not inherited, f"{path.name}: not defined on the class itself: {inherited}"
+
+
 def _vllm_imports() -> list[tuple[str, str, str]]:
     """``(file, module, name)`` for every ``from vllm... import name`` in the package and server."""
     import ast

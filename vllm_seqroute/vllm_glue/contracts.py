@@ -47,6 +47,7 @@ _RAW: tuple[tuple, ...] = (
     ("vllm.model_executor.layers.fused_moe.config", "FusedMoEConfig.is_lora_enabled", ()),
     ("vllm.model_executor.layers.fused_moe.experts.lora_experts_mixin", "LoRAExpertsMixin._lora_context", ()),
     ("vllm.model_executor.layers.fused_moe.modular_kernel", "FusedMoEExperts.quant_dtype", ()),
+    ("vllm.model_executor.layers.fused_moe.modular_kernel", "FusedMoEExperts.post_gemm2_hook", (), ("0.33",)),
     ("vllm.model_executor.layers.fused_moe.modular_kernel", "FusedMoEExperts.a2_scale", ()),
     ("vllm.model_executor.layers.fused_moe.modular_kernel", "FusedMoEExperts.block_shape", ()),
     ("vllm.model_executor.layers.fused_moe.modular_kernel", "FusedMoEExperts.per_act_token_quant", ()),

@@ -89,21 +89,26 @@ def test_recording_is_refused_off_the_cpu_and_off_by_default() -> None:
         assert s.record(False)["recorded"] == 0 and s.recorder is None
 
 
-def test_windows_join_their_next_token_loss() -> None:
-    from vllm_seqroute.evaluate.difficulty import join_windows, summarize_difficulty
+def test_windows_join_own_and_next_token_difficulty() -> None:
+    from vllm_seqroute.evaluate.difficulty import difficulty_measures, join_windows, summarize_difficulty
 
     records = {"num_layers": 2, "requests": {
         "0-0123abcd": {"positions": [0, 1, 2, 3], "experts": [[1, 1], [2, 2], [3, 3], [4, 4]]},
         "1-89abcdef": {"positions": [0, 1], "experts": [[1, 1], [1, 1]]}}}  # cut by the bound
     nll = [[0.5, 1.5, 2.5], [0.1, 0.2, 0.3]]
     j = join_windows(["0", "1"], nll, records)
-    assert j["experts"].tolist() == [[1, 1], [2, 2], [3, 3]]  # position 3 predicts nothing
-    assert j["loss"].tolist() == [0.5, 1.5, 2.5]  # position t: loss of token t+1
-    assert np.isnan(j["loss_in"][0]) and j["loss_in"][1:].tolist() == [0.5, 1.5]
-    assert j["window"].tolist() == [0, 0, 0] and j["pos"].tolist() == [0, 1, 2]
-    s = summarize_difficulty(j, entropy=np.array([3.0, 2.0, 1.0]))
-    assert s["spearman_loss"] == pytest.approx(1.0) and s["spearman_entropy"] == pytest.approx(-1.0)
-    assert s["flat"] is None and not s["layers_differ"]
+    assert j["experts"].tolist() == [[1, 1], [2, 2], [3, 3], [4, 4]] and j["pos"].tolist() == [0, 1, 2, 3]
+    assert np.isnan(j["loss_own"][0]) and j["loss_own"][1:].tolist() == [0.5, 1.5, 2.5]  # the token's
+    assert np.isnan(j["loss_next"][3]) and j["loss_next"][:3].tolist() == [0.5, 1.5, 2.5]  # the next's
+    entropy = np.array([[3.0, 2.0, 1.0, 0.5], [9.0, 9.0, 9.0, 9.0]])  # at each position of each window
+    m = difficulty_measures(j, entropy)
+    assert np.isnan(m["entropy_own"][0]) and m["entropy_own"][1:].tolist() == [3.0, 2.0, 1.0]
+    assert m["entropy_next"].tolist() == [3.0, 2.0, 1.0, 0.5]
+    s = summarize_difficulty(j, m)
+    assert s["spearman_loss_own"] == pytest.approx(1.0) and s["spearman_loss_next"] == pytest.approx(1.0)
+    assert s["spearman_entropy_own"] == pytest.approx(-1.0) and s["spearman_entropy_next"] == pytest.approx(-1.0)
+    assert s["tokens"] == 4 and s["flat"] is None and not s["layers_differ"]
+    assert [b["n"] for b in s["loss_own_bins"]] == [1, 1, 1]  # NaN positions left out
 
 
 # --- through the engine ----------------------------------------------------------------------
@@ -225,21 +230,25 @@ def test_recording_leaves_serving_unchanged_and_is_bounded(llm: Any) -> None:
 def test_flat_routing_is_reported_flat_never_nan(tmp_path: Path) -> None:
     """vLLM's own routing (nothing recorded) and a recorded TopK are flat lines with their K."""
     from vllm_seqroute.evaluate import difficulty_report
-    from vllm_seqroute.evaluate.difficulty import summarize_difficulty, summarize_positions
+    from vllm_seqroute.evaluate.difficulty import (
+        difficulty_measures,
+        summarize_difficulty,
+        summarize_positions,
+    )
     from vllm_seqroute.evaluate.report import markdown_table, summarize
 
     dims = {"hidden": 8, "expert_width": 4, "num_experts": 8, "top_k": 2, "moe_layers": 2}
     res = {"loss": 2.0, "loss_tokens": 30, "windows": 3, "decode_batch": 1, "peak_rss_mib": 1.0, "stats": None}
     vanilla = {**summarize("m", "vanilla", res, dims), **difficulty_report.difficulty_views(res, dims, None)}
     assert vanilla["difficulty"]["flat"] == 2 and vanilla["positions"]["flat"] == 2
-    joined = {"experts": np.full((30, 2), 2, np.int16), "loss": np.linspace(0, 3, 30),
-              "loss_in": np.linspace(0, 3, 30), "window": np.zeros(30, np.int64), "pos": np.arange(30)}
+    joined = {"experts": np.full((30, 2), 2, np.int16), "loss_own": np.linspace(0, 3, 30),
+              "loss_next": np.linspace(0, 3, 30), "window": np.zeros(30, np.int64), "pos": np.arange(30)}
     topk = summarize("m", "topk@2", {**res, "stats": {
         "experts_per_token": [[0, 0, 30]] * 2, "expert_load": [[8] * 8] * 2}}, dims)
-    topk["difficulty"] = summarize_difficulty(joined, entropy=np.linspace(1, 2, 30))
+    topk["difficulty"] = summarize_difficulty(joined, difficulty_measures(joined, np.linspace(1, 2, 30)[None]))
     topk["positions"] = summarize_positions({"requests": {"r": {"positions": list(range(30)),
                                                                 "experts": [[2, 2]] * 30}}}, prompt_len=20)
-    assert topk["difficulty"]["flat"] == 2 and topk["difficulty"]["spearman_loss"] is None
+    assert topk["difficulty"]["flat"] == 2 and topk["difficulty"]["spearman_loss_own"] is None
     assert topk["positions"]["avg_prompt"] == topk["positions"]["avg_generated"] == 2.0
     md = markdown_table([vanilla, topk])
     assert md.count("flat (2)") == 6 and "nan" not in md.lower()
@@ -263,18 +272,20 @@ def test_eval_writes_difficulty_columns_and_plots(model_dir: Any, tmp_path: Path
     assert rc == 0
     (row,) = json.loads((out / "results.json").read_text())
     seq = row["difficulty"]
-    assert seq["flat"] is None and seq["tokens"] == 4 * 63 and seq["dropped"] == 0
-    assert -1 <= seq["spearman_loss"] <= 1 and -1 <= seq["spearman_entropy"] <= 1
-    assert len(seq["loss_bins"]) == len(seq["entropy_bins"]) == 10
-    assert sum(b["n"] for b in seq["loss_bins"]) == 4 * 63
-    assert len(seq["per_layer_spearman_loss"]) == len(seq["per_layer_loss_bins"]) == 2
+    assert seq["flat"] is None and seq["tokens"] == 4 * 64 and seq["dropped"] == 0
+    for m in ("loss_own", "loss_next", "entropy_own", "entropy_next"):
+        assert -1 <= seq[f"spearman_{m}"] <= 1
+        defined = 4 * 64 if m == "entropy_next" else 4 * 63  # the others miss a first or last position
+        assert len(seq[f"{m}_bins"]) == 10 and sum(b["n"] for b in seq[f"{m}_bins"]) == defined
+        assert len(seq[f"per_layer_spearman_{m}"]) == len(seq[f"per_layer_{m}_bins"]) == 2
     # the records' mean over the scored tokens is the counters' experts per token, near enough
     assert seq["avg_experts"] == pytest.approx(row["avg_experts"], abs=0.1)
     pos = row["positions"]
     assert pos["requests"] == 2 and pos["last_position"] == 64 + 24 - 2  # the last token is not fed back
     assert pos["avg_prompt"] > 0 and pos["avg_generated"] > 0
     md = (out / "results.md").read_text()
-    assert "ρ(experts, loss)" in md and f"{seq['spearman_loss']:+.3f}" in md and "nan" not in md.lower()
+    assert f"| {seq['spearman_loss_own']:+.3f} / {seq['spearman_loss_next']:+.3f} |" in md
+    assert "ρ(experts, loss) own / next" in md and "nan" not in md.lower()
     for png in ("experts_vs_difficulty.png", "experts_vs_position.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

@@ -75,8 +75,8 @@ def _rho_text(row: dict[str, Any]) -> str:
         return ""
     if d.get("flat") is not None:
         return f"  experts flat at {d['flat']}"
-    rho = d.get("spearman_loss")
-    return "" if rho is None else f"  rho(experts, loss) {rho:+.3f}"
+    own, nxt = d.get("spearman_loss_own"), d.get("spearman_loss_next")
+    return "" if own is None or nxt is None else f"  rho(experts, loss) own {own:+.3f} next {nxt:+.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,16 +1,16 @@
 """Does routing follow difficulty? Per-token routing records joined with per-token difficulty,
 summarised for the eval report.
 
-Alignment: the experts a token at position ``t`` gets are the compute whose output predicts
-token ``t+1``, so its difficulty is that prediction's: the loss ``-log p(w[t+1] | w[..t])``
-(from vLLM's ``prompt_logprobs`` of the same run) and the predictive entropy of the model's
-next-token distribution at ``t`` (the model under its own routing, so every policy is measured
-against the same difficulty and a policy's own choices cannot make a token look hard). A
-window's last position predicts nothing and is left out. ``loss_in`` (the token's own loss,
-``-log p(w[t] | w[..t-1])``) is kept as a second view.
+Two alignments, both reported. *Own*: the difficulty of the token itself as it arrives, its loss
+``-log p(w[t] | w[..t-1])`` and the entropy of the prediction it was drawn from (how hard the
+token is; undefined at a window's first position). *Next*: the difficulty of what the token's
+compute predicts, the loss of ``w[t+1]`` and the entropy of the distribution at ``t`` (undefined
+at a window's last position). Losses come from vLLM's ``prompt_logprobs`` of the same run; the
+predictive entropy from the model under its own routing, so every policy is measured against
+the same entropy and a policy's own choices cannot make a token look hard.
 
 Summaries: Spearman rank correlation (ties share their average rank) of experts per token (mean
-over MoE layers) with each difficulty, overall and per layer; experts per token by difficulty
+over MoE layers) with each measure, overall and per layer; experts per token by difficulty
 decile (equal-count bins) with their spread; and experts per token against position for a
 prompt and its generated continuation. A policy whose every token got the same experts is
 reported as flat (its correlation is undefined), with that number of experts.
@@ -65,26 +65,27 @@ def binned(x: Any, y: Any, n_bins: int = 10) -> list[dict[str, float]]:
 
 def join_windows(request_ids: Sequence[str], nll: Sequence[Sequence[float]],
                  records: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Scored window tokens: ``experts [T, layers]``, ``loss`` (of the next token), ``loss_in``
-    (the token's own, NaN at a window's first position), ``window`` and ``pos``. ``nll[i]`` holds
-    window ``i``'s losses of positions 1..L-1 (``prompt_logprobs``); ``request_ids`` are the
-    callers' ids of the windows' requests."""
+    """Every position of every fully recorded window: ``experts [T, layers]``, ``loss_own`` (the
+    token's loss, NaN at a window's first position), ``loss_next`` (the next token's, NaN at its
+    last), ``window`` and ``pos``. ``nll[i]`` holds window ``i``'s losses of positions 1..L-1
+    (``prompt_logprobs``); ``request_ids`` are the callers' ids of the windows' requests."""
     by_ext = {external_id(r): v for r, v in records["requests"].items()}
     layers = int(records["num_layers"])
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("experts", "loss", "loss_in", "window", "pos")}
+    keys = ("experts", "loss_own", "loss_next", "window", "pos")
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     for i, (rid, losses) in enumerate(zip(request_ids, nll, strict=True)):
         rec = by_ext.get(rid)
         n = len(losses) + 1
         if rec is None or rec["positions"][:n] != list(range(n)):  # not (fully) recorded: bounded
             continue
         lo = np.asarray(losses, dtype=np.float64)
-        parts["experts"].append(np.asarray(rec["experts"][: n - 1], dtype=np.int16).reshape(n - 1, layers))
-        parts["loss"].append(lo)
-        parts["loss_in"].append(np.concatenate([[np.nan], lo[:-1]]))
-        parts["window"].append(np.full(n - 1, i, dtype=np.int64))
-        parts["pos"].append(np.arange(n - 1, dtype=np.int64))
-    if not parts["loss"]:
-        return {"experts": np.zeros((0, layers), np.int16), "loss": np.zeros(0), "loss_in": np.zeros(0),
+        parts["experts"].append(np.asarray(rec["experts"][:n], dtype=np.int16).reshape(n, layers))
+        parts["loss_own"].append(np.concatenate([[np.nan], lo]))
+        parts["loss_next"].append(np.concatenate([lo, [np.nan]]))
+        parts["window"].append(np.full(n, i, dtype=np.int64))
+        parts["pos"].append(np.arange(n, dtype=np.int64))
+    if not parts["experts"]:
+        return {"experts": np.zeros((0, layers), np.int16), "loss_own": np.zeros(0), "loss_next": np.zeros(0),
                 "window": np.zeros(0, np.int64), "pos": np.zeros(0, np.int64)}
     return {k: np.concatenate(v) for k, v in parts.items()}
 
@@ -97,25 +98,36 @@ def flat_value(experts: np.ndarray) -> int | None:
     return lo if lo == hi else None
 
 
-def summarize_difficulty(joined: dict[str, np.ndarray], entropy: np.ndarray | None = None,
+def difficulty_measures(joined: dict[str, np.ndarray], entropy: np.ndarray | None = None
+                        ) -> dict[str, np.ndarray]:
+    """The difficulty views of ``joined``'s tokens: ``loss_own``, ``loss_next`` and, given the
+    predictive entropy ``[windows, positions]`` (the distribution at each position),
+    ``entropy_own`` (of the prediction of the token, NaN at a window's first position) and
+    ``entropy_next`` (of the prediction the token's output makes)."""
+    out = {"loss_own": joined["loss_own"], "loss_next": joined["loss_next"]}
+    if entropy is not None:
+        w, pos = joined["window"], joined["pos"]
+        out["entropy_own"] = np.where(pos > 0, entropy[w, np.maximum(pos - 1, 0)], np.nan)
+        out["entropy_next"] = entropy[w, pos]
+    return out
+
+
+def summarize_difficulty(joined: dict[str, np.ndarray], measures: dict[str, np.ndarray],
                          n_bins: int = 10, layer_tol: float = 0.1) -> dict[str, Any]:
-    """The report's difficulty view of one configuration. ``entropy`` is aligned with ``joined``'s
-    tokens (or None). Layers differ when some decile's layer means spread by ``layer_tol``."""
+    """The report's difficulty view of one configuration: for each of ``measures`` (aligned with
+    ``joined``'s tokens), Spearman and decile bins overall and per layer. Layers differ when
+    some ``loss_own`` decile's layer means spread by ``layer_tol`` experts or more."""
     ex = joined["experts"].astype(np.float64)
     per_token = ex.mean(1) if ex.shape[0] else np.zeros(0)
     out: dict[str, Any] = {"tokens": int(ex.shape[0]), "flat": flat_value(joined["experts"]),
                            "avg_experts": float(per_token.mean()) if ex.shape[0] else None}
-    views = {"loss": joined["loss"], "entropy": entropy}
-    for name, x in views.items():
-        if x is None:
-            continue
+    for name, x in measures.items():
         out[f"spearman_{name}"] = spearman(per_token, x)
         out[f"per_layer_spearman_{name}"] = [spearman(ex[:, j], x) for j in range(ex.shape[1])]
         out[f"{name}_bins"] = binned(x, per_token, n_bins)
         out[f"per_layer_{name}_bins"] = [[b["mean"] for b in binned(x, ex[:, j], n_bins)]
                                          for j in range(ex.shape[1])]
-    out["spearman_loss_in"] = spearman(per_token, joined["loss_in"])
-    means = np.asarray(out.get("per_layer_loss_bins") or [[0.0]])
+    means = np.asarray(out.get("per_layer_loss_own_bins") or [[0.0]])
     out["layers_differ"] = bool(means.shape[0] > 1 and (means.max(0) - means.min(0)).max() >= layer_tol)
     return out
 

@@ -9,9 +9,14 @@ from typing import Any
 
 import numpy as np
 
-from vllm_seqroute.evaluate.difficulty import summarize_difficulty, summarize_positions
+from vllm_seqroute.evaluate.difficulty import difficulty_measures, summarize_difficulty, summarize_positions
 
-HEAD = ["ρ(experts, loss)", "ρ(experts, entropy)", "experts/token prompt → generated"]
+HEAD = ["ρ(experts, loss) own / next", "ρ(experts, entropy) own / next", "experts/token prompt → generated"]
+# own: how hard the token was to predict; next: how hard the prediction made at the token is
+MEASURES = {"loss_own": "the token's loss (nats)",
+            "entropy_own": "entropy of the prediction of the token",
+            "loss_next": "the next token's loss (nats)",
+            "entropy_next": "entropy of the prediction at the token"}
 
 
 def difficulty_views(res: dict[str, Any], dims: dict[str, Any], entropy: np.ndarray | None) -> dict[str, Any]:
@@ -26,10 +31,9 @@ def difficulty_views(res: dict[str, Any], dims: dict[str, Any], entropy: np.ndar
     if res.get("records_file"):
         with np.load(res["records_file"]) as z:
             joined = {k: z[k] for k in z.files}
-        ent = None
-        if entropy is not None:
-            ent = entropy[joined["window"], joined["pos"]]
-        out["difficulty"] = {**summarize_difficulty(joined, ent), "dropped": res.get("records_dropped", 0)}
+        measures = difficulty_measures(joined, entropy)
+        out["difficulty"] = {**summarize_difficulty(joined, measures),
+                             "dropped": res.get("records_dropped", 0)}
     if res.get("gen_records"):
         out["positions"] = summarize_positions(res["gen_records"], res["gen_prompt_len"])
     return out
@@ -52,8 +56,8 @@ def table_cells(r: dict[str, Any]) -> list[str]:
             return "n/a"
         if d.get("flat") is not None:
             return f"flat ({d['flat']})"
-        v = d.get(key)
-        return "n/a" if v is None else f"{v:+.3f}"
+        v = [d.get(f"spearman_{key}_{side}") for side in ("own", "next")]
+        return " / ".join("n/a" if x is None else f"{x:+.3f}" for x in v)
 
     if p.get("flat") is not None:
         pos = f"flat ({p['flat']})"
@@ -61,7 +65,7 @@ def table_cells(r: dict[str, Any]) -> list[str]:
         pos = f"{p['avg_prompt']:.2f} → {p['avg_generated']:.2f}"
     else:
         pos = "n/a"
-    return [rho("spearman_loss"), rho("spearman_entropy"), pos]
+    return [rho("loss"), rho("entropy"), pos]
 
 
 def plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
@@ -81,14 +85,14 @@ def plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     if not rows:
         return written
     # 1. experts per token by difficulty decile (mean ± standard deviation), one panel per measure
-    views = [(k, lab) for k, lab in (("loss", "token loss (nats): -log p(next token)"),
-                                     ("entropy", "predictive entropy (nats), model's own routing"))
-             if any(r["difficulty"].get(f"{k}_bins") for r in rows)]
+    views = [k for k in MEASURES if any(r["difficulty"].get(f"{k}_bins") for r in rows)]
     if views:
-        fig, axes = plt.subplots(1, len(views), figsize=(6.4 * len(views), 4.6), squeeze=False,
+        cols = 2 if len(views) > 1 else 1
+        nrow = -(-len(views) // cols)
+        fig, axes = plt.subplots(nrow, cols, figsize=(6.4 * cols, 4.4 * nrow), squeeze=False,
                                  constrained_layout=True)
-        for ax, (key, xlabel) in zip(axes.flat, views, strict=True):
-            n_flat = 0
+        for ax, key in zip(axes.flat, views, strict=False):
+            n_flat, ticks = 0, None
             for j, r in enumerate(rows):
                 d, color = r["difficulty"], f"C{j % 10}"
                 if d.get("flat") is not None:  # a line, and the reason, instead of a NaN correlation
@@ -101,15 +105,22 @@ def plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
                 bins = d.get(f"{key}_bins") or []
                 if not bins:
                     continue
+                ticks = ticks or [b["x_mid"] for b in bins]
                 rho = d.get(f"spearman_{key}")
-                ax.errorbar([b["x_mid"] for b in bins], [b["mean"] for b in bins],
-                            yerr=[b["std"] for b in bins], color=color, marker="o", ms=4, capsize=3,
-                            lw=1.3, label=f"{name(r)} (ρ = {'n/a' if rho is None else f'{rho:+.2f}'})")
-            ax.set_xlabel(xlabel + " — decile medians")
-            ax.set_ylabel("experts per token (mean over MoE layers)")
+                ax.errorbar([i + 1 + 0.06 * (j - len(rows) / 2) for i in range(len(bins))],
+                            [b["mean"] for b in bins], yerr=[b["std"] for b in bins], color=color,
+                            marker="o", ms=4, capsize=3, lw=1.3,
+                            label=f"{name(r)} (ρ = {'n/a' if rho is None else f'{rho:+.2f}'})")
+            if ticks:
+                ax.set_xticks(range(1, len(ticks) + 1), [f"{i + 1}\n{t:.2g}" for i, t in enumerate(ticks)],
+                              fontsize=7)
+            ax.set_xlabel(f"decile of {MEASURES[key]}; under each: its median", fontsize=8)
+            ax.set_ylabel("experts per token (mean over MoE layers)", fontsize=8)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, loc="lower right")
             ax.margins(y=0.25)
+        for ax in list(axes.flat)[len(views):]:
+            ax.axis("off")
         fig.suptitle("Experts per token by difficulty decile (mean ± std over the decile's tokens)",
                      fontsize=10)
         p = out / "experts_vs_difficulty.png"
@@ -125,18 +136,18 @@ def plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
                                  constrained_layout=True)
         for ax, r in zip(axes.flat, layered, strict=True):
             d = r["difficulty"]
-            xs = [b["x_mid"] for b in d["loss_bins"]]
-            rhos = d["per_layer_spearman_loss"]
-            for li, ys in enumerate(d["per_layer_loss_bins"]):
+            xs = list(range(1, len(d["loss_own_bins"]) + 1))
+            rhos = d["per_layer_spearman_loss_own"]
+            for li, ys in enumerate(d["per_layer_loss_own_bins"]):
                 rho = rhos[li]
                 ax.plot(xs, ys, marker=".", lw=1, color=f"C{li % 10}",
                         label=f"layer {li} (ρ = {'n/a' if rho is None else f'{rho:+.2f}'})")
             ax.set_title(name(r), fontsize=9)
-            ax.set_xlabel("token loss (nats) — decile medians")
+            ax.set_xlabel("decile of the token's own loss (1: easiest)")
             ax.set_ylabel("experts per token in the layer")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=6, ncol=2)
-        fig.suptitle("Experts per token by loss decile, per MoE layer", fontsize=10)
+        fig.suptitle("Experts per token by decile of the token's own loss, per MoE layer", fontsize=10)
         p = out / "experts_vs_difficulty_per_layer.png"
         fig.savefig(p, dpi=120)
         plt.close(fig)

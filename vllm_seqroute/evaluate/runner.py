@@ -160,7 +160,7 @@ def _save_records(path: str, req_ids: list[str], nll: list[list[float]], recs: d
 
     joined = join_windows(req_ids, nll, recs)
     np.savez_compressed(path, **joined)
-    return {"records_file": path, "records_tokens": int(joined["loss"].shape[0]),
+    return {"records_file": path, "records_tokens": int(joined["experts"].shape[0]),
             "records_dropped": recs["dropped"]}
 
 

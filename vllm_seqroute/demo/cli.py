@@ -29,6 +29,8 @@ from typing import Any
 from vllm_seqroute.demo.checkpoint import Recipe, cache_root, ensure_checkpoint
 
 MODEL_NAME = "seqroute-demo"
+# A small model decoded greedily loops on one phrase; a mild penalty keeps the samples readable
+REPETITION_PENALTY = 1.2
 STARTUP_TIMEOUT_S = 900
 PROMPTS = (
     "def read_config(path):\n",
@@ -268,9 +270,11 @@ def _model_shape(model: Path) -> tuple[int, int]:
 
 
 def _sample_requests(base: str, k: int, experts: int) -> None:
-    _say(f"[demo] sample requests (greedy, 24 tokens; {experts} experts, the model's K={k}):")
+    _say(f"[demo] sample requests (greedy, repetition penalty {REPETITION_PENALTY}, 24 tokens; "
+         f"{experts} experts, the model's K={k}):")
     for (label, xargs), prompt in zip(sample_requests(k, experts), PROMPTS, strict=False):
-        body: dict[str, Any] = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 24, "temperature": 0}
+        body: dict[str, Any] = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 24, "temperature": 0,
+                                "repetition_penalty": REPETITION_PENALTY}
         if xargs is not None:
             body["vllm_xargs"] = xargs
         status, out = _post(base + "/v1/completions", body)
@@ -278,8 +282,9 @@ def _sample_requests(base: str, k: int, experts: int) -> None:
             raise DemoError(f"sample request ({label}) got HTTP {status}: {out}")
         _say(f"  {label:<34} {_short(prompt)} -> {_short(out['choices'][0]['text'])}")
     status, out = _post(base + "/v1/chat/completions", {
-        "model": MODEL_NAME, "messages": [{"role": "user", "content": "Write a function"}], "max_tokens": 16,
-        "temperature": 0, "vllm_xargs": {"routing": "seqtopk", "routing_rule": "window"}})
+        "model": MODEL_NAME, "messages": [{"role": "user", "content": "def parse_args(argv):"}],
+        "max_tokens": 16, "temperature": 0, "repetition_penalty": REPETITION_PENALTY,
+        "vllm_xargs": {"routing": "seqtopk", "routing_rule": "window"}})
     if status != 200:
         raise DemoError(f"sample chat request got HTTP {status}: {out}")
     _say(f"  {'chat, seqtopk window rule':<34} -> {_short(out['choices'][0]['message']['content'] or '')}")
@@ -310,7 +315,7 @@ def _short(text: str, n: int = 60) -> str:
 
 
 def _print_usage(base: str, model: Path, log: Path) -> None:
-    body = json.dumps({"model": MODEL_NAME, "prompt": "def main(", "max_tokens": 32,
+    body = json.dumps({"model": MODEL_NAME, "prompt": "def main(", "max_tokens": 32, "temperature": 0,
                        "vllm_xargs": {"routing": "seqtopk", "routing_budget": 1}})
     _say(f"""
 SeqTopK is serving {MODEL_NAME} ({model}) at {base}
@@ -328,7 +333,7 @@ Try it (another terminal):
   python - <<'EOF'
 from openai import OpenAI
 client = OpenAI(base_url="{base}/v1", api_key="EMPTY")
-r = client.completions.create(model="{MODEL_NAME}", prompt="class Stack:", max_tokens=32,
+r = client.completions.create(model="{MODEL_NAME}", prompt="class Stack:", max_tokens=32, temperature=0,
                               extra_body={{"vllm_xargs": {{"routing": "topp", "routing_p": 0.5}}}})
 print(r.choices[0].text)
 EOF

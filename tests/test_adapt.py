@@ -237,7 +237,8 @@ def test_eval_cli_writes_table_and_plots(model_dir: Any, tmp_path: Path) -> None
     out = tmp_path / "eval"
     rc = main(["--model", str(model_dir("qwen3_moe")), "--texts", str(texts), "--routing", "vanilla",
                "topk", "seqtopk:2", "--window", "64", "--max-windows", "6", "--decode-batch", "2",
-               "--decode-tokens", "4", "--torch-reference", "--out", str(out), "--no-progress"])
+               "--decode-tokens", "4", "--gen-tokens", "8", "--torch-reference", "--out", str(out),
+               "--no-progress"])
     assert rc == 0
     rows = {r["routing"]: r for r in json.loads((out / "results.json").read_text())}
     assert set(rows) == {"vanilla", "topk", "seqtopk@2"}

@@ -51,6 +51,7 @@ class RoutingState:
     step_all_vanilla: bool = False  # host-known: every request is topk at the model's K
     step_native: bool = False  # host-known: the native CPU body serves this step's policies
     step_cache: dict[int, Any] = field(default_factory=dict)  # select_op.StepContext by tokens
+    bad_options_seen: dict[str, int] = field(default_factory=dict)  # offline: message -> requests
     recorder: Any = None  # evaluate.records.RoutingRecorder while an eval records (CPU, opt-in)
 
     def __post_init__(self) -> None:
@@ -105,7 +106,7 @@ class RoutingState:
         try:
             cfg = self.request_config(extra_args)
         except ValueError as e:  # the HTTP layer rejects these first; offline use lands here
-            logger.warning("request %s: %s; using the server's routing", req_id, e)
+            self._warn_bad_options(req_id, str(e))
             cfg = self.request_config(None)
         slot = self.free_slots.pop()
         self.slot_of_req[req_id] = slot
@@ -119,6 +120,14 @@ class RoutingState:
                 layer.ledger.used[slot] = num_computed * cfg.budget if cfg.budget else 0
         if self.recorder is not None:
             self.recorder.add_request(req_id, num_computed)
+
+    def _warn_bad_options(self, req_id: str, message: str) -> None:
+        """One log line per distinct problem, then one per 1000 repeats: a batch of 10,000 prompts
+        with the same bad option must not print 10,000 lines."""
+        seen = self.bad_options_seen[message] = self.bad_options_seen.get(message, 0) + 1
+        if seen == 1 or seen % 1000 == 0:
+            logger.warning("request %s: %s; using the server's routing (%d request%s so far)", req_id,
+                           message, seen, "" if seen == 1 else "s")
 
     def remove_request(self, req_id: str) -> None:
         slot = self.slot_of_req.pop(req_id, None)

@@ -118,23 +118,31 @@ def configs(model: Path, k: int, work: Path) -> list[tuple[str, Path, list[str]]
     ]
 
 
-def bench_model(label: str, model: Path, prompts: int, rounds: int, work: Path, port: int) -> None:
+def bench_model(label: str, model: Path, prompts: int, rounds: int, work: Path, port: int,
+                reuse: bool) -> None:
     k = json.loads((model / "config.json").read_text())["num_experts_per_tok"]
     cfgs = configs(model, k, work)
     runs: dict[str, list[dict]] = {name: [] for name, _, _ in cfgs}
     for r in range(rounds):
         for name, path, flags in (cfgs if r % 2 == 0 else cfgs[::-1]):  # alternate the order
+            tag = f"{label}-{name.replace(' ', '_')}-{r}"
+            if reuse and (work / f"{tag}.json").exists():  # a finished run of an interrupted bench
+                runs[name].append(json.loads((work / f"{tag}.json").read_text()))
+                continue
             print(f"[{label}] round {r + 1}/{rounds}: {name} ...", flush=True)
             server = Server(path, flags, port, work / f"{label}-{name.replace(' ', '_')}.log")
             try:
                 run_client(path, port, min(8, prompts), work, "warmup")  # compile / caches
                 if flags:
                     get(server.url + "/v1/routing/stats?reset=true&requests=false")
-                res = run_client(path, port, prompts, work, f"{label}-{name.replace(' ', '_')}-{r}")
+                res = run_client(path, port, prompts, work, tag)
                 res["stats"] = get(server.url + "/v1/routing/stats?requests=false") if flags else None
+                (work / f"{tag}.json").write_text(json.dumps(res))
                 runs[name].append(res)
             finally:
                 server.stop()
+    flags_of = {name: flags for name, _, flags in cfgs}
+    paths_of = {name: path for name, path, _ in cfgs}
     base = statistics.median(x["output_throughput"] for x in runs["vanilla"])
     print(f"\n### {label}: {model} (K={k}), {prompts} prompts x 128 in / 32 out, {rounds} round(s), "
           f"{os.cpu_count()} CPU cores\n")
@@ -147,10 +155,11 @@ def bench_model(label: str, model: Path, prompts: int, rounds: int, work: Path, 
         ttft = statistics.median(x["mean_ttft_ms"] for x in rs)
         tpot = statistics.median(x["mean_tpot_ms"] for x in rs)
         sel = comp = "-"
-        s = rs[-1]["stats"]
-        if s is None:
-            sel = comp = str(int(name.split("@")[1])) + " (model)"
-        else:
+        s = rs[-1].get("stats")
+        if not flags_of[name]:  # vanilla vLLM: the model's own K, every slot computed
+            own_k = json.loads((paths_of[name] / "config.json").read_text())["num_experts_per_tok"]
+            sel = comp = f"{own_k} (model)"
+        elif s is not None:
             tok = sum(s["tokens_by_policy"])
             sel = f"{sum(s['pairs_by_policy']) / tok:.2f}" if tok else "-"
             if s.get("pairs_computed") is not None and s.get("tokens_computed"):
@@ -167,6 +176,8 @@ def main() -> None:
     ap.add_argument("--heavy-prompts", type=int, default=64, help="expert-heavy prompts")
     ap.add_argument("--port", type=int, default=8391)
     ap.add_argument("--work", default=None, help="folder for models, logs and results")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep the finished runs found in --work (an interrupted bench goes on)")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="budget_compute-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -176,10 +187,10 @@ def main() -> None:
             if not SHARED.exists():
                 print("skipping seqtopk-moe: ../shared/models/seqtopk-moe is absent")
                 continue
-            bench_model(label, SHARED, args.prompts, args.rounds, work, args.port)
+            bench_model(label, SHARED, args.prompts, args.rounds, work, args.port, args.reuse)
         elif label == "expert-heavy":
             bench_model(label, expert_heavy(work / "expert-heavy"), args.heavy_prompts, args.rounds,
-                        work, args.port)
+                        work, args.port, args.reuse)
         else:
             raise SystemExit(f"--models: unknown {label!r} (seqtopk-moe, expert-heavy)")
     if args.work is None:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
-import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from vllm_seqroute.processes import stop_process_group  # noqa: F401 (tests import it from here)
 
 # Engines in this process (so tests can read worker state), small CPU KV cache.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -69,15 +68,3 @@ def engine() -> Iterator[Any]:
     gc.collect()
 
 
-def stop_process_group(proc: Any) -> None:
-    """SIGTERM the process group a test started (``start_new_session=True``), SIGKILL after 30 s."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_seqroute.demo.checkpoint import Recipe, cache_root, ensure_checkpoint
+from vllm_seqroute.processes import stop_process_group
 
 MODEL_NAME = "seqroute-demo"
 # A small model decoded greedily loops on one phrase; a mild penalty keeps the samples readable
@@ -118,7 +119,7 @@ def run(ns: argparse.Namespace) -> int:
         _say("\n[demo] stopping the server")
         return 0
     finally:
-        _stop(proc)
+        stop_process_group(proc)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -192,19 +193,6 @@ def _wait_ready(proc: subprocess.Popen[bytes], base: str, log: Path) -> None:
             last = elapsed // 15
             _say(f"[demo] waiting for the server ... {elapsed} s")
         time.sleep(0.5)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
 
 
 def _tail(log: Path, n: int = 40) -> str:

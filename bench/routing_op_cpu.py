@@ -7,8 +7,10 @@ Steps: decode (64 and 256 requests x 1 token, each with 128 tokens of history), 
 (32 decodes + 2 x 128-token prefill chunks) and a prefill step (8 x 256 tokens). Bodies: the
 native CPU pass (``kernels/select_cpu.c``, what a CPU server runs) and the torch body (the
 policies as torch ops, ``SEQROUTE_NO_NATIVE=1``), for seqtopk (causal), topp, entropy and topk
-at a width of 2K. One thread, calls interleaved round-robin; median per call in ms, and the
-ratio to the TopK baseline of the same step.
+at a width of 2K. A sample is one step of ``--layers`` MoE layers (the runner hook's host work
+before it untimed; the per-step context is built by the first layer and shared, as in serving);
+one thread, samples interleaved round-robin; median per layer call in ms, and the ratio to the
+TopK baseline of the same step.
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ STEPS = {"decode 64x1": [1] * 64, "decode 256x1": [1] * 256, "mixed 32x1+2x128":
          "prefill 8x256": [256] * 8}
 
 
-def make_state(policy: str, e: int, k: int, slots: int) -> tuple[st.RoutingState, list[str]]:
+def make_state(policy: str, e: int, k: int, slots: int, layers: int) -> tuple[st.RoutingState, list[str]]:
     base = RoutingConfig(policy=policy, budget=k if policy in ("seqtopk", "topk") else None,
                          cap=2 * k if policy == "topk" else None)
     width = server_width(base, num_experts=e, model_k=k)
     s = st.RoutingState(base=base, max_slots=slots, max_tokens=4096, device=torch.device("cpu"))
-    s.add_layer(e, k, width)
+    for _ in range(layers):
+        s.add_layer(e, k, width)
     reqs = [f"r{i}" for i in range(slots)]
     for r in reqs:
         s.add_request(r, None, 0)
@@ -45,6 +48,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--experts", type=int, default=32)
     ap.add_argument("--k", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=6)
     args = ap.parse_args()
     torch.set_num_threads(1)
     e, k = args.experts, args.k
@@ -53,7 +57,7 @@ def main() -> None:
     setups = {}
     for pol in policies:
         for native in (True, False):
-            s, reqs = make_state(pol, e, k, 256)
+            s, reqs = make_state(pol, e, k, 256, args.layers)
             st.STATE = s
             logits = torch.randn(16 * 256, e, generator=g)
             w, i = torch.topk(torch.softmax(logits, -1), k)
@@ -71,24 +75,28 @@ def main() -> None:
         times: dict[object, list[float]] = {key: [] for key in [*setups, "token topk"]}
         for _ in range(args.repeats):
             for key in times:
-                t = time.perf_counter()
                 if key == "token topk":
-                    torch.topk(torch.softmax(logits, -1), k)
+                    t = time.perf_counter()
+                    for _ in range(args.layers):
+                        torch.topk(torch.softmax(logits, -1), k)
                 else:
                     s, reqs = setups[key]
                     st.STATE = s
                     s.set_step(reqs[:len(sched)], sched)  # host work of the runner hook, untimed
                     s.step_native = key[1] and s.step_native
                     t = time.perf_counter()
-                    select_op.select(logits, van_ids[:, :0], van_w, van_ids, None, 0, 0, True, 1.0, True)
-                times[key].append(time.perf_counter() - t)
+                    for layer in range(args.layers):
+                        select_op.select(logits, van_ids[:, :0], van_w, van_ids, None, layer, 0, True, 1.0,
+                                         True)
+                times[key].append((time.perf_counter() - t) / args.layers)
         base = statistics.median(times["token topk"])
         rows.append((name, "token TopK (softmax + topk)", base, 1.0))
         for pol in policies:
             for native in (True, False):
                 m = statistics.median(times[(pol, native)])
                 rows.append((name, f"{pol} ({'native' if native else 'torch'} body)", m, m / base))
-    print(f"\nrouting op per MoE layer call, E={e}, K={k}, width 2K, 1 thread, median of {args.repeats}\n")
+    print(f"\nrouting op per MoE layer call (steps of {args.layers} layers), E={e}, K={k}, width 2K, "
+          f"1 thread, median of {args.repeats}\n")
     print("| step | routing | ms | x token TopK |")
     print("|---|---|---|---|")
     for name, what, m, r in rows:

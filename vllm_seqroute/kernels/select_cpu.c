@@ -71,6 +71,17 @@ static inline int before(int32_t ka, int64_t ia, int32_t kb, int64_t ib) {
     return ka > kb || (ka == kb && ia < ib);
 }
 
+/* Insert (key, id) at position i of the best-first lists, shifting worse entries down. */
+static inline void insert_at(int64_t i, int32_t key, int64_t id, int32_t *keys, int64_t *ids) {
+    while (i > 0 && before(key, id, keys[i - 1], ids[i - 1])) {
+        keys[i] = keys[i - 1];
+        ids[i] = ids[i - 1];
+        --i;
+    }
+    keys[i] = key;
+    ids[i] = id;
+}
+
 /* Each token's best u candidates by rank = score (+ bias), best first. */
 static void candidates(const Step *s, int64_t t, int64_t *ids, int32_t *keys) {
     const float *sc = s->scores + t * s->e;
@@ -79,15 +90,7 @@ static void candidates(const Step *s, int64_t t, int64_t *ids, int32_t *keys) {
         for (int64_t j = 0; j < u; ++j) {
             int64_t id = s->group[t * u + j];
             int64_t safe = id < 0 ? 0 : id;
-            int32_t key = ordered_int(s->bias ? sc[safe] + s->bias[safe] : sc[safe]);
-            int64_t i = j;
-            while (i > 0 && before(key, id, keys[i - 1], ids[i - 1])) {
-                keys[i] = keys[i - 1];
-                ids[i] = ids[i - 1];
-                --i;
-            }
-            keys[i] = key;
-            ids[i] = id;
+            insert_at(j, ordered_int(s->bias ? sc[safe] + s->bias[safe] : sc[safe]), id, keys, ids);
         }
         return;
     }
@@ -95,14 +98,7 @@ static void candidates(const Step *s, int64_t t, int64_t *ids, int32_t *keys) {
     for (int64_t x = 0; x < s->e; ++x) {
         int32_t key = ordered_int(s->bias ? sc[x] + s->bias[x] : sc[x]);
         if (m == u && !before(key, x, keys[u - 1], ids[u - 1])) continue;
-        int64_t i = m < u ? m++ : u - 1;
-        while (i > 0 && before(key, x, keys[i - 1], ids[i - 1])) {
-            keys[i] = keys[i - 1];
-            ids[i] = ids[i - 1];
-            --i;
-        }
-        keys[i] = key;
-        ids[i] = x;
+        insert_at(m < u ? m++ : u - 1, key, x, keys, ids); /* full: the worst entry drops out */
     }
 }
 

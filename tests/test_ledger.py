@@ -266,7 +266,7 @@ def test_bounded_pool_memory_is_constant_per_slot():
 def test_block_totals_give_the_same_counts_as_every_bin(slots, n, u):
     """``past_counts`` answers small queries from block totals, large ones from a suffix sum
     over every bin; both must count exactly the pool entries at or above each key's bin."""
-    from vllm_seqroute.ledger import BLOCK
+    from vllm_seqroute.policies.ledger import BLOCK
     from vllm_seqroute.policies.ordering import NUM_BINS, ordered_int, pool_bin
 
     g = torch.Generator().manual_seed(slots * 1000 + n)

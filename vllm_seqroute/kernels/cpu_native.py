@@ -19,11 +19,8 @@ from pathlib import Path
 
 import torch
 
-from vllm_seqroute.policies import CausalLedger  # first: policies re-exports the ledger
-
-# isort: split
-from vllm_seqroute.ledger import BLOCK, NUM_BLOCKS
 from vllm_seqroute.policies.base import TokenParams
+from vllm_seqroute.policies.ledger import BLOCK, NUM_BLOCKS, CausalLedger
 from vllm_seqroute.policies.ordering import NUM_BINS, POOL_BIN_PARAMS
 
 logger = logging.getLogger("vllm_seqroute")

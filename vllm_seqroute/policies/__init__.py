@@ -1,6 +1,5 @@
 """Routing policies: pure, vectorised torch functions behind a small registry (no vLLM)."""
 
-from vllm_seqroute.ledger import CausalLedger
 from vllm_seqroute.policies import seqtopk as _seqtopk  # noqa: F401  (registers the policy)
 from vllm_seqroute.policies import token_policies as _token  # noqa: F401  (registers policies)
 from vllm_seqroute.policies.base import (
@@ -13,6 +12,7 @@ from vllm_seqroute.policies.base import (
 )
 from vllm_seqroute.policies.config import POLICIES, RULES, RoutingConfig
 from vllm_seqroute.policies.layout import BatchLayout
+from vllm_seqroute.policies.ledger import CausalLedger
 from vllm_seqroute.policies.route import assemble, build_candidates, route, token_params
 
 __all__ = [

@@ -6,10 +6,10 @@ import math
 
 import torch
 
-from vllm_seqroute.ledger import CausalLedger
 from vllm_seqroute.policies.base import REGISTRY, Candidates, History, Selection, TokenParams
 from vllm_seqroute.policies.config import RoutingConfig
 from vllm_seqroute.policies.layout import BatchLayout
+from vllm_seqroute.policies.ledger import CausalLedger
 from vllm_seqroute.policies.ordering import ordered_int, top_candidates
 
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from vllm_seqroute.ledger import CausalLedger
 from vllm_seqroute.options import request_config
 from vllm_seqroute.policies.config import POLICIES, RoutingConfig
+from vllm_seqroute.policies.ledger import CausalLedger
 
 logger = logging.getLogger("vllm_seqroute")
 

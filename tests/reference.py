@@ -1,9 +1,9 @@
 """Slow, obviously-correct reference routing, written from the documented semantics.
 
 Plain Python loops over tokens, segments and candidates with Python numbers (one small torch call
-per token row at most, for float32 arithmetic and the bounded pool's bin function). Nothing here
-calls the vectorised policies: the only imports from the package are the order-preserving key
-and bin functions of the bounded pool, which *define* that pool's comparison.
+per token row at most, for float32 arithmetic). Nothing here imports the package: the bounded
+pool's bins and the order-preserving keys are written again below from their definition
+(``policies/ordering.py``), so a wrong bin in production fails the comparison.
 
 Semantics (``../shared/design.md`` "Policies", ``RoutingConfig``, ``policies/seqtopk.py``):
 
@@ -32,12 +32,11 @@ Semantics (``../shared/design.md`` "Policies", ``RoutingConfig``, ``policies/seq
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass, field
 from fractions import Fraction
 
 import torch
-
-from vllm_seqroute.policies.ordering import ordered_int, pool_bin
 
 EPS = 1e-9  # tolerance of the float boundaries of topp / entropy (either side is accepted)
 
@@ -81,11 +80,43 @@ class RefToken:
     charged: int = 0  # budget charged (seqtopk)
 
 
+# The bounded pool's bins, from their definition: between 2**-10 and 4 in magnitude each octave
+# is cut into 2**8 equal steps of the mantissa (bins of 1/256 relative width); smaller
+# magnitudes (zeros too) share the middle bin, larger ones saturate the first / last bin;
+# negative values mirror positive ones below the middle bin.
+BIN_STEPS = 2**8  # bins per octave
+BIN_LOW_EXP = -10  # magnitudes below 2**-10: the middle bin
+BIN_OCTAVES = 12  # 2**-10 .. 4
+HALF_BINS = BIN_OCTAVES * BIN_STEPS  # bins on each side of the middle one
+NUM_BINS = 2 * HALF_BINS + 1
+
+
+def ref_pool_bin(x: float) -> int:
+    """Bounded-pool bin of a float32 value, in ``[0, NUM_BINS)``, rising with ``x``."""
+    a = abs(x)
+    if a < 2.0**BIN_LOW_EXP:
+        return HALF_BINS
+    if a >= 2.0 ** (BIN_LOW_EXP + BIN_OCTAVES):
+        step = HALF_BINS - 1  # saturated
+    else:
+        m, ex = math.frexp(a)  # a = m * 2**ex, 0.5 <= m < 1: a lies in octave [2**(ex-1), 2**ex)
+        octave = ex - 1 - BIN_LOW_EXP
+        step = octave * BIN_STEPS + math.floor((2 * m - 1) * BIN_STEPS)  # exact: m is dyadic
+    return HALF_BINS + 1 + step if x > 0 else HALF_BINS - 1 - step
+
+
+def ref_ordered_int(x: float) -> int:
+    """The int32 key of a float32 value with the same order: non-negative values are their
+    IEEE bit pattern (monotone for them), negative ones ``-1 - |bits|``, so ``-0.0`` is -1,
+    just below ``+0.0``'s 0."""
+    bits = struct.unpack("<I", struct.pack("<f", x))[0]
+    mag = bits & 0x7FFFFFFF
+    return -1 - mag if bits >> 31 else mag
+
+
 def bin_of(values: list[float]) -> list[int]:
-    """Bounded-pool bin of each float32 value (one torch call per row)."""
-    if not values:
-        return []
-    return pool_bin(ordered_int(torch.tensor(values, dtype=torch.float32))).tolist()
+    """Bounded-pool bin of each float32 value."""
+    return [ref_pool_bin(v) for v in values]
 
 
 def token_rows(scores: torch.Tensor, bias: torch.Tensor | None) -> list[tuple[list[float], list[float]]]:

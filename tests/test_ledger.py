@@ -399,3 +399,62 @@ def test_single_token_fast_path_equals_general_path() -> None:
     b = seq.causal(cand, layout, params, hist, single_token_segments=True)
     assert torch.equal(a.count, b.count) and torch.equal(a.charged, b.charged)
     assert len(set(a.count.tolist())) > 1  # a real mix of expert counts
+
+
+# ---------------------------------------------------------------------------------------------
+# the bounded pool's bins and keys against their definition (tests/reference.py)
+
+
+def _nextafter32(x: float, toward: float) -> float:
+    """The float32 neighbour of float32 ``x`` toward ``toward``."""
+    return torch.nextafter(torch.tensor(x, dtype=torch.float32), torch.tensor(toward, dtype=torch.float32)).item()
+
+
+def test_pool_bins_are_monotone_with_their_edges() -> None:
+    """Production ``pool_bin(ordered_int(x))`` against the reference written from the definition,
+    over a sorted sweep of float32 values (both signs, zeros, denormals, every bin edge region,
+    beyond the range); monotone, ties share a bin, ends and middle pinned."""
+    from tests.reference import HALF_BINS, ref_ordered_int, ref_pool_bin
+    from tests.reference import NUM_BINS as REF_NUM_BINS
+    from vllm_seqroute.policies.ordering import NUM_BINS, ordered_int, pool_bin
+
+    assert NUM_BINS == REF_NUM_BINS
+    g = torch.Generator().manual_seed(0)
+    mags = torch.cat([
+        2.0 ** (torch.rand(4000, generator=g) * 44 - 30),  # 2**-30 .. 2**14, every octave
+        torch.tensor([0.0, 1e-45, 1e-38, 2.0**-10, 2.0**-9, 0.5, 1.0, 1.0 + 2.0**-9, 1.0 + 2.0**-8,
+                      2.0, 4.0, 8.0, 1e9, 3e38, float("inf")]),
+    ])
+    last = 4.0 - 2.0**-7  # the last bin's lower edge: the top 1/256 of the octave [2, 4), and beyond
+    edges = [2.0**-10, last, 1.0 + 2.0**-8]  # bin edges: the neighbours below fall in another bin
+    mags = torch.cat([mags, torch.tensor([_nextafter32(x, 0.0) for x in edges])])
+    vals = torch.cat([mags, -mags]).to(torch.float32)
+    vals = torch.cat([vals, torch.tensor([-0.0])]).sort().values  # -0.0 sorts with 0.0
+    keys = ordered_int(vals)
+    bins = pool_bin(keys)
+    as_list = vals.tolist()
+    assert keys.tolist() == [ref_ordered_int(x) for x in as_list]
+    assert bins.tolist() == [ref_pool_bin(x) for x in as_list]
+    assert bool((bins[1:] >= bins[:-1]).all())  # monotone in the score
+    assert bool((keys[1:] >= keys[:-1]).all())
+    assert int(bins.min()) == 0 and int(bins.max()) == NUM_BINS - 1
+
+    def bin_of(x: float) -> int:
+        return int(pool_bin(ordered_int(torch.tensor([x], dtype=torch.float32)))[0])
+
+    # saturation: everything beyond +-4 shares the end bins with the range's last step
+    for x in (last, _nextafter32(4.0, 0.0), 4.0, 8.0, 1e9, float("inf")):
+        assert bin_of(x) == NUM_BINS - 1 and bin_of(-x) == 0
+    assert bin_of(_nextafter32(last, 0.0)) == NUM_BINS - 2 and bin_of(-_nextafter32(last, 0.0)) == 1
+    # the middle bin: magnitudes below 2**-10 (zeros, denormals) of either sign
+    for x in (0.0, -0.0, 1e-45, -1e-45, _nextafter32(2.0**-10, 0.0), -_nextafter32(2.0**-10, 0.0)):
+        assert bin_of(x) == HALF_BINS
+    assert bin_of(2.0**-10) == HALF_BINS + 1 and bin_of(-(2.0**-10)) == HALF_BINS - 1
+    # bins are 1/256 of an octave wide: ties and near-ties inside one bin, the next step outside
+    assert bin_of(1.0) == bin_of(1.0) == bin_of(1.0 + 2.0**-9) == bin_of(_nextafter32(1.0 + 2.0**-8, 0.0))
+    assert bin_of(1.0 + 2.0**-8) == bin_of(1.0) + 1
+    assert bin_of(2.0) == bin_of(1.0) + 256 and bin_of(-1.0) == NUM_BINS - 1 - bin_of(1.0)
+    # -0.0 keys just below +0.0 and every distinct value has its own key
+    assert int(ordered_int(torch.tensor([-0.0]))[0]) == -1 and int(ordered_int(torch.tensor([0.0]))[0]) == 0
+    distinct = torch.unique(vals[vals != 0])
+    assert bool((ordered_int(distinct)[1:] > ordered_int(distinct)[:-1]).all())

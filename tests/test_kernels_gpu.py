@@ -13,8 +13,8 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
 from vllm_seqroute import kernels  # noqa: E402
-from vllm_seqroute.kernels import _triton as K  # noqa: E402
 from vllm_seqroute.kernels import checks as ch  # noqa: E402
+from vllm_seqroute.kernels import triton_candidates  # noqa: E402
 from vllm_seqroute.policies import BatchLayout, assemble, build_candidates  # noqa: E402
 
 DEV = torch.device("cuda")
@@ -49,7 +49,7 @@ def test_candidates_bf16_and_wide() -> None:
         x = torch.randn(333, e, device=DEV, generator=g).softmax(-1).to(torch.bfloat16)
         bias = torch.randn(e, device=DEV, generator=g) * 0.01
         for b in (None, bias):
-            got = K.candidates(x, u, b, True, True)
+            got = triton_candidates.candidates(x, u, b, True, True)
             want = build_candidates(x, u, b)
             assert ch.diff_candidates(got, want) == [], (e, u, b is not None)
 

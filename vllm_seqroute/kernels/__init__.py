@@ -3,12 +3,22 @@
 Every function returns what its twin returns (selections identical, ties included; weights up to
 float32 summation order), with static shapes, no host syncs and graph-capturable launches on
 CUDA. ``SEQROUTE_NO_TRITON=1`` forces the twins everywhere (debugging, comparisons).
+
+The Triton kernels live one family per module, each beside the policy it twins:
+``triton_candidates`` (top-U candidates), ``triton_token`` (topk / topp / entropy),
+``triton_seqtopk_window`` and ``triton_seqtopk_causal`` (SeqTopK's two rules),
+``triton_assemble`` (the output contract, fused into the others), ``triton_common`` (shared).
+They import Triton at the top and are loaded together, here only, by ``_triton_module``.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import logging
 import os
+from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -36,14 +46,54 @@ __all__ = [
 
 TOKEN_POLICIES = ("topk", "topp", "entropy")
 
+logger = logging.getLogger("vllm_seqroute")
+
+# The Triton kernel modules, one per kernel family (attribute name: module under this package).
+TRITON_MODULES = {
+    "candidates": "triton_candidates",
+    "token": "triton_token",
+    "window": "triton_seqtopk_window",
+    "causal": "triton_seqtopk_causal",
+    "assemble": "triton_assemble",
+}
+
+
+@dataclass(frozen=True)
+class TritonKernels:
+    """The Triton kernel modules, loaded together (one family each, see ``TRITON_MODULES``)."""
+
+    candidates: ModuleType
+    token: ModuleType
+    window: ModuleType
+    causal: ModuleType
+    assemble: ModuleType
+
 
 @functools.cache
-def _triton_module() -> object | None:
+def _triton_module() -> TritonKernels | None:
+    """The Triton kernels, or None where they cannot load; the reason is logged once (cached).
+
+    No Triton at all is an expected set-up (info); anything else (a Triton that cannot build for
+    this platform, a broken kernel module) is a warning with the exception, since the torch twins
+    then serve on CUDA, correctly but slower."""
     try:
-        from vllm_seqroute.kernels import _triton
-    except Exception:  # no Triton, or one that cannot build for this platform
+        mods = {name: importlib.import_module(f"{__name__}.{mod}") for name, mod in TRITON_MODULES.items()}
+    except Exception as e:
+        if isinstance(e, ModuleNotFoundError) and e.name == "triton":
+            logger.info("Triton is not installed: the torch routing policies serve on CUDA")
+        else:
+            logger.warning("Triton routing kernels unavailable (%s: %s): the torch routing policies "
+                           "serve on CUDA", type(e).__name__, e)
         return None
-    return _triton
+    return TritonKernels(**mods)
+
+
+def _tri() -> TritonKernels:
+    """The Triton kernels where ``triton_available`` said yes."""
+    tri = _triton_module()
+    if tri is None:
+        raise RuntimeError("Triton kernels used where triton_available() is False")
+    return tri
 
 
 def triton_available(device: torch.device | str) -> bool:
@@ -75,7 +125,7 @@ def candidates(
     ``scores + bias`` (ties: lower id), weights from ``scores``; one launch on CUDA."""
     if not triton_available(scores.device):
         return build_candidates(scores, width, bias, with_mass=with_mass, with_entropy=with_entropy)
-    return _triton_module().candidates(scores, width, bias, with_mass, with_entropy)
+    return _tri().candidates.candidates(scores, width, bias, with_mass, with_entropy)
 
 
 def token_select(policy: str, cand: Candidates, layout: BatchLayout, params: TokenParams) -> Selection:
@@ -84,7 +134,7 @@ def token_select(policy: str, cand: Candidates, layout: BatchLayout, params: Tok
         raise ValueError(f"policy: expected one of {TOKEN_POLICIES}, got {policy!r}")
     if not triton_available(cand.ids.device):
         return REGISTRY[policy](cand, layout, params, None)
-    return _triton_module().token_select(policy, cand, params)
+    return _tri().token.token_select(policy, cand, params)
 
 
 def seqtopk_select(
@@ -117,17 +167,17 @@ def seqtopk_select(
             _commit(ledger, row, cand, params, sel)
         return sel
     if rule == "window":
-        sel = tri.window(cand, layout, params, ledger, row)
+        sel = tri.window.window(cand, layout, params, ledger, row)
         if commit and ledger is not None:
             _commit(ledger, row, cand, params, sel)
         return sel
     return _causal_kernel(tri, cand, layout, params, ledger, row, commit)
 
 
-def _causal_kernel(tri: Any, cand: Candidates, layout: BatchLayout, params: TokenParams,
+def _causal_kernel(tri: TritonKernels, cand: Candidates, layout: BatchLayout, params: TokenParams,
                    ledger: CausalLedger | None, row: torch.Tensor | None, commit: bool,
                    asm: Any = None) -> Selection:
-    sel = tri.causal(cand, layout, params, ledger, row, commit=commit, asm=asm)
+    sel = tri.causal.causal(cand, layout, params, ledger, row, commit=commit, asm=asm)
     if commit and ledger is not None:
         ledger.refresh_blocks()  # the kernels add to the bins only; the twin reads block totals
     return sel
@@ -147,7 +197,7 @@ def assemble(
     ``weights [N, U] float32`` (renormalised over the kept slots when asked)."""
     if not triton_available(cand.ids.device):
         return _assemble_twin(cand, sel, renormalize=renormalize, empty_id=empty_id)
-    return _triton_module().assemble(cand, sel, renormalize, empty_id)
+    return _tri().assemble.assemble(cand, sel, renormalize, empty_id)
 
 
 def select_assemble(
@@ -174,13 +224,13 @@ def select_assemble(
         else:
             sel = token_select(policy, cand, layout, params)
         return (sel, *assemble(cand, sel, renormalize=renormalize, empty_id=empty_id))
-    asm = tri.Assembled(*tri.assemble_buffers(cand), renormalize, empty_id)
+    asm = tri.assemble.Assembled(*tri.assemble.assemble_buffers(cand), renormalize, empty_id)
     if policy in TOKEN_POLICIES:
-        sel = tri.token_select(policy, cand, params, asm)
+        sel = tri.token.token_select(policy, cand, params, asm)
     elif policy != "seqtopk":
         raise ValueError(f"policy: unknown routing policy {policy!r}")
     elif rule == "window":
-        sel = tri.window(cand, layout, params, ledger, row, asm)
+        sel = tri.window.window(cand, layout, params, ledger, row, asm)
         if commit and ledger is not None:
             _commit(ledger, row, cand, params, sel)
     elif rule == "causal":

@@ -196,11 +196,14 @@ def run_kernel_checks(
 
     Outputs and scratch are poisoned first. ``causal_modes``: (mode, chunk) pairs forced on the
     causal kernels (``(None, None)``: what the batch size picks)."""
-    from vllm_seqroute.kernels import _triton as K
+    from vllm_seqroute.kernels import triton_assemble as A
+    from vllm_seqroute.kernels import triton_candidates, triton_common, triton_token
+    from vllm_seqroute.kernels import triton_seqtopk_causal as C
+    from vllm_seqroute.kernels import triton_seqtopk_window as W
     from vllm_seqroute.policies.route import assemble
 
-    saved = (K.POISON, K.MODE, K.CHUNK, K.WINDOW_TILE)
-    K.POISON = True
+    saved = (triton_common.POISON, C.MODE, C.CHUNK, W.WINDOW_TILE)
+    triton_common.POISON = True
     fails: list[str] = []
 
     def asm_diff(asm: object, cand: Candidates, sel: Selection) -> list[str]:
@@ -220,32 +223,33 @@ def run_kernel_checks(
                                    bias=s % 4 == 0, device=device)
                 tag = f"seed={s} n={n} e={e} {kind}"
                 cand = twin_candidates(case)
-                d = diff_candidates(K.candidates(case.scores, case.width, case.bias, True, True), cand)
+                got_cand = triton_candidates.candidates(case.scores, case.width, case.bias, True, True)
+                d = diff_candidates(got_cand, cand)
                 fails += [f"candidates {tag}: {d}"] if d else []
                 ren, emp = s % 2 == 0, (-1 if s % 3 else None)
                 for pol in ("topk", "topp", "entropy"):
-                    asm = K.Assembled(*K.assemble_buffers(cand), ren, emp)
+                    asm = A.Assembled(*A.assemble_buffers(cand), ren, emp)
                     want = twin_select(case, cand, pol)
-                    d = diff_selection(K.token_select(pol, cand, case.params, asm), want)
+                    d = diff_selection(triton_token.token_select(pol, cand, case.params, asm), want)
                     d += asm_diff(asm, cand, want)
                     fails += [f"{pol} {tag}: {d}"] if d else []
                 for led in (True, False):
                     base = case if led else Case(case.scores, case.bias, case.width, case.layout,
                                                  case.params, None, None)
                     for tile in window_tiles:
-                        K.WINDOW_TILE = tile
+                        W.WINDOW_TILE = tile
                         c2 = base.to(device)
                         want = twin_select(c2, cand, "seqtopk", "window")
-                        asm = K.Assembled(*K.assemble_buffers(cand), ren, emp)
-                        d = diff_selection(K.window(cand, c2.layout, c2.params, c2.ledger, c2.row, asm), want)
+                        asm = A.Assembled(*A.assemble_buffers(cand), ren, emp)
+                        d = diff_selection(W.window(cand, c2.layout, c2.params, c2.ledger, c2.row, asm), want)
                         d += asm_diff(asm, cand, want)
                         fails += [f"window ledger={led} tile={tile} {tag}: {d}"] if d else []
                     for mode, chunk in causal_modes:
-                        K.MODE, K.CHUNK = mode, chunk
+                        C.MODE, C.CHUNK = mode, chunk
                         c2 = base.to(device)
                         want = twin_select(c2, cand, "seqtopk", "causal")
-                        asm = K.Assembled(*K.assemble_buffers(cand), ren, emp)
-                        got = K.causal(cand, c2.layout, c2.params, c2.ledger, c2.row, commit=led, asm=asm)
+                        asm = A.Assembled(*A.assemble_buffers(cand), ren, emp)
+                        got = C.causal(cand, c2.layout, c2.params, c2.ledger, c2.row, commit=led, asm=asm)
                         d = diff_selection(got, want) + asm_diff(asm, cand, want)
                         if led:
                             ref = base.to(device)
@@ -253,5 +257,5 @@ def run_kernel_checks(
                             d += diff_ledger(c2.ledger, ref.ledger)
                         fails += [f"causal ledger={led} mode={mode} C={chunk} {tag}: {d}"] if d else []
     finally:
-        K.POISON, K.MODE, K.CHUNK, K.WINDOW_TILE = saved
+        triton_common.POISON, C.MODE, C.CHUNK, W.WINDOW_TILE = saved
     return fails

@@ -1,25 +1,36 @@
-"""Routing kernels on a CUDA GPU: check against the torch twins, then time, in one run.
+"""The serving routing op on a CUDA GPU: check the Triton path against the torch twins, then time,
+in one run.
 
     PYTHONPATH=. python3 bench/kernels_gpu.py [--quick] [--tune] [--out DIR]
 
+What is timed is what serving runs in every MoE layer (``vllm_glue/router.py``): the model's own
+router (softmax or sigmoid + bias + group limit, ``torch.topk`` at K; for grouped routers also the
+group-limited top-width candidates) and then the routing op ``vllm_glue.select_op.select`` on a
+real ``RoutingState`` (candidates kernel, the kernels of every policy the step runs, ledger commit,
+assembly and counters in torch). Not ``kernels.select_assemble``: serving never takes that fused
+path (tests and the kernels' own checks use it).
+
 For each model shape (Qwen3-30B-A3B, OLMoE, DeepSeek-V3 grouped + bias, Mixtral) and batch
-(prefill 8x2048 and 64x256 tokens, decode 256x1 with 512 tokens of ledger history per request):
-- check: the Triton path (candidates, window and causal selection, output contract, ledger commit)
-  equals the twin on fresh random scores (ids identical, weights within 1e-6);
+(prefill 8x2048 and 64x256 tokens, decode 256x1 after 512 tokens of history per request, routed by
+the op itself), one MoE layer:
+- check: the op with the Triton kernels equals the op with the torch twins
+  (``SEQROUTE_NO_TRITON=1``) on the same steps, history included: ids identical, weights within
+  1e-6, ledgers and counters identical;
 - time, each as a captured CUDA graph replayed (median over rounds of 10 replays), all starting
   from router logits [N, E] float32 in GPU memory:
-  torch TopK  softmax (sigmoid + bias + group limit for DeepSeek-V3), torch.topk(K), renormalise
-  kernel TopK the same through the kernels (candidates U=K + fused select/assemble)
-  twin        the torch twin (build_candidates + seqtopk + ledger.commit + assemble) on the GPU
-  window / causal  softmax + candidates (U=2K) + fused select/assemble + ledger commit
-  expert      the MoE layer's expert compute in torch (grouped GEMM ``torch._grouped_mm`` bf16:
-              permute, gate_up, SiLU-and-mul, down, weighted un-permute) at the token TopK's ids
-- -1 skipping: the same MoE layer with SeqTopK causal ids at budget K/2 (cap K, empty slots -1
-  routed nowhere) against token TopK at K.
-DeepSeek-V3's group limit (top 4 of 8 groups by the sum of each group's best two biased scores)
-is applied in torch before the candidates kernel, in every variant; its routed scaling factor is
-left out. Inputs are not rotated: logits of 16k x 128 float32 (8 MB) stay in the 50 MB L2 for
-every variant alike.
+  torch TopK   what vLLM runs without the plugin: scores, torch.topk(K), renormalise
+  op topk / seqtopk window / seqtopk causal   the serving path with that server policy
+               (``--routing topk`` at K, ``seqtopk`` at budget K with each rule)
+  twin window / twin causal   the same op with the torch policies (Triton off)
+  expert       the MoE layer's expert compute in torch (grouped GEMM ``torch._grouped_mm`` bf16:
+               permute, gate_up, SiLU-and-mul, down, weighted un-permute) at the token TopK's ids
+- -1 skipping: the same MoE layer with the op's SeqTopK causal ids at budget K/2 (cap K, empty
+  slots -1 routed nowhere, as the op returns them in skip mode) against token TopK at K.
+Each row names the policies the op ran in that step (on CUDA the graph-captured op may run more
+policies than the server's own: see ``RoutingState.set_step``). DeepSeek-V3's group limit (top 4
+of 8 groups by the sum of each group's best two biased scores) is applied in torch, as vLLM's
+grouped router does; its routed scaling factor is left out. Inputs are not rotated: logits of
+16k x 128 float32 (8 MB) stay in the 50 MB L2 for every variant alike.
 """
 
 from __future__ import annotations
@@ -32,16 +43,19 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 
-from vllm_seqroute import kernels
-from vllm_seqroute.kernels import _triton as K
 from vllm_seqroute.kernels import checks as ch
-from vllm_seqroute.policies import BatchLayout, CausalLedger, RoutingConfig, assemble, build_candidates
-from vllm_seqroute.policies import seqtopk as seq
-from vllm_seqroute.policies.ordering import NUM_BINS, pool_bin
-from vllm_seqroute.policies.route import history_of, token_params
+from vllm_seqroute.kernels import triton_common
+from vllm_seqroute.kernels import triton_seqtopk_causal as C
+from vllm_seqroute.kernels import triton_seqtopk_window as W
+from vllm_seqroute.options import server_width
+from vllm_seqroute.policies import RoutingConfig
+from vllm_seqroute.vllm_glue import select_op
+from vllm_seqroute.vllm_glue import state as st
 
 DEV = torch.device("cuda")
 MODELS = {
@@ -52,7 +66,8 @@ MODELS = {
     "Mixtral-8x7B": (8, 2, 4096, 14336, "softmax", None),
 }
 BATCHES = {"prefill 8x2048": (8, 2048), "prefill 64x256": (64, 256), "decode 256x1": (256, 1)}
-HISTORY = 512  # decode: tokens already in each request's ledger
+HISTORY = 512  # decode: tokens each request has routed (through the op) before the timed step
+HISTORY_CHUNK = 64  # tokens per request per history step
 
 
 def time_graph(fn: Callable[[], object], reps: int = 10, rounds: int = 15) -> float:
@@ -97,104 +112,135 @@ def time_eager(fn: Callable[[], object], reps: int = 10, rounds: int = 15) -> fl
     return statistics.median(out)
 
 
+@contextmanager
+def no_triton(on: bool = True):
+    """The op with the torch policies (the twins) while ``on``."""
+    old = os.environ.get("SEQROUTE_NO_TRITON")
+    if on:
+        os.environ["SEQROUTE_NO_TRITON"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("SEQROUTE_NO_TRITON", None)
+        else:
+            os.environ["SEQROUTE_NO_TRITON"] = old
+
+
 class Shape:
-    """Inputs of one (model, batch): logits, layout, parameters, a ledger (with history)."""
+    """One (model, batch): router logits and what the model's own router makes of them."""
 
     def __init__(self, model: str, reqs: int, t: int, seed: int):
         e, k, hid, inter, scoring, groups = MODELS[model]
         self.e, self.k, self.hidden, self.inter, self.scoring, self.groups = e, k, hid, inter, scoring, groups
         n = reqs * t
-        self.n, self.reqs = n, reqs
-        g = torch.Generator(device=DEV).manual_seed(seed)
-        self.logits = torch.randn(n, e, device=DEV, generator=g) * 1.5
-        self.logits += torch.randn(e, device=DEV, generator=g) * 0.5
+        self.n, self.reqs, self.t = n, reqs, t
+        self.gen = torch.Generator(device=DEV).manual_seed(seed)
+        self.logits = self.new_logits(n)
+        g = self.gen
         self.bias = torch.randn(e, device=DEV, generator=g) * 0.1 if scoring == "sigmoid" else None
-        ts = torch.arange(reqs, device=DEV).repeat_interleave(t)
-        self.layout = BatchLayout.from_token_slots(ts)
-        self.u = min(e, 2 * k)
-        cfg = RoutingConfig(policy="seqtopk", budget=k).resolve(e)
-        self.params = token_params(cfg, n, DEV)
-        self.params_topk = token_params(RoutingConfig(policy="topk", budget=k).resolve(e), n, DEV)
-        half = RoutingConfig(policy="seqtopk", budget=max(1, k // 2), cap=k).resolve(e)
-        self.params_half = token_params(half, n, DEV)
-        self.ledger = CausalLedger(reqs, device=DEV)
-        if t == 1:  # decode: HISTORY earlier tokens per request already in the ledger
-            hs = torch.softmax(torch.randn(reqs * HISTORY, e, device=DEV, generator=g) * 1.5, -1)
-            keys = build_candidates(hs, self.u, with_mass=False, with_entropy=False).keys
-            rows = torch.arange(reqs, device=DEV).repeat_interleave(HISTORY)
-            flat = rows[:, None] * NUM_BINS + pool_bin(keys)
-            flat = flat.flatten()
-            self.ledger.hist.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-            self.ledger.seen[:reqs] = HISTORY
-            self.ledger.used[:reqs] = HISTORY * k
-        self.row = self.ledger.rows(self.layout.token_slot)
 
-    def scores(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def new_logits(self, n: int) -> torch.Tensor:
+        x = torch.randn(n, self.e, device=DEV, generator=self.gen) * 1.5
+        return x + torch.randn(self.e, device=DEV, generator=self.gen) * 0.5
+
+    def scores(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Router probabilities (group-limited for grouped routers: others at -inf)."""
         if self.scoring == "softmax":
-            return torch.softmax(self.logits, dim=-1), None
-        s = torch.sigmoid(self.logits)
+            return torch.softmax(logits, dim=-1), None
+        n = logits.shape[0]
+        s = torch.sigmoid(logits)
         ng, kg = self.groups
-        r = (s + self.bias).view(self.n, ng, -1)
+        r = (s + self.bias).view(n, ng, -1)
         top_groups = r.topk(2, dim=-1).values.sum(-1).topk(kg, dim=-1).indices
-        keep = torch.zeros(self.n, ng, dtype=torch.bool, device=DEV).scatter_(1, top_groups, True)
-        keep = keep[:, :, None].expand_as(r).reshape(self.n, self.e)
+        keep = torch.zeros(n, ng, dtype=torch.bool, device=DEV).scatter_(1, top_groups, True)
+        keep = keep[:, :, None].expand_as(r).reshape(n, self.e)
         return torch.where(keep, s, float("-inf")), self.bias
 
-    def torch_topk(self) -> tuple[torch.Tensor, torch.Tensor]:
-        s, b = self.scores()
+    def torch_topk(self, logits: torch.Tensor | None = None, k: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's own router: weights and ids of its top ``k`` (default K)."""
+        s, b = self.scores(self.logits if logits is None else logits)
+        k = k or self.k
         if b is None:
-            w, ids = torch.topk(s, self.k, dim=-1)
+            w, ids = torch.topk(s, k, dim=-1)
         else:
-            ids = torch.topk(s + b, self.k, dim=-1).indices
+            ids = torch.topk(s + b, k, dim=-1).indices
             w = torch.gather(s, 1, ids)
         return w / w.sum(-1, keepdim=True), ids
 
-    def kernel(
-        self, policy: str, rule: str = "causal", params: object = None, width: int | None = None
-    ) -> tuple:
-        s, b = self.scores()
-        cand = kernels.candidates(s, width or self.u, b, with_mass=False, with_entropy=False)
-        _, ids, w = kernels.select_assemble(
-            policy, cand, self.layout, params or self.params, self.ledger, self.row, rule=rule, commit=True
-        )
-        return ids, w
 
-    def twin(self, rule: str) -> tuple:
-        s, b = self.scores()
-        cand = build_candidates(s, self.u, b, with_mass=False, with_entropy=False)
-        sel = seq.seqtopk(cand, self.layout, self.params, history_of(self.ledger, self.row), rule=rule)
-        j = torch.arange(self.u, device=DEV)
-        self.ledger.commit(self.row, cand.keys, j[None, :] < self.params.cap[:, None], sel.charged)
-        return assemble(cand, sel, renormalize=True)
+class Served:
+    """A worker's routing state for one server policy, one MoE layer, the shape's requests; a
+    decode shape first routes ``HISTORY`` tokens per request through the op (untimed)."""
+
+    def __init__(self, sh: Shape, base: RoutingConfig, *, skip_empty: bool = False, twin: bool = False):
+        self.sh, self.skip_empty, self.twin = sh, skip_empty, twin
+        self.width = server_width(base, num_experts=sh.e, model_k=sh.k)
+        max_tokens = max(sh.n, sh.reqs * HISTORY_CHUNK if sh.t == 1 else 0)
+        self.state = st.RoutingState(base=base, max_slots=sh.reqs, max_tokens=max_tokens, device=DEV)
+        self.state.add_layer(sh.e, sh.k, self.width)
+        self.reqs = [f"r{i}" for i in range(sh.reqs)]
+        for r in self.reqs:
+            self.state.add_request(r, None, 0)
+        if sh.t == 1:
+            g = torch.Generator(device=DEV).manual_seed(12345)  # the same history for every state
+            for _ in range(HISTORY // HISTORY_CHUNK):
+                logits = torch.randn(sh.reqs * HISTORY_CHUNK, sh.e, device=DEV, generator=g) * 1.5
+                self.state.set_step(self.reqs, [HISTORY_CHUNK] * sh.reqs)
+                self(logits)
+        self.state.set_step(self.reqs, [sh.t] * sh.reqs)  # the timed step (host work, untimed)
+        self.policies = sorted({st.POLICY_NAME[p] if p != st.SEQ_WINDOW else "seqtopk window"
+                                for p in self.state.step_policies})
+
+    def __call__(self, logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One MoE layer's routing as serving runs it: the model's router, then the op."""
+        sh = self.sh
+        logits = sh.logits if logits is None else logits
+        van_w, van_ids = sh.torch_topk(logits)
+        if sh.groups is not None:  # vLLM's grouped router at top_k = width (its ids only)
+            group_ids = sh.torch_topk(logits, self.width)[1]
+        else:
+            group_ids = van_ids[:, :0]
+        st.STATE = self.state
+        with no_triton(self.twin):
+            return select_op.select(logits, group_ids, van_w, van_ids.to(torch.int32), sh.bias, 0,
+                                    select_op.SIGMOID if sh.scoring == "sigmoid" else select_op.SOFTMAX,
+                                    True, 1.0, self.skip_empty)
 
 
-def check(sh: Shape) -> list[str]:
-    """Kernel path == twin on this shape's fresh inputs, both rules, ledger included."""
+def servers(sh: Shape) -> dict[str, RoutingConfig]:
+    return {
+        "topk": RoutingConfig(policy="topk", budget=sh.k),
+        "window": RoutingConfig(policy="seqtopk", budget=sh.k, rule="window"),
+        "causal": RoutingConfig(policy="seqtopk", budget=sh.k),
+    }
+
+
+def check(sh: Shape, bases: dict[str, RoutingConfig] | None = None) -> list[str]:
+    """The op with Triton == the op with the torch twins, history and counters included."""
     fails = []
-    K.POISON = True
+    triton_common.POISON = True
     try:
-        s, b = sh.scores()
-        for rule in ("window", "causal"):
-            mine, ref = ch.clone_ledger(sh.ledger, DEV), ch.clone_ledger(sh.ledger, DEV)
-            cand_k = kernels.candidates(s, sh.u, b, with_mass=False, with_entropy=False)
-            cand = build_candidates(s, sh.u, b, with_mass=False, with_entropy=False)
-            d = ch.diff_candidates(cand_k, cand)
-            sel, ids, w = kernels.select_assemble("seqtopk", cand_k, sh.layout, sh.params, mine, sh.row,
-                                                  rule=rule, commit=True)
-            want = seq.seqtopk(cand, sh.layout, sh.params, history_of(ref, sh.row), rule=rule)
-            j = torch.arange(sh.u, device=DEV)
-            ref.commit(sh.row, cand.keys, j[None, :] < sh.params.cap[:, None], want.charged)
-            ids_t, w_t = assemble(cand, want, renormalize=True)
-            d += ch.diff_selection(sel, want) + ch.diff_ledger(mine, ref)
+        for name, base in (bases or servers(sh)).items():
+            mine, ref = Served(sh, base), Served(sh, base, twin=True)
+            w, ids = mine()
+            w_t, ids_t = ref()
+            d = []
             if not torch.equal(ids, ids_t):
                 d.append("ids")
             if not torch.allclose(w, w_t, rtol=1e-6, atol=0):
                 rel = ((w - w_t).abs() / w_t.abs().clamp_min(1e-30)).max().item()
                 d.append(f"weights (max rel {rel:.2e})")
-            fails += [f"{rule}: {d}"] if d else []
+            d += ch.diff_ledger(mine.state.layers[0].ledger, ref.state.layers[0].ledger)
+            for f in ("tokens_by_policy", "pairs_by_policy", "granted_by_policy"):
+                if not torch.equal(getattr(mine.state, f), getattr(ref.state, f)):
+                    d.append(f)
+            if not torch.equal(mine.state.expert_load[0], ref.state.expert_load[0]):
+                d.append("expert_load")
+            fails += [f"{name}: {d}"] if d else []
     finally:
-        K.POISON = False
+        triton_common.POISON = False
     return fails
 
 
@@ -261,7 +307,7 @@ def kernel_times(fn: Callable[[], object], reps: int = 20) -> list[tuple[str, fl
 
 def bench_one(sh: Shape, moe: MoE | None, rounds: int, tune: bool) -> tuple[dict, list, list]:
     """Check and time one (model, batch); returns the row, the MoE row (if any), tuning rows."""
-    r: dict[str, object] = {}
+    r: dict[str, Any] = {}
     moe_rows: list = []
     tune_rows: list = []
     fails = check(sh)
@@ -271,35 +317,42 @@ def bench_one(sh: Shape, moe: MoE | None, rounds: int, tune: bool) -> tuple[dict
         return time_graph(f, rounds=rounds)
 
     r["torch_topk"] = tm(sh.torch_topk)
-    r["kernel_topk"] = tm(lambda: sh.kernel("topk", params=sh.params_topk, width=sh.k))
+    ops = {name: Served(sh, base) for name, base in servers(sh).items()}
+    r["op_policies"] = ops["causal"].policies
+    for name, op in ops.items():
+        r[f"op_{name}"] = tm(op)
     for rule in ("window", "causal"):
-        r[f"kernel_{rule}"] = tm(lambda rule=rule: sh.kernel("seqtopk", rule))
+        twin = Served(sh, servers(sh)[rule], twin=True)
         try:
-            r[f"twin_{rule}"] = tm(lambda rule=rule: sh.twin(rule))
+            r[f"twin_{rule}"] = tm(twin)
         except Exception as ex:  # the twin may not be capturable: time it eagerly
             r[f"twin_{rule}_note"] = f"eager ({type(ex).__name__})"
             torch.cuda.synchronize()
-            r[f"twin_{rule}"] = time_eager(lambda rule=rule: sh.twin(rule), rounds=5)
-    if tune and sh.n > K.DIRECT_MAX_N:
+            twin = Served(sh, servers(sh)[rule], twin=True)
+            r[f"twin_{rule}"] = time_eager(twin, rounds=5)
+    if tune and sh.n > C.DIRECT_MAX_N:
         # Each setting is checked against the twin too (it picks a different code shape).
+        window = {"window": servers(sh)["window"]}
         for tile in (64, 128, 256, 512):
-            K.WINDOW_TILE = tile
-            ok = "ok" if not check(sh) else "FAIL"
-            tune_rows.append((f"window tile {tile} ({ok})", tm(lambda: sh.kernel("seqtopk", "window"))))
-        K.WINDOW_TILE = None
+            W.WINDOW_TILE = tile
+            ok = "ok" if not check(sh, window) else "FAIL"
+            tune_rows.append((f"window tile {tile} ({ok})", tm(Served(sh, window["window"]))))
+        W.WINDOW_TILE = None
+        causal = {"causal": servers(sh)["causal"]}
         for c in (8, 16, 32, 64):
-            K.CHUNK = c
-            ok = "ok" if not check(sh) else "FAIL"
-            tune_rows.append((f"causal chunk {c} ({ok})", tm(lambda: sh.kernel("seqtopk", "causal"))))
-        K.CHUNK = None
+            C.CHUNK = c
+            ok = "ok" if not check(sh, causal) else "FAIL"
+            tune_rows.append((f"causal chunk {c} ({ok})", tm(Served(sh, causal["causal"]))))
+        C.CHUNK = None
     if tune:
         for rule in ("window", "causal"):
-            times = kernel_times(lambda rule=rule: sh.kernel("seqtopk", rule))
+            times = kernel_times(Served(sh, servers(sh)[rule]))
             tune_rows += [(f"{rule}: {name}", ms) for name, ms in times]
     if moe is not None:
         x = torch.randn(sh.n, moe.hidden, device=DEV, dtype=torch.bfloat16)
         w_k, ids_k = sh.torch_topk()
-        ids_h, w_h = sh.kernel("seqtopk", "causal", params=sh.params_half, width=sh.k)
+        half = RoutingConfig(policy="seqtopk", budget=max(1, sh.k // 2), cap=sh.k)
+        w_h, ids_h = Served(sh, half, skip_empty=True)()
         used = int((ids_h >= 0).sum())
         if moe.grouped:
             try:
@@ -324,26 +377,29 @@ def table(rows: list[dict], moe_rows: list, tune_rows: list, dev: str, rounds: i
         return f"{a / b:.2f}x" if isinstance(a, float) and isinstance(b, float) else "-"
 
     lines = [
-        f"Device: {dev}. ms per call, CUDA graph replay, median of {rounds} x 10; from router logits.",
+        f"Device: {dev}. ms per MoE layer's routing, CUDA graph replay, median of {rounds} x 10; "
+        "from router logits; the serving path (model router + select_op.select).",
         "",
-        "| model | batch | torch TopK | kernel TopK | twin window | twin causal | kernel window "
-        "| kernel causal | window / TopK | causal / TopK | expert compute | causal / expert | check |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | batch | torch TopK | op topk | twin window | twin causal | op window "
+        "| op causal | window / TopK | causal / TopK | expert compute | causal / expert "
+        "| policies the op ran | check |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        tk, kw, kc, ex = (r.get(x) for x in ("torch_topk", "kernel_window", "kernel_causal", "expert"))
+        tk, kw, kc, ex = (r.get(x) for x in ("torch_topk", "op_window", "op_causal", "expert"))
         pct = f"{100 * kc / ex:.2f} %" if isinstance(kc, float) and isinstance(ex, float) else "-"
+        pols = ", ".join(r.get("op_policies", [])) or "-"
         lines.append(
-            f"| {r['model']} | {r['batch']} | {f(tk)} | {f(r.get('kernel_topk'))} "
+            f"| {r['model']} | {r['batch']} | {f(tk)} | {f(r.get('op_topk'))} "
             f"| {f(r.get('twin_window'))} | {f(r.get('twin_causal'))} | {f(kw)} | {f(kc)} "
-            f"| {ratio(kw, tk)} | {ratio(kc, tk)} | {f(ex)} | {pct} "
+            f"| {ratio(kw, tk)} | {ratio(kc, tk)} | {f(ex)} | {pct} | {pols} "
             f"| {str(r.get('check', r.get('error', '-')))[:60]} |"
         )
     if moe_rows:
         lines += [
             "",
-            "MoE layer (torch grouped GEMM, bf16), token TopK at K vs SeqTopK causal at budget K/2 "
-            "(cap K) with empty slots (-1) skipped:",
+            "MoE layer (torch grouped GEMM, bf16), token TopK at K vs the op's SeqTopK causal at "
+            "budget K/2 (cap K) with empty slots (-1) skipped:",
             "",
             "| model | batch | pairs at K | pairs used at K/2 | layer at K (ms) | layer at K/2 (ms) "
             "| speed-up |",

@@ -72,6 +72,38 @@ def test_recorder_aligns_tokens_to_positions_and_stays_bounded() -> None:
         RoutingRecorder(0, 2, 3)
 
 
+def test_recorder_captures_selections_and_hooked_tensors_on_request() -> None:
+    from vllm_seqroute.evaluate.records import RoutingRecorder
+
+    plain = RoutingRecorder(max_tokens=8, num_layers=2, width=2)
+    rec = RoutingRecorder(max_tokens=8, num_layers=2, width=2)
+    rec.selections = True
+    for r in (plain, rec):
+        r.add_request("a", 0)
+        r.add_request("b", 0)
+        r.on_step(["b", "a"], [1, 2])  # op rows: b0, a0, a1
+    ids = torch.tensor([[3, -1], [0, 1], [2, -1]])
+    w = torch.tensor([[1.0, 0.0], [0.25, 0.75], [1.0, 0.0]])
+    logits = torch.arange(12.0).view(3, 4)
+    for r in (plain, rec):
+        r.on_layer(1, w, ids)
+    rec.capture("router_logits", 1, logits)  # what a test hook on the router stores
+    rec.add_request("a", 1)  # a recomputed from position 1: its new record wins
+    rec.on_step(["a"], [1])
+    rec.on_layer(1, torch.tensor([[0.5, 0.5]]), torch.tensor([[5, 6]]))
+    rec.capture("router_logits", 1, torch.full((1, 4), -1.0))
+    out = rec.records()["requests"]
+    assert "captured" not in plain.records()["requests"]["a"]  # opt-in only
+    a, b = out["a"]["captured"], out["b"]["captured"]
+    assert out["a"]["positions"] == [0, 1]
+    assert a["ids"] == [[[0, 0], [0, 1]], [[0, 0], [5, 6]]]  # layer 0 never ran: zeros
+    assert a["weights"][0][1] == [0.25, 0.75] and a["weights"][1][1] == [0.5, 0.5]
+    assert b["ids"][0][1] == [3, -1] and b["router_logits"][0][1] == [0.0, 1.0, 2.0, 3.0]
+    assert a["router_logits"][0][1] == [4.0, 5.0, 6.0, 7.0] and a["router_logits"][1][1] == [-1.0] * 4
+    with pytest.raises(ValueError, match="3 values per token"):
+        rec.capture("router_logits", 0, torch.zeros(1, 3))
+
+
 def test_recording_is_refused_off_the_cpu_and_off_by_default() -> None:
     """Off the CPU the count per layer would cost a host sync (or break graph capture): the
     worker answers that it is not recording and serving goes on unrecorded."""

@@ -10,6 +10,12 @@ CPU only: on CUDA the count would need a host sync per layer (or break graph cap
 A token's position is its index in its request (prompt, then generated tokens), kept on the
 host from each request's computed tokens when it was scheduled and the tokens scheduled per
 step; a recomputed position (preemption) keeps the last record.
+
+Opt-in captures (tests, debugging): ``recorder.selections = True`` also keeps each recorded
+token's output ids and weights per layer, and :meth:`RoutingRecorder.capture` keeps any other
+per-token tensor of the step (a test hook on the router stores the router logits this way);
+:meth:`RoutingRecorder.records` then adds them under ``"captured"``. Both cost memory of
+``max_tokens x layers x width`` per name, allocated on first use.
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ class RoutingRecorder:
         self._src: torch.Tensor | None = None  # this step's recorded token rows
         self._dst = slice(0, 0)
         self._step_tokens = 0
+        self.selections = False  # opt-in: also capture the op's ids and weights per layer
+        self.captured: dict[str, torch.Tensor] = {}  # name -> [max_tokens, layers, D]
 
     # --- host side, once per request / step -----------------------------------------------
     def add_request(self, req_id: str, num_computed: int) -> None:
@@ -101,11 +109,30 @@ class RoutingRecorder:
             return
         used = ((weights > 0) & (ids >= 0)).sum(1)
         self.counts[self._dst, layer] = used.index_select(0, self._src).to(torch.int16)
+        if self.selections:
+            self.capture("ids", layer, ids)
+            self.capture("weights", layer, weights)
+
+    def capture(self, name: str, layer: int, values: torch.Tensor) -> None:
+        """Keep ``values [step tokens, D]`` (this step's rows, in the op's token order) of the
+        recorded tokens for ``layer`` under ``name``; ignored outside a recorded step."""
+        if self._src is None or values.shape[0] < self._step_tokens:
+            return
+        rows = values.detach().reshape(values.shape[0], -1).index_select(0, self._src).cpu()
+        buf = self.captured.get(name)
+        if buf is None:
+            buf = torch.zeros((self.max_tokens, self.counts.shape[1], rows.shape[1]), dtype=rows.dtype)
+            self.captured[name] = buf
+        if buf.shape[2] != rows.shape[1]:
+            raise ValueError(f"capture {name!r}: {rows.shape[1]} values per token, earlier {buf.shape[2]}")
+        buf[self._dst, layer] = rows.to(buf.dtype)
 
     # --- results ---------------------------------------------------------------------------
     def records(self) -> dict[str, Any]:
         """``{"num_layers", "max_tokens", "recorded", "dropped", "requests": {req_id:
-        {"positions": [...], "experts": [[per layer] per position]}}}``, positions ascending."""
+        {"positions": [...], "experts": [[per layer] per position]}}}``, positions ascending.
+        With captures, each request also has ``"captured": {name: [[[D values] per layer] per
+        position]}``."""
         n = self.n
         req, pos = self.req[:n], self.pos[:n]
         counts = self.counts[:n].numpy()
@@ -114,11 +141,15 @@ class RoutingRecorder:
         last = np.ones(n, dtype=bool)  # a recomputed position keeps its last record
         last[:-1] = (req[1:] != req[:-1]) | (pos[1:] != pos[:-1])
         req, pos, counts = req[last], pos[last], counts[last]
+        keep = order[last]
+        extra = {name: buf[:n].numpy()[keep] for name, buf in self.captured.items()}
         bounds = np.flatnonzero(np.diff(req)) + 1
         out: dict[str, Any] = {}
-        for r, p, c in zip(np.split(req, bounds), np.split(pos, bounds), np.split(counts, bounds),
-                           strict=True):
+        for i, (r, p, c) in enumerate(zip(np.split(req, bounds), np.split(pos, bounds),
+                                          np.split(counts, bounds), strict=True)):
             if r.shape[0]:
-                out[self.req_ids[int(r[0])]] = {"positions": p.tolist(), "experts": c.tolist()}
+                rec = out[self.req_ids[int(r[0])]] = {"positions": p.tolist(), "experts": c.tolist()}
+                if extra:
+                    rec["captured"] = {name: np.split(v, bounds)[i].tolist() for name, v in extra.items()}
         return {"num_layers": int(self.counts.shape[1]), "max_tokens": self.max_tokens, "recorded": n,
                 "dropped": self.dropped, "requests": out}

@@ -119,6 +119,8 @@ class RoutingRecorder:
         if self._src is None or values.shape[0] < self._step_tokens:
             return
         rows = values.detach().reshape(values.shape[0], -1).index_select(0, self._src).cpu()
+        if rows.is_floating_point() and rows.dtype != torch.float64:
+            rows = rows.to(torch.float32)  # exact for bf16 / fp16, and numpy can hold it
         buf = self.captured.get(name)
         if buf is None:
             buf = torch.zeros((self.max_tokens, self.counts.shape[1], rows.shape[1]), dtype=rows.dtype)

@@ -70,12 +70,22 @@ def test_llm_additional_config_validated(model_dir: Any) -> None:
             additional_config={"seqroute": {"routing": "seqtopk", "routing_budget": -1}})
 
 
-def test_prefix_caching_off_for_seqtopk_unless_asked(model_dir: Any) -> None:
+def test_prefix_caching_stays_as_vllm_sets_it(model_dir: Any) -> None:
+    """SeqTopK keeps prefix caching (cached prompts carry their routing state); the memory cap of
+    that state is a flag, validated like the others."""
     from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_seqroute.vllm_glue import config
 
     model = str(Path(model_dir("qwen3_moe")))
     ea = EngineArgs(model=model, additional_config={"seqroute": {"routing": "seqtopk"}})
-    assert ea.create_engine_config().cache_config.enable_prefix_caching is False
-    ea = EngineArgs(model=model, additional_config={"seqroute": {"routing": "seqtopk"}},
-                    enable_prefix_caching=True)
-    assert ea.create_engine_config().cache_config.enable_prefix_caching is True
+    vc = ea.create_engine_config()
+    assert vc.cache_config.enable_prefix_caching is True
+    assert config.prefix_state_cap(vc) is None
+    ea = EngineArgs(model=model, additional_config={"seqroute": {"routing": "seqtopk",
+                                                                 "routing_prefix_state_mib": 1.5}})
+    assert config.prefix_state_cap(ea.create_engine_config()) == 3 << 19
+    ea = EngineArgs(model=model, additional_config={"seqroute": {"routing": "seqtopk",
+                                                                 "routing_prefix_state_mib": -1}})
+    with pytest.raises(ValueError, match="--routing-prefix-state-mib: must be a number of MiB >= 0"):
+        ea.create_engine_config()

@@ -43,7 +43,8 @@ class _Step(ctypes.Structure):
         *((name, _I) for name in ("nbins", "bs", "nblocks", "shift", "lo", "half")),
         ("renormalize", ctypes.c_int32), ("skip_empty", ctypes.c_int32), ("scale", ctypes.c_float),
         *((name, _P) for name in ("out_w", "out_ids", "tokens_by_policy", "pairs_by_policy",
-                                  "granted_by_policy", "expert_load", "per_token_hist", "selected")),
+                                  "granted_by_policy", "expert_load", "per_token_hist", "selected",
+                                  "rec", "rec_bins", "rec_count", "rec_charged")),
     ]
 
 
@@ -108,8 +109,10 @@ class StepInputs:
     once per step: the per-call Python overhead is the op's main cost at decode sizes."""
 
     def __init__(self, policy: torch.Tensor, params: TokenParams, row: torch.Tensor,
-                 real: torch.Tensor) -> None:
+                 real: torch.Tensor, rec: torch.Tensor | None = None) -> None:
         i64 = torch.int64
+        # each token's prefix-cache record row (see vllm_glue/prefix_state.py), or None: no records
+        self.rec = rec.to(i64).contiguous() if rec is not None else None
         self.tensors = [x.to(i64).contiguous() for x in (policy, params.budget, params.cap,
                                                          params.floor, params.k_min, params.k_max,
                                                          row, real)]
@@ -120,12 +123,16 @@ class StepInputs:
                               nbins=NUM_BINS, bs=BLOCK, nblocks=NUM_BLOCKS, shift=shift, lo=lo,
                               half=half, **{k: t.data_ptr() for k, t in zip(names, self.tensors,
                                                                              strict=True)})
+        if self.rec is not None:
+            self.template.rec = self.rec.data_ptr()
 
 
 def select(step: StepInputs, scores: torch.Tensor, bias: torch.Tensor | None,
            group_ids: torch.Tensor | None, van_w: torch.Tensor, van_ids: torch.Tensor, width: int,
            model_k: int, ledger: CausalLedger, counters: dict[str, torch.Tensor], *,
-           renormalize: bool, scale: float, skip_empty: bool) -> tuple[torch.Tensor, torch.Tensor]:
+           renormalize: bool, scale: float, skip_empty: bool,
+           records: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     """One routing op call: ``(weights [N, width] float32, ids [N, width] int32)``.
 
     Token by token in batch order: candidates (``group_ids`` given, or the best ``width`` by
@@ -134,7 +141,9 @@ def select(step: StepInputs, scores: torch.Tensor, bias: torch.Tensor | None,
     and the counters (``tokens_by_policy``, ``pairs_by_policy``, ``granted_by_policy``,
     ``expert_load``, ``per_token_hist``, ``selected``), all updated in place. Selections and
     ledger equal the torch policies'; weights up to float32 summation order. Tokens at TopK with
-    ``model_k`` get the model's own ``van_w``/``van_ids``."""
+    ``model_k`` get the model's own ``van_w``/``van_ids``. ``records`` (int16 ``bins [rows+1,
+    width]``, ``count [rows+1]``, ``charged [rows+1]``): where the step has record rows
+    (``StepInputs.rec``), each token's pool bins and counts are written at its row."""
     lib = library()
     if lib is None or ledger.pool != "bounded":
         raise RuntimeError("native CPU routing needs the built library and a bounded ledger")
@@ -164,6 +173,14 @@ def select(step: StepInputs, scores: torch.Tensor, bias: torch.Tensor | None,
     s.expert_load = _ptr(counters["expert_load"], i64)
     s.per_token_hist = _ptr(counters["per_token_hist"], i64)
     s.selected = _ptr(counters["selected"], i64)
+    if step.rec is not None and records is not None:
+        i16 = torch.int16
+        bins, count, charged = records
+        if bins.shape[1] != width:
+            raise ValueError(f"native CPU routing: records of width {bins.shape[1]}, op width {width}")
+        s.rec_bins, s.rec_count, s.rec_charged = _ptr(bins, i16), _ptr(count, i16), _ptr(charged, i16)
+    else:
+        s.rec = None
     if lib.seqroute_select_cpu(ctypes.byref(s)) != 0:
         raise MemoryError("native CPU routing: out of memory")
     return out_w, out_ids

@@ -39,6 +39,12 @@ typedef struct {
     int64_t *expert_load;    /* [e] */
     int64_t *per_token_hist; /* [u + 1] */
     int64_t *selected;       /* [rows] */
+    /* prefix-cache records (vllm_glue/prefix_state.py), or rec == NULL: per token its record row
+     * (a KV slot, or the sink row), and per row the pool bins (-1: not a pool member), the
+     * experts taken and the experts charged, all that restoring a request's ledger needs */
+    const int64_t *rec;      /* [n] */
+    int16_t *rec_bins;       /* [rows + 1, u] */
+    int16_t *rec_count, *rec_charged; /* [rows + 1] */
 } Step;
 
 static inline int32_t ordered_int(float x) {
@@ -212,6 +218,13 @@ int seqroute_select_cpu(Step *s) {
                 if (w[j] > 0.0f && oid[j] >= 0) s->expert_load[oid[j]] += 1;
             s->per_token_hist[n_used < u ? n_used : u] += 1;
             s->selected[r] += n_used;
+        }
+        if (s->rec) {
+            const int64_t q = s->rec[t];
+            for (int64_t j = 0; j < u; ++j)
+                s->rec_bins[q * u + j] = (int16_t)(j < cap && ids[j] >= 0 ? bins[j] : -1);
+            s->rec_count[q] = (int16_t)n_used;
+            s->rec_charged[q] = (int16_t)charged;
         }
     }
     free(ids); free(bins); free(keys);

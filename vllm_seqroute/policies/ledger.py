@@ -98,6 +98,21 @@ class CausalLedger:
             pad = torch.nn.functional.pad(self.hist, (0, NUM_BLOCKS * BLOCK - NUM_BINS))
             self.block.copy_(pad.view(-1, NUM_BLOCKS, BLOCK).sum(-1))
 
+    def load(self, slot: int, bins: torch.Tensor, charged: torch.Tensor) -> None:
+        """Set ``slot`` to the state its request has after tokens whose candidates fell in pool
+        ``bins [h, U]`` (``-1``: not a pool member) and who were charged ``charged [h]``: what
+        committing those tokens one by one leaves (bounded pool only; a prefix-cache hit)."""
+        if self.hist is None:
+            raise ValueError("load: only the bounded pool can be rebuilt from pool bins")
+        b = bins.to(torch.int64).flatten()
+        counts = torch.zeros(NUM_BINS + 1, dtype=torch.int32, device=self.hist.device)
+        counts.index_add_(0, torch.where(b >= 0, b, NUM_BINS), torch.ones_like(b, dtype=torch.int32))
+        self.hist[slot] = counts[:NUM_BINS]
+        pad = torch.nn.functional.pad(counts[:NUM_BINS], (0, NUM_BLOCKS * BLOCK - NUM_BINS))
+        self.block[slot] = pad.view(NUM_BLOCKS, BLOCK).sum(-1)
+        self.seen[slot] = bins.shape[0]
+        self.used[slot] = charged.sum(dtype=torch.int64)
+
     def commit(
         self, row: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, n_budget: torch.Tensor
     ) -> None:

@@ -25,7 +25,11 @@ _FLAG_HELP = {
     "routing_k_min": "Entropy policy: experts at zero entropy (default 1)",
     "routing_k_max": "Entropy policy: experts at maximum entropy (default 2*budget)",
     "routing_pool": "Causal pool summary: bounded (default) or exact (reference, unbounded memory)",
+    "routing_prefix_state_mib": "Prefix caching: memory for the routing state kept with cached KV "
+                                "blocks, in MiB (default: enough for every block; causal SeqTopK "
+                                "cache hits shorten to the blocks that have it)",
 }
+PREFIX_STATE_KEY = "routing_prefix_state_mib"  # server-wide, not a routing option
 
 
 def flag(key: str) -> str:
@@ -43,13 +47,15 @@ def add_routing_args(parser: Any) -> Any:
                            help=_FLAG_HELP[key])
     group.add_argument("--routing-pool", dest="seqroute_routing_pool", default=None,
                        choices=("bounded", "exact"), help=_FLAG_HELP["routing_pool"])
+    group.add_argument(flag(PREFIX_STATE_KEY), dest=f"seqroute_{PREFIX_STATE_KEY}", type=float,
+                       default=None, help=_FLAG_HELP[PREFIX_STATE_KEY])
     return parser
 
 
 def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The ``--routing*`` values a user gave (others omitted)."""
     out = {}
-    for key in (*FIELDS, "routing_pool"):
+    for key in (*FIELDS, "routing_pool", PREFIX_STATE_KEY):
         v = getattr(args, f"seqroute_{key}", None)
         if v is not None:
             out[key] = v
@@ -58,6 +64,10 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def config_from_options(options: dict[str, Any]) -> RoutingConfig:
     """Validated server config; ``ValueError`` names the flag (``--routing-budget: ...``)."""
+    options = dict(options)
+    cap = options.pop(PREFIX_STATE_KEY, None)
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap >= 0):
+        raise ValueError(f"{flag(PREFIX_STATE_KEY)}: must be a number of MiB >= 0, got {cap!r}")
     try:
         return options_config(options)
     except ValueError as e:
@@ -78,18 +88,21 @@ def server_config() -> tuple[Any, RoutingConfig | None]:
     return vc, config_from_options(opts)
 
 
+def prefix_state_cap(vllm_config: Any) -> int | None:
+    """Bytes the routing state kept with cached KV blocks may take (None: no cap)."""
+    mib = ((vllm_config.additional_config or {}).get(KEY) or {}).get(PREFIX_STATE_KEY)
+    return None if mib is None else int(float(mib) * (1 << 20))
+
+
 def apply_to_engine_args(engine_args: Any) -> None:
-    """Validate ``additional_config["seqroute"]`` and turn prefix caching off for seqtopk."""
+    """Validate ``additional_config["seqroute"]`` and refuse what routing cannot serve. Prefix
+    caching stays as vLLM sets it: cached prompts carry their routing state (``prefix_state``)."""
     opts = (engine_args.additional_config or {}).get(KEY)
     if opts is None:
         return
     if not isinstance(opts, dict):
         raise ValueError(f"--additional-config: {KEY} must be a JSON object, got {opts!r}")
     cfg = config_from_options(opts)
-    if cfg.policy == "seqtopk" and engine_args.enable_prefix_caching is None:
-        engine_args.enable_prefix_caching = False
-        logger.info("vllm_seqroute: prefix caching off for seqtopk (cached tokens were never routed "
-                    "in this request); pass --enable-prefix-caching to insist")
     if getattr(engine_args, "speculative_config", None) and cfg.policy == "seqtopk":
         raise ValueError("--routing: seqtopk does not support speculative decoding yet")
     if getattr(engine_args, "enable_expert_parallel", False) or (engine_args.data_parallel_size or 1) > 1:
@@ -100,7 +113,7 @@ def apply_to_engine_args(engine_args: Any) -> None:
                          "not supported with vllm-seqroute routing")
 
 
-def adopt_checkpoint_routing(vllm_config: Any, prefix_caching_unset: bool) -> None:
+def adopt_checkpoint_routing(vllm_config: Any) -> None:
     """A checkpoint adapted with ``vllm-seqroute adapt`` records its policy in config.json
     (``"seqroute": {...}``); serve it that way unless flags or ``additional_config`` say otherwise."""
     if (vllm_config.additional_config or {}).get(KEY) is not None:
@@ -110,7 +123,5 @@ def adopt_checkpoint_routing(vllm_config: Any, prefix_caching_unset: bool) -> No
         return
     cfg = config_from_options(recorded)
     vllm_config.additional_config = {**(vllm_config.additional_config or {}), KEY: dict(recorded)}
-    logger.info("vllm_seqroute: serving with the routing recorded in the checkpoint: %s", recorded)
-    if cfg.policy == "seqtopk" and prefix_caching_unset and vllm_config.cache_config.enable_prefix_caching:
-        vllm_config.cache_config.enable_prefix_caching = False
-        logger.info("vllm_seqroute: prefix caching off for seqtopk; pass --enable-prefix-caching to insist")
+    logger.info("vllm_seqroute: serving with the routing recorded in the checkpoint: %s (%s)",
+                recorded, cfg.policy)

@@ -17,6 +17,9 @@ def apply_all() -> None:
     _patch_engine_args()
     _patch_router_factory()
     _patch_worker_rpc()
+    from vllm_seqroute.vllm_glue import prefix_lookup
+
+    prefix_lookup.install()
     from vllm_seqroute.vllm_glue import runner_hooks, select_op
 
     select_op.register_op()
@@ -65,9 +68,8 @@ def _patch_engine_args() -> None:
 
     def create_engine_config(self: Any, *a: Any, **k: Any) -> Any:
         config.apply_to_engine_args(self)
-        prefix_caching_unset = self.enable_prefix_caching is None
         vllm_config = create_orig(self, *a, **k)
-        config.adopt_checkpoint_routing(vllm_config, prefix_caching_unset)
+        config.adopt_checkpoint_routing(vllm_config)
         return vllm_config
 
     EngineArgs.add_cli_args = staticmethod(add_cli_args)
@@ -122,6 +124,17 @@ def _patch_worker_rpc() -> None:
             return None
         return s.record(on, max_tokens)
 
+    def seqroute_prefix_state(self: Any) -> dict[str, Any] | None:
+        """Which KV blocks carry routing records (``prefix_state``): the engine core shortens
+        causal SeqTopK cache hits to them. None when routing is off or the model has no MoE."""
+        from vllm_seqroute.vllm_glue import state
+
+        s = state.STATE
+        if s is None or not s.layers:
+            return None
+        return s.prefix.describe() if s.prefix is not None else {"blocks_with_state": 0}
+
+    WorkerWrapperBase.seqroute_prefix_state = seqroute_prefix_state
     WorkerWrapperBase.seqroute_stats = seqroute_stats
     WorkerWrapperBase.seqroute_record = seqroute_record
     WorkerWrapperBase.seqroute_info = seqroute_info

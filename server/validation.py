@@ -146,7 +146,7 @@ _check: Callable[[Any], None] | None = None
 
 
 @functools.cache
-def _vllm_error_type() -> type[Exception]:
+def _vllm_error_type() -> type[Any]:  # vLLM's error class (takes parameter=)
     from vllm.exceptions import VLLMValidationError
 
     class RoutingValidationError(VLLMValidationError):

@@ -26,7 +26,8 @@ ROUTERS: dict[str, tuple[str | bool, bool]] = {
 def describe(router: Any) -> dict[str, Any]:
     renorm, _ = ROUTERS[type(router).__name__]
     return {"num_experts": int(router.num_experts), "top_k": int(router.top_k),
-            "renormalize": bool(renorm is True or getattr(router, renorm)), "scale": 1.0}
+            "renormalize": bool(renorm if isinstance(renorm, bool) else getattr(router, renorm)),
+            "scale": 1.0}
 
 
 def make_forward(router: Any, patch: Any) -> Any:

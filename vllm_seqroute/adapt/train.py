@@ -202,9 +202,11 @@ def _make_trainer_class() -> Any:
                 # peft saves only the adapter; the router (trainable, full rank) goes beside it
                 from safetensors.torch import save_file
 
-                extra = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters()
+                model: Any = self.model  # set: Trainer._save runs on a trainer with a model
+                extra = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
                          if p.requires_grad and "lora_" not in n}
-                save_file(extra, str(Path(output_dir or self.args.output_dir) / TRAINABLE_EXTRA))
+                out_dir: Any = output_dir or self.args.output_dir
+                save_file(extra, str(Path(out_dir) / TRAINABLE_EXTRA))
 
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
             target = self.accelerator.unwrap_model(model if model is not None else self.model)
@@ -223,7 +225,8 @@ def _make_trainer_class() -> Any:
             if _is_peft(self.model) and extra.is_file():
                 from safetensors.torch import load_file
 
-                params = dict(self.model.named_parameters())
+                trained: Any = self.model
+                params = dict(trained.named_parameters())
                 with torch.no_grad():
                     for n, t in load_file(str(extra)).items():
                         params[n].copy_(t)
@@ -376,7 +379,8 @@ def _with_lora(model: Any, args: AdaptArgs) -> Any:
     except ImportError as e:
         raise ValueError("--lora-r needs the `peft` package (pip install peft)") from e
     routers = {id(p) for n, p in model.named_parameters() if _is_router_param(model, n)}
-    cfg = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha or 2 * args.lora_r,
+    alpha: Any = args.lora_alpha or 2 * args.lora_r  # peft annotates int; a float scale works
+    cfg = LoraConfig(r=args.lora_r, lora_alpha=alpha,
                      lora_dropout=args.lora_dropout, target_modules=list(args.lora_targets),
                      task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, cfg)

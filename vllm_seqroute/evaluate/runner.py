@@ -133,9 +133,10 @@ def run_job(job: Job) -> dict[str, Any]:
     st = stats(True)
     total, count = sum(sum(x) for x in nll), sum(len(x) for x in nll)
 
-    out = {"loss_nll_sum": total, "loss_tokens": count, "loss": total / count, "windows": len(windows),
-           "stats": st, "startup_s": round(startup, 2), "loss_pass_s": round(t_loss, 3),
-           "decode_batch": job.decode_batch}
+    out: dict[str, Any] = {
+        "loss_nll_sum": total, "loss_tokens": count, "loss": total / count, "windows": len(windows),
+        "stats": st, "startup_s": round(startup, 2), "loss_pass_s": round(t_loss, 3),
+        "decode_batch": job.decode_batch}
     if routed and job.records_file and not recording:
         out["records_note"] = started.get("reason") if started else "no routed MoE layer"
     if recs is not None:
@@ -158,7 +159,7 @@ def _save_records(path: str, req_ids: list[str], nll: list[list[float]], recs: d
 
     from vllm_seqroute.evaluate.difficulty import join_windows
 
-    joined = join_windows(req_ids, nll, recs)
+    joined: dict[str, Any] = join_windows(req_ids, nll, recs)
     np.savez_compressed(path, **joined)
     return {"records_file": path, "records_tokens": int(joined["experts"].shape[0]),
             "records_dropped": recs["dropped"]}

@@ -161,8 +161,8 @@ def seqtopk_select(
     exact = ledger is not None and ledger.pool == "exact"
     tri = _triton_module() if triton_available(cand.ids.device) and not exact else None
     if tri is None:
-        hist = history_of(ledger, row) if ledger is not None else None
-        sel = _seq.seqtopk(cand, layout, params, hist, rule=rule, exact=exact)
+        hist = history_of(ledger, row) if ledger is not None and row is not None else None
+        sel = _seq.seqtopk(cand, layout, params, hist, rule=rule, exact=exact)  # type: ignore[call-arg]  # register_policy's type hides seqtopk's keywords
         if commit and ledger is not None:
             _commit(ledger, row, cand, params, sel)
         return sel
@@ -184,8 +184,10 @@ def _causal_kernel(tri: TritonKernels, cand: Candidates, layout: BatchLayout, pa
 
 
 def _commit(
-    ledger: CausalLedger, row: torch.Tensor, cand: Candidates, params: TokenParams, sel: Selection
+    ledger: CausalLedger, row: torch.Tensor | None, cand: Candidates, params: TokenParams, sel: Selection
 ) -> None:
+    if row is None:
+        raise ValueError("row: expected one ledger row per token when a ledger is given")
     j = torch.arange(cand.width, device=cand.keys.device)
     ledger.commit(row, cand.keys, j[None, :] < params.cap[:, None], sel.charged)
 

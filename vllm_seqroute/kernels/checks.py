@@ -47,9 +47,9 @@ def clone_ledger(ledger: CausalLedger, device: torch.device | str) -> CausalLedg
     out = CausalLedger(ledger.num_slots, pool=ledger.pool, device=device)
     out.seen.copy_(ledger.seen)
     out.used.copy_(ledger.used)
-    if ledger.hist is not None:
-        out.hist.copy_(ledger.hist)
-        out.block.copy_(ledger.block)
+    if ledger.hist is not None:  # the bounded pool's histogram and its block totals
+        for name in ("hist", "block"):
+            getattr(out, name).copy_(getattr(ledger, name))
     return out
 
 
@@ -99,9 +99,10 @@ def random_case(
 
     # Per-request parameters (equal within a segment, as token_params and the engine give).
     nseg = layout.num_segments
-    bud = torch.randint(max(1, budget // 2), budget + 1, (nseg,), generator=g) if mixed_params else None
-    capv = torch.randint(1, u + 1, (nseg,), generator=g) if mixed_params else None
-    if bud is None:
+    if mixed_params:
+        bud = torch.randint(max(1, budget // 2), budget + 1, (nseg,), generator=g)
+        capv = torch.randint(1, u + 1, (nseg,), generator=g)
+    else:
         bud = torch.full((nseg,), budget)
         capv = torch.full((nseg,), u)
     capv = torch.maximum(capv, torch.minimum(bud, torch.tensor(u)))
@@ -138,11 +139,13 @@ def twin_candidates(case: Case, with_mass: bool = True, with_entropy: bool = Tru
 def twin_select(case: Case, cand: Candidates, policy: str, rule: str = "causal") -> Selection:
     if policy != "seqtopk":
         return REGISTRY[policy](cand, case.layout, case.params, None)
-    hist = history_of(case.ledger, case.row) if case.ledger is not None else None
-    return seq.seqtopk(cand, case.layout, case.params, hist, rule=rule)
+    hist = history_of(case.ledger, case.row) if case.ledger is not None and case.row is not None else None
+    return seq.seqtopk(cand, case.layout, case.params, hist, rule=rule)  # type: ignore[call-arg]  # register_policy's type hides seqtopk's keywords
 
 
 def twin_commit(case: Case, cand: Candidates, sel: Selection) -> None:
+    if case.ledger is None or case.row is None:
+        raise ValueError("twin_commit: the case has no ledger")
     j = torch.arange(cand.width, device=cand.keys.device)
     case.ledger.commit(case.row, cand.keys, j[None, :] < case.params.cap[:, None], sel.charged)
 
@@ -206,7 +209,7 @@ def run_kernel_checks(
     triton_common.POISON = True
     fails: list[str] = []
 
-    def asm_diff(asm: object, cand: Candidates, sel: Selection) -> list[str]:
+    def asm_diff(asm: A.Assembled, cand: Candidates, sel: Selection) -> list[str]:
         ids, w = assemble(cand, sel, renormalize=asm.renormalize, empty_id=asm.empty_id)
         ok = torch.equal(asm.ids.cpu(), ids.cpu()) and torch.allclose(
             asm.weights.cpu(), w.cpu(), rtol=1e-6, atol=0
@@ -251,8 +254,9 @@ def run_kernel_checks(
                         asm = A.Assembled(*A.assemble_buffers(cand), ren, emp)
                         got = C.causal(cand, c2.layout, c2.params, c2.ledger, c2.row, commit=led, asm=asm)
                         d = diff_selection(got, want) + asm_diff(asm, cand, want)
-                        if led:
+                        if led and c2.ledger is not None:
                             ref = base.to(device)
+                            assert ref.ledger is not None
                             twin_commit(ref, cand, want)
                             d += diff_ledger(c2.ledger, ref.ledger)
                         fails += [f"causal ledger={led} mode={mode} C={chunk} {tag}: {d}"] if d else []

@@ -26,6 +26,7 @@ from vllm_seqroute.kernels.triton_assemble import Assembled, asm_args, emit
 from vllm_seqroute.kernels.triton_common import I32_MIN, alloc
 from vllm_seqroute.policies.base import Candidates, Selection, TokenParams
 from vllm_seqroute.policies.layout import BatchLayout
+from vllm_seqroute.policies.ledger import CausalLedger
 from vllm_seqroute.policies.ordering import _HALF, _LO, _SHIFT, NUM_BINS
 
 _BIG = tl.constexpr(1 << 62)
@@ -304,7 +305,7 @@ def causal(
     cand: Candidates,
     layout: BatchLayout,
     params: TokenParams,
-    ledger: object | None,
+    ledger: CausalLedger | None,
     row: torch.Tensor | None,
     commit: bool = False,
     asm: Assembled | None = None,
@@ -324,9 +325,9 @@ def causal(
     i32, i64 = torch.int32, torch.int64
     dummy = layout.pos
     rw = row if has else dummy
-    hist = ledger.hist if has else dummy
-    seen = ledger.seen if has else dummy
-    used = ledger.used if has else dummy
+    hist = ledger.hist if ledger is not None else dummy
+    seen = ledger.seen if ledger is not None else dummy
+    used = ledger.used if ledger is not None else dummy
     nrank = alloc((n,), i64, dev)
     lim = alloc((n,), i64, dev)
     agg_s = alloc((nc,), i64, dev)

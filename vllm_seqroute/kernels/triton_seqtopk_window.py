@@ -13,6 +13,7 @@ from vllm_seqroute.kernels.triton_assemble import Assembled, asm_args, emit
 from vllm_seqroute.kernels.triton_common import I32_MIN, alloc
 from vllm_seqroute.policies.base import Candidates, Selection, TokenParams
 from vllm_seqroute.policies.layout import BatchLayout
+from vllm_seqroute.policies.ledger import CausalLedger
 
 
 @triton.jit
@@ -119,7 +120,7 @@ WINDOW_TILE: int | None = None  # tests / bench: tokens per radix tile
 
 
 def window(
-    cand: Candidates, layout: BatchLayout, params: TokenParams, ledger: object | None,
+    cand: Candidates, layout: BatchLayout, params: TokenParams, ledger: CausalLedger | None,
     row: torch.Tensor | None, asm: Assembled | None = None,
 ) -> Selection:
     n, u = cand.ids.shape
@@ -134,7 +135,8 @@ def window(
         dummy = layout.pos
         _window_kernel[(n,)](
             cand.keys, params.cap, params.budget, params.floor, layout.pos, layout.seg_len,
-            row if has else dummy, ledger.seen if has else dummy, ledger.used if has else dummy,
+            row if has else dummy, ledger.seen if ledger is not None else dummy,
+            ledger.used if ledger is not None else dummy,
             count, charged, *a, n,
             U=u, UP=up, TT=tt, TS=max(1, 64 // up), HAS_LEDGER=has, **kw, num_warps=4,
         )

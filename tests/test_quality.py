@@ -1,6 +1,7 @@
 """Quality through vLLM on the reference checkpoints (short version of bench/quality_vllm.py):
 held-out loss from ``prompt_logprobs`` with SeqTopK causal@2 matches the pure-PyTorch
-reference within 0.5 % and beats vLLM serving the same model without the plugin's routing."""
+reference (both float32, so only routing can tell them apart) and beats vLLM serving the same
+model without the plugin's routing."""
 
 from __future__ import annotations
 
@@ -34,11 +35,15 @@ def test_seqtopk_through_vllm_matches_reference_and_beats_plain_topk(engine: Any
     from vllm_seqroute.evaluate.heldout import heldout_loss_torch, nll_vllm
 
     windows = stdlib_windows()
-    total, count = nll_vllm(engine(MODEL, SEQTOPK, max_model_len=1024, max_num_seqs=32), windows)
+    kw = dict(dtype="float32", max_model_len=1024, max_num_seqs=32)
+    total, count = nll_vllm(engine(MODEL, SEQTOPK, **kw), windows)
     routed = total / count
     ref = heldout_loss_torch(str(MODEL), [], SEQTOPK, windows=windows)
-    assert abs(routed - ref) / ref < 0.005, (routed, ref)
+    # Measured on these windows: |vLLM - reference| / reference < 1e-6 in float32 (bf16 serving:
+    # 1.7e-4). A wrong policy's reference lies further away: floor 0 1.2e-4, the exact pool
+    # 1.4e-4, cap 3 3.2e-4, the window rule 1.4e-3, topk@2 2.9e-3, budget 3 7.4e-3.
+    assert abs(routed - ref) / ref < 2e-5, (routed, ref)
     # the same model as vLLM serves it without the plugin's routing: its own top-2
-    total, count = nll_vllm(engine(MODEL, None, max_model_len=1024, max_num_seqs=32), windows)
+    total, count = nll_vllm(engine(MODEL, None, **kw), windows)
     plain = total / count
     assert routed < plain, (routed, plain)

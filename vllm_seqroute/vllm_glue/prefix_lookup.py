@@ -17,6 +17,7 @@ Two rules keep every cache hit exact:
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 from typing import Any
@@ -113,18 +114,15 @@ def install() -> None:
     request_init = Request.__init__
     core_init = EngineCore.__init__
 
+    sig = inspect.signature(request_init)
+
     @functools.wraps(request_init)
     def init_request(self: Any, *a: Any, **k: Any) -> None:
-        params = k["sampling_params"] if "sampling_params" in k else (a[2] if len(a) > 2 else None)
-        extra = getattr(params, "extra_args", None)
-        if extra and "cache_salt" in k:
-            k["cache_salt"] = salted(k["cache_salt"], extra)
-        elif extra and routing_salt(extra) is not None:
-            if len(a) > 10:  # cache_salt given by position
-                a = (*a[:10], salted(a[10], extra), *a[11:])
-            else:
-                k["cache_salt"] = salted(None, extra)
-        request_init(self, *a, **k)
+        bound = sig.bind(self, *a, **k)
+        extra = getattr(bound.arguments.get("sampling_params"), "extra_args", None)
+        if routing_salt(extra) is not None:
+            bound.arguments["cache_salt"] = salted(bound.arguments.get("cache_salt"), extra)
+        request_init(*bound.args, **bound.kwargs)
 
     @functools.wraps(core_init)
     def init_core(self: Any, *a: Any, **k: Any) -> None:

@@ -95,11 +95,11 @@ def test_chunked_prefill_preemption_and_abort(model_dir: Any, engine: Any) -> No
 
     path = model_dir("qwen3_moe")
     tight = dict(block_size=BLOCK, max_num_batched_tokens=40, enable_chunked_prefill=True,
-                 max_num_seqs=4, num_gpu_blocks_override=24, max_model_len=256)
+                 max_num_seqs=4, num_gpu_blocks_override=12, max_model_len=256)
     cached = engine(path, SERVER, enable_prefix_caching=True, **tight)
     prompts = [PREFIX + " " + s for s in SUFFIXES]
     extras = [None, {"routing": "seqtopk", "routing_budget": 2}] * 3
-    params = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, extra_args=e) for e in extras]
+    params = [SamplingParams(temperature=0, max_tokens=80, ignore_eos=True, extra_args=e) for e in extras]
 
     # an aborted request leaves its computed blocks (and their records) in the cache
     eng = cached.llm_engine

@@ -11,27 +11,37 @@ import json
 import math
 from typing import Any
 
-from vllm_seqroute.policies.config import POLICIES, RULES, RoutingConfig
+from vllm_seqroute.policies import registry
+from vllm_seqroute.policies.base import REAL
+from vllm_seqroute.policies.config import POLICIES, RoutingConfig
 
-# request key (vllm_xargs) / additional_config key -> RoutingConfig field, and its type
-FIELDS: dict[str, tuple[str, type]] = {
+
+def real(value: Any) -> int | float:
+    """A number for a :data:`~vllm_seqroute.policies.base.REAL` option (flags and eval specs
+    give text): integral values stay ``int``, so ``2`` and ``2.0`` route identically."""
+    if isinstance(value, str):
+        value = float(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+_PY_TYPE = {int: int, float: float, str: str, REAL: real}
+# request key (vllm_xargs) / additional_config key -> RoutingConfig field, and its type; the
+# policies' declarations (policies/registry.py) in declaration order
+FIELDS: dict[str, tuple[str, Any]] = {
     "routing": ("policy", str),
-    "routing_budget": ("budget", int),
-    "routing_cap": ("cap", int),
-    "routing_floor": ("floor", int),
-    "routing_rule": ("rule", str),
-    "routing_p": ("p", float),
-    "routing_k_min": ("k_min", int),
-    "routing_k_max": ("k_max", int),
+    **{p.key: (name, _PY_TYPE[p.type]) for name, p in registry.options().items() if p.per_request},
 }
-CHOICES = {"routing": POLICIES, "routing_rule": RULES}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "routing": POLICIES,
+    **{p.key: p.choices for p in registry.options().values() if p.per_request and p.choices},
+}
 # Request keys that act on some policies only; sent with another policy they would be ignored
 # silently, so a request is refused instead (the message says which policy they need).
 APPLIES_TO: dict[str, tuple[str, ...]] = {
-    "routing_rule": ("seqtopk",),
-    "routing_p": ("topp",),
-    "routing_k_min": ("entropy",),
-    "routing_k_max": ("entropy",),
+    p.key: registry.applies_to(name) for name, p in registry.options().items()
+    if p.per_request and registry.applies_to(name) != POLICIES
 }
 SHOWN_CHARS = 40  # user input quoted in a message is cut to about this many characters
 
@@ -79,8 +89,10 @@ def coerce(key: str, value: Any) -> Any:
     field, typ = FIELDS[key]
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if not isinstance(value, typ) or isinstance(value, bool):
-        expected = "a number" if typ is float else typ.__name__
+    if typ is real and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return real(value)
+    if typ is real or not isinstance(value, typ) or isinstance(value, bool):
+        expected = "a number" if typ in (float, real) else typ.__name__
         raise ValueError(f"{key}: expected {expected}, got {shown(value)}")
     if key in CHOICES and value not in CHOICES[key]:
         raise ValueError(f"{key}: {shown(value)} is not one of {', '.join(CHOICES[key])}")
@@ -105,23 +117,19 @@ def overrides_from(options: dict[str, Any], *, strict: bool = True) -> dict[str,
 
 def _check_fields_alone(policy: str, sent: dict[str, Any]) -> None:
     """Each sent field on its own (positive, in range...): RoutingConfig's messages name it."""
+    params = registry.options()
     for field, value in sent.items():
         if field != "policy":
-            RoutingConfig(policy=policy, **{field: value, **({"k_min": 1} if field == "k_max" else {})})
+            lo = params[field].lo  # a bound named by another field: that field at its default
+            floor = {lo: params[lo].default} if isinstance(lo, str) else {}
+            RoutingConfig(policy=policy, **{field: value, **floor})
 
 
 def _check_pairs(fields: dict[str, Any], sent: set[str]) -> None:
     """Explicit values that contradict each other (no model needed): ``lo <= hi`` per policy.
     The message names the key the user sent (both sent: the upper one)."""
     policy = fields["policy"]
-    rules = [("floor", "cap")]
-    if policy in ("topk", "seqtopk"):
-        rules.append(("budget", "cap"))
-    if policy == "topk":  # topk takes exactly its budget: a larger floor would override it
-        rules.append(("floor", "budget"))
-    if policy == "entropy":
-        rules += [("k_min", "k_max"), ("k_max", "cap")]
-    for lo, hi in rules:
+    for lo, hi in [("floor", "cap"), *registry.spec(policy).rules]:
         a, b = fields.get(lo), fields.get(hi)
         if a is None or b is None or a <= b:
             continue
@@ -155,17 +163,15 @@ def _effective(f: dict[str, Any], *, num_experts: int, model_k: int, width: int)
     """The budget, k_max and cap a request ends up with: :meth:`RoutingConfig.resolve`'s
     defaults, then a derived cap fitted to the server's routing width (kept equal to
     ``resolve`` by ``tests/test_server_units.py``)."""
-    E, policy = num_experts, f["policy"]
-    budget = f["budget"] if f["budget"] is not None else model_k
-    k_max = f["k_max"]
-    if policy == "entropy" and k_max is None:
-        k_max = min(E, max(f["k_min"], 2 * budget))
-    cap = f["cap"]
-    if cap is None:
-        default = {"topk": budget, "entropy": k_max}.get(policy, min(E, 2 * budget))
-        need = {"topk": budget, "entropy": k_max}.get(policy, 0)
-        cap = max(min(max(default, min(f["floor"], E)), width), need)
-    return {**f, "budget": budget, "k_max": k_max, "cap": cap}
+    E, spec = num_experts, registry.spec(f["policy"])
+    eff = {**f, "budget": f["budget"] if f["budget"] is not None else model_k}
+    for name, (derive, _) in spec.derived.items():
+        if eff[name] is None:
+            eff[name] = derive(eff, E)
+    if eff["cap"] is None:
+        need = eff[spec.min_cap] if spec.min_cap else 0
+        eff["cap"] = max(min(max(spec.default_cap(eff, E), min(f["floor"], E)), width), need)
+    return eff
 
 
 def _check_fit(f: dict[str, Any], sent: set[str], *, num_experts: int, model_k: int, width: int) -> None:
@@ -174,11 +180,13 @@ def _check_fit(f: dict[str, Any], sent: set[str], *, num_experts: int, model_k: 
     set the offending value."""
     eff = _effective(f, num_experts=num_experts, model_k=model_k, width=width)
     policy = f["policy"]
+    spec = registry.spec(policy)
     src = {x: x for x in sent}  # value -> the sent key that set it
-    if policy == "entropy" and "k_max" not in sent:  # the default k_max grows with k_min and budget
-        src["k_max"] = next((x for x in ("k_min", "budget") if x in sent), "")
+    for name, (_, grows_with) in spec.derived.items():  # e.g. entropy's k_max (k_min, budget)
+        if name not in sent:
+            src[name] = next((x for x in grows_with if x in sent), "")
     if "cap" not in sent:  # a default cap follows budget (topk, seqtopk, topp) or k_max (entropy)
-        src["cap"] = src.get("k_max" if policy == "entropy" else "budget", "")
+        src["cap"] = src.get(spec.cap_from, "")
 
     def key(*fields: str) -> str:
         return _KEY_OF_FIELD[next((src[x] for x in fields if src.get(x)), fields[0])]
@@ -189,14 +197,15 @@ def _check_fit(f: dict[str, Any], sent: set[str], *, num_experts: int, model_k: 
         if field == "cap":
             return " this request gets (the server's routing width)" if eff["cap"] == width and \
                 width < num_experts else f" this request gets (the {policy} default)"
-        return {"budget": " (the model's K)", "k_max": " (the entropy default)"}.get(field, " (the server's)")
+        if field in spec.derived:
+            return f" (the {policy} default)"
+        return {"budget": " (the model's K)"}.get(field, " (the server's)")
 
     if "budget" in sent and eff["budget"] > num_experts:
         raise ValueError(f"routing_budget: {shown(eff['budget'])} exceeds the model's {num_experts} experts")
     limits = [(field, num_experts, f"the model's {num_experts} experts") for field in ("cap", "k_max")]
     limits += [(field, width, f"the server's routing width {width} (start the server with a larger "
-                "--routing-cap)") for field in ("budget" if policy == "topk" else "",
-                                                 "k_max" if policy == "entropy" else "", "cap") if field]
+                "--routing-cap)") for field in (spec.min_cap, "cap") if field]
     def lead(k: str, field: str, v: int) -> str:
         v_ = shown(v)
         return f"{v_} is" if k == _KEY_OF_FIELD[field] else f"sets {_KEY_OF_FIELD[field]} to {v_}, which is"
@@ -206,10 +215,7 @@ def _check_fit(f: dict[str, Any], sent: set[str], *, num_experts: int, model_k: 
         if v is not None and v > limit:
             k = key(field)
             raise ValueError(f"{k}: {lead(k, field, v)} above {what}")
-    rules = [("floor", "cap")] + ([("budget", "cap")] if policy in ("topk", "seqtopk") else []) \
-        + ([("floor", "budget")] if policy == "topk" else []) \
-        + ([("k_min", "k_max"), ("k_max", "cap")] if policy == "entropy" else [])
-    for lo, hi in rules:
+    for lo, hi in [("floor", "cap"), *spec.rules]:
         a, b = eff[lo], eff[hi]
         if a is None or b is None or a <= b:
             continue

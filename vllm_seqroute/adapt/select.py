@@ -42,17 +42,18 @@ def select(scores: torch.Tensor, cu_seqlens: torch.Tensor, cfg: RoutingConfig,
         # so the full list gives a valid id everywhere (the caller chooses the empty marker)
         return top_candidates(s, cfg.cap), ids >= 0
     n = s.shape[0]
+    spec = REGISTRY[cfg.policy]
     cand = build_candidates(s, cfg.cap, rank_offset.to(torch.float32),
-                            with_mass=cfg.policy == "topp", with_entropy=cfg.policy == "entropy")
+                            with_mass="mass" in spec.needs, with_entropy="entropy" in spec.needs)
     layout = BatchLayout.from_cu_seqlens(cu_seqlens.to(s.device), n)
     params = token_params(cfg, n, s.device)
-    if cfg.policy != "seqtopk":
-        sel = REGISTRY[cfg.policy](cand, layout, params, None)
+    if "history" not in spec.needs:
+        sel = spec(cand, layout, params, None)
     else:
         ledger = CausalLedger(cu_seqlens.numel() - 1, pool=cfg.pool, device=s.device)
         row = ledger.rows(layout.token_slot)
-        sel = REGISTRY["seqtopk"](cand, layout, params, history_of(ledger, row), rule=cfg.rule,
-                                  exact=cfg.pool == "exact")
+        sel = spec(cand, layout, params, history_of(ledger, row), rule=cfg.rule,
+                   exact=cfg.pool == "exact")
     ids, _ = assemble(cand, sel, renormalize=False, empty_id=-1)
     finite = torch.isfinite(torch.gather(s + rank_offset.to(torch.float32), 1, cand.ids))
     return cand.ids, (ids >= 0) & finite

@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from vllm_seqroute.options import FIELDS
+from vllm_seqroute.policies import registry
 
-SPEC_KEYS = {k.removeprefix("routing_"): k for k in FIELDS if k != "routing"} | {"pool": "routing_pool"}
+SPEC_KEYS = {k.removeprefix("routing_"): k for k in FIELDS if k != "routing"} | {
+    p.field: p.key for p in registry.options().values() if not p.per_request}
 
 
 @dataclass
@@ -46,10 +48,10 @@ class Spec:
                 raise ValueError(f"{text!r}: vanilla takes no options")
             return Spec(text, None, "vanilla")
         opts: dict[str, Any] = {"routing": coerce("routing", name)}
-        if num:
-            key = "routing_p" if name == "topp" else "routing_budget"
+        if num:  # the policy's dial: topp's p, seqtopk's (real) budget, topk's integer budget...
+            key = f"routing_{registry.spec(opts['routing']).dial}"
             try:
-                opts[key] = coerce(key, float(num) if key == "routing_p" else int(num))
+                opts[key] = coerce(key, FIELDS[key][1](num))
             except ValueError:
                 raise ValueError(f"{text!r}: {num!r} is not a valid {key}") from None
         for ex in extras:
@@ -66,10 +68,11 @@ class Spec:
         label = name
         if "routing_budget" in opts:
             label += f"@{opts['routing_budget']}"
-        if "routing_p" in opts:
-            label += f"@p{opts['routing_p']:g}"
+        dial = f"routing_{registry.spec(name).dial}"
+        if dial != "routing_budget" and dial in opts:
+            label += f"@{dial.removeprefix('routing_')[:1]}{opts[dial]:g}"
         for k, v in opts.items():
-            if k not in ("routing", "routing_budget", "routing_p"):
+            if k not in ("routing", "routing_budget", dial):
                 label += f",{k.removeprefix('routing_')}={v}"
         return Spec(text, opts, label)
 

@@ -1,11 +1,12 @@
-"""Routing policies: pure, vectorised torch functions behind a small registry (no vLLM)."""
+"""Routing policies: pure, vectorised torch functions behind a small registry (no vLLM).
+One file per policy family declares its policies (:mod:`.registry` loads them all)."""
 
-from vllm_seqroute.policies import seqtopk as _seqtopk  # noqa: F401  (registers the policy)
-from vllm_seqroute.policies import token_policies as _token  # noqa: F401  (registers policies)
 from vllm_seqroute.policies.base import (
     REGISTRY,
     Candidates,
     History,
+    Param,
+    PolicySpec,
     RoutingPolicy,
     Selection,
     TokenParams,
@@ -23,6 +24,8 @@ __all__ = [
     "Candidates",
     "CausalLedger",
     "History",
+    "Param",
+    "PolicySpec",
     "RoutingConfig",
     "RoutingPolicy",
     "Selection",

@@ -1,10 +1,18 @@
-"""Types every policy shares, and the policy registry."""
+"""Types every policy shares, and the policy registry.
+
+A policy declares itself with :func:`register_policy`: its name, the :class:`Param` s it reads
+(type, bounds, default, help), what its candidates need (``mass``, ``entropy``, ``history``),
+its default cap, the order rules between its numbers and its kernels. Everything that lists
+policies or their options (``RoutingConfig`` validation, the CLI flags, ``additional_config``
+and ``vllm_xargs`` keys, the server's checks, eval specs, the routing op's slot tensors and
+needs) reads :data:`REGISTRY` (filled by :mod:`vllm_seqroute.policies.registry`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
@@ -28,9 +36,10 @@ class Candidates:
 
 @dataclass(frozen=True, slots=True)
 class TokenParams:
-    """Per-token policy parameters ([N] tensors), so one batch can mix requests."""
+    """Per-token policy parameters ([N] tensors), so one batch can mix requests. Fields are the
+    per-token :class:`Param` s of the registry (:func:`token_fields`, checked by a test)."""
 
-    budget: torch.Tensor  # int64
+    budget: torch.Tensor  # int64, or float64 where a policy takes fractional budgets
     cap: torch.Tensor  # int64, <= U
     floor: torch.Tensor  # int64, <= cap
     p: torch.Tensor  # float64
@@ -61,15 +70,140 @@ class RoutingPolicy(Protocol):
     ) -> Selection: ...
 
 
-REGISTRY: dict[str, RoutingPolicy] = {}
+REAL = "real"  # a Param type: any number > lo; integral values are kept as int (bit-identical)
 
 
-def register_policy(name: str) -> Callable[[RoutingPolicy], RoutingPolicy]:
-    def deco(fn: RoutingPolicy) -> RoutingPolicy:
-        REGISTRY[name] = fn
+@dataclass(frozen=True, slots=True)
+class Param:
+    """One routing option as a policy declares it.
+
+    ``field``: the ``RoutingConfig`` field (user key ``routing_<field>``, flag ``--routing-<field>``);
+    ``type``: ``int``, ``float``, ``str`` or :data:`REAL`; ``lo``/``hi`` bounds (``lo_open``:
+    ``> lo``; a string names another field); ``choices`` for strings; ``default`` as in
+    ``RoutingConfig`` (``None``: derived when resolved); ``must``: the message's ``must be ...``
+    text; ``help``: the flag's help; ``per_request``: a ``vllm_xargs`` key (else server only);
+    ``per_token``: a slot tensor of the routing op (a :class:`TokenParams` field)."""
+
+    field: str
+    type: Any
+    default: Any
+    must: str
+    help: str
+    lo: float | str | None = None
+    lo_open: bool = False
+    hi: float | None = None
+    choices: tuple[str, ...] | None = None
+    per_request: bool = True
+    per_token: bool = True
+
+    @property
+    def key(self) -> str:
+        return f"routing_{self.field}"
+
+    def problem(self, value: Any, fields: Mapping[str, Any]) -> str | None:
+        """Why ``value`` is not acceptable (``"must be ..., got ..."``), or None."""
+        if self.choices is not None:
+            return None if value in self.choices else \
+                f"unknown {self.must} {value!r}; expected one of {self.choices}"
+        ints = isinstance(value, int) and not isinstance(value, bool)
+        ok = {int: ints, float: ints or isinstance(value, float),
+              REAL: ints or isinstance(value, float), bool: isinstance(value, bool),
+              str: isinstance(value, str)}[self.type]
+        lo = fields.get(self.lo) if isinstance(self.lo, str) else self.lo
+        if ok and lo is not None and (value <= lo if self.lo_open else value < lo):
+            ok = False
+        if ok and self.hi is not None and value > self.hi:
+            ok = False
+        if ok and self.type is not str and value != value:  # NaN
+            ok = False
+        return None if ok else f"must be {self.must.format(**fields)}, got {value!r}"
+
+    def narrowed(self, **kw: Any) -> Param:
+        """The same option with other bounds or type for one policy (e.g. an integer budget)."""
+        return Param(**{**{f: getattr(self, f) for f in Param.__slots__}, **kw})
+
+
+DefaultCap = Callable[[Mapping[str, Any], int], int]
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A registered policy: what it is called, reads and needs (see the module docstring).
+
+    ``order`` fixes its id (the routing op's and the native body's numbering, stats order);
+    ``params``: the options it reads besides ``cap`` and ``floor`` (with its own types/bounds);
+    ``needs``: ``mass`` / ``entropy`` (candidate summaries) and ``history`` (a causal ledger);
+    ``default_cap(fields, E)``: its cap when none is given (``fields``: budget and k_max
+    resolved); ``cap_from``: the field that default follows (named in messages); ``rules``:
+    ``(lo, hi)`` pairs that must hold (``floor <= cap`` holds for all); ``min_cap``: the field
+    its cap is never below (it must fit the server's routing width); ``dial``: the option an
+    eval spec's number sets (``topp:0.4``: p; default budget); ``budget_required``:
+    no default budget means no routing; ``triton``: its Triton kernel family (``None``: the
+    torch twin serves on CUDA); ``native``: the native CPU body (``select_cpu.c``) knows it."""
+
+    name: str
+    fn: Callable[..., Selection]
+    order: int
+    params: Mapping[str, Param]
+    needs: frozenset[str]
+    default_cap: DefaultCap
+    cap_from: str = "budget"
+    rules: tuple[tuple[str, str], ...] = ()
+    min_cap: str | None = None
+    dial: str = "budget"
+    budget_required: bool = False
+    triton: str | None = None
+    native: bool = False
+    derived: Mapping[str, tuple[DefaultCap, tuple[str, ...]]] = field(default_factory=dict)
+    doc: str = ""
+
+    def __call__(self, *args: Any, **kw: Any) -> Selection:
+        return self.fn(*args, **kw)
+
+
+REGISTRY: dict[str, PolicySpec] = {}
+
+# Options every policy reads (a policy may narrow them in its ``params``).
+BUDGET = Param("budget", int, None, "a positive integer", lo=1,
+               help="Experts per token: topk exactly, seqtopk on average over a request "
+                    "(default: the model's num_experts_per_tok)")
+CAP = Param("cap", int, None, "a positive integer", lo=1,
+            help="Per-token maximum and routing width (default min(E, 2*budget); entropy: k_max)")
+FLOOR = Param("floor", int, 1, "a non-negative integer", lo=0,
+              help="Experts every token keeps (seqtopk/topp; default 1)")
+COMMON: dict[str, Param] = {"budget": BUDGET, "cap": CAP, "floor": FLOOR}
+
+
+def register_policy(name: str, *, order: int, params: tuple[Param, ...] = (),
+                    needs: tuple[str, ...] = (), default_cap: DefaultCap | None = None,
+                    cap_from: str = "budget", rules: tuple[tuple[str, str], ...] = (),
+                    min_cap: str | None = None, dial: str = "budget", budget_required: bool = False,
+                    triton: str | None = None, native: bool = False,
+                    derived: Mapping[str, tuple[DefaultCap, tuple[str, ...]]] | None = None,
+                    ) -> Callable[[Callable[..., Selection]], Callable[..., Selection]]:
+    """Declare a policy (see :class:`PolicySpec`); ``default_cap`` defaults to
+    ``min(E, 2*budget)`` (``E`` without a budget). Returns the function unchanged."""
+    unknown = set(needs) - {"mass", "entropy", "history"}
+    if unknown:
+        raise ValueError(f"policy {name!r}: unknown needs {sorted(unknown)}")
+
+    def deco(fn: Callable[..., Selection]) -> Callable[..., Selection]:
+        if name in REGISTRY or any(s.order == order for s in REGISTRY.values()):
+            raise ValueError(f"policy {name!r}: name or order {order} already registered")
+        REGISTRY[name] = PolicySpec(
+            name=name, fn=fn, order=order, params={**COMMON, **{p.field: p for p in params}},
+            needs=frozenset(needs), default_cap=default_cap or twice_budget, cap_from=cap_from,
+            rules=rules, min_cap=min_cap, dial=dial, budget_required=budget_required, triton=triton,
+            native=native, derived=dict(derived or {}), doc=(fn.__doc__ or "").strip().split("\n")[0])
         return fn
 
     return deco
+
+
+def twice_budget(f: Mapping[str, Any], num_experts: int) -> int:
+    """``min(E, ceil(2*budget))``, or ``E`` without a budget (an integer budget: ``2*budget``)."""
+    b = f.get("budget")
+    return num_experts if b is None else min(num_experts, math.ceil(2 * b))
 
 
 def bounded(n: torch.Tensor, params: TokenParams) -> Selection:

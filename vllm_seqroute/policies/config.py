@@ -1,13 +1,18 @@
-"""The frozen routing configuration shared by every policy."""
+"""The frozen routing configuration shared by every policy; its checks and defaults come from
+the policies' declarations (:mod:`vllm_seqroute.policies.registry`)."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
-POLICIES = ("topk", "seqtopk", "topp", "entropy")
-RULES = ("causal", "window")
-POOLS = ("bounded", "exact")
+from vllm_seqroute.policies import registry
+from vllm_seqroute.policies.base import REAL
+from vllm_seqroute.policies.seqtopk import POOLS, RULES
+
+POLICIES = registry.names()
+__all__ = ["POLICIES", "POOLS", "RULES", "RoutingConfig"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +25,9 @@ class RoutingConfig:
     - ``floor``: experts every token keeps (its best ones); 0 allowed for ``seqtopk``.
     - ``rule``: ``causal`` (online, the default) or ``window`` (a call's segment competes as one).
     - ``pool``: the causal rule's summary of past scores: ``bounded`` histogram or ``exact``.
+
+    Each policy's own options, types and bounds: its declaration (``policies/<family>.py``);
+    every declared option is a field here with the declared default (checked by a test).
     """
 
     policy: str = "topk"
@@ -38,30 +46,25 @@ class RoutingConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field."""
-
-        def is_int(v: object) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
         if self.policy not in POLICIES:
             raise ValueError(f"policy: unknown routing policy {self.policy!r}; expected one of {POLICIES}")
-        if self.budget is not None and (not is_int(self.budget) or self.budget <= 0):
-            raise ValueError(f"budget: must be a positive integer, got {self.budget!r}")
-        if self.cap is not None and (not is_int(self.cap) or self.cap <= 0):
-            raise ValueError(f"cap: must be a positive integer, got {self.cap!r}")
-        if not is_int(self.floor) or self.floor < 0:
-            raise ValueError(f"floor: must be a non-negative integer, got {self.floor!r}")
-        if self.cap is not None and self.cap < self.floor:
-            raise ValueError(f"cap: must be >= floor ({self.floor}), got {self.cap}")
-        if self.rule not in RULES:
-            raise ValueError(f"rule: unknown rule {self.rule!r}; expected one of {RULES}")
-        if self.pool not in POOLS:
-            raise ValueError(f"pool: unknown pool summary {self.pool!r}; expected one of {POOLS}")
-        if isinstance(self.p, bool) or not isinstance(self.p, (int, float)) or not 0 < self.p <= 1:
-            raise ValueError(f"p: must be in (0, 1], got {self.p!r}")
-        if not is_int(self.k_min) or self.k_min < 1:
-            raise ValueError(f"k_min: must be an integer >= 1, got {self.k_min!r}")
-        if self.k_max is not None and (not is_int(self.k_max) or self.k_max < self.k_min):
-            raise ValueError(f"k_max: must be an integer >= k_min ({self.k_min}), got {self.k_max!r}")
+        spec = registry.spec(self.policy)
+        fields = _fields(self)
+        for name, param in registry.options().items():
+            value = fields[name]
+            if value is None:
+                continue
+            own = spec.params.get(name)
+            problem = param.problem(value, fields)
+            if problem is None and own is not None and own.type is int and param.type is REAL:
+                if own.problem(value, fields) is not None:  # a fractional budget where integers are due
+                    others = ", ".join(p for p in registry.applies_to(name)
+                                       if registry.spec(p).params[name].type is REAL)
+                    problem = f"{self.policy} takes {own.must}, got {value!r} (fractional: {others})"
+            if problem is not None:
+                raise ValueError(f"{name}: {problem}")
+            if name == "floor" and self.cap is not None and self.cap < self.floor:
+                raise ValueError(f"cap: must be >= floor ({self.floor}), got {self.cap}")
         if not isinstance(self.renormalize, bool):
             raise ValueError(f"renormalize: must be a bool, got {self.renormalize!r}")
         if self.policy == "topk" and self.budget is not None and self.cap is not None:
@@ -74,29 +77,31 @@ class RoutingConfig:
         Raises ``ValueError`` naming the field when the result cannot fit ``num_experts``.
         """
         E = num_experts
-        budget = self.budget if self.budget is not None else default_budget
-        if self.policy in ("topk", "seqtopk") and budget is None:
+        spec = registry.spec(self.policy)
+        f = _fields(self)
+        f["budget"] = self.budget if self.budget is not None else default_budget
+        if spec.budget_required and f["budget"] is None:
             raise ValueError(f"budget: policy {self.policy!r} needs a budget")
-        if self.policy == "topk" and budget is not None and budget > E:
-            raise ValueError(f"budget: topk budget {budget} exceeds the {E} experts")
-        k_max = self.k_max
-        if self.policy == "entropy":
-            k_max = k_max if k_max is not None else min(E, max(self.k_min, 2 * (budget or 1)))
-            if k_max > E:
-                raise ValueError(f"k_max: {k_max} exceeds the {E} experts")
+        if self.policy == "topk" and f["budget"] is not None and f["budget"] > E:
+            raise ValueError(f"budget: topk budget {f['budget']} exceeds the {E} experts")
+        for name, (derive, _) in spec.derived.items():
+            if f[name] is None:
+                f[name] = derive(f, E)
+            if f[name] > E:
+                raise ValueError(f"{name}: {f[name]} exceeds the {E} experts")
         cap = self.cap
         if cap is None:
-            if self.policy == "topk":
-                cap = budget
-            elif self.policy == "entropy":
-                cap = k_max
-            else:
-                cap = min(E, 2 * budget) if budget is not None else E
-            cap = max(cap, min(self.floor, E))
+            cap = max(spec.default_cap(f, E), min(self.floor, E))
         if cap > E:
             raise ValueError(f"cap: {cap} exceeds the {E} experts")
         if cap < self.floor:
             raise ValueError(f"floor: {self.floor} exceeds cap {cap}")
-        if self.policy == "entropy" and cap < k_max:
-            raise ValueError(f"cap: entropy needs cap >= k_max ({k_max}), got {cap}")
-        return dataclasses.replace(self, budget=budget, cap=cap, k_max=k_max)
+        for lo, hi in spec.rules:
+            if hi == "cap" and lo != "budget" and f[lo] is not None and cap < f[lo]:
+                raise ValueError(f"cap: {self.policy} needs cap >= {lo} ({f[lo]}), got {cap}")
+        return dataclasses.replace(self, **{**{k: f[k] for k in spec.derived}, "budget": f["budget"],
+                                            "cap": cap})
+
+
+def _fields(cfg: RoutingConfig) -> dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}

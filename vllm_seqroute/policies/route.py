@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from vllm_seqroute.policies.base import REGISTRY, Candidates, History, Selection, TokenParams
+from vllm_seqroute.policies import registry
+from vllm_seqroute.policies.base import Candidates, History, Selection, TokenParams
 from vllm_seqroute.policies.config import RoutingConfig
 from vllm_seqroute.policies.layout import BatchLayout
 from vllm_seqroute.policies.ledger import CausalLedger
@@ -51,21 +52,22 @@ def candidates_at(scores: torch.Tensor, rank: torch.Tensor, ids: torch.Tensor, *
     )
 
 
+def slot_values(cfg: RoutingConfig) -> dict[str, float | int]:
+    """A resolved config's per-token numbers (the registry's per-token options), with the
+    values a policy that does not read one gets (budget 0, k_max the cap)."""
+    fallback = {"budget": 0, "k_max": cfg.cap}
+    out = {}
+    for name in registry.token_fields():
+        v = getattr(cfg, name)
+        out[name] = fallback.get(name, 0) if v is None else v
+    return out
+
+
 def token_params(cfg: RoutingConfig, n: int, device: torch.device) -> TokenParams:
     """Broadcast a resolved config to per-token parameter tensors."""
-
-    def full(v: float | int, dtype: torch.dtype) -> torch.Tensor:
-        return torch.full((n,), v, dtype=dtype, device=device)
-
-    i64 = torch.int64
-    return TokenParams(
-        budget=full(cfg.budget or 0, i64),
-        cap=full(cfg.cap, i64),
-        floor=full(cfg.floor, i64),
-        p=full(cfg.p, torch.float64),
-        k_min=full(cfg.k_min, i64),
-        k_max=full(cfg.k_max or cfg.cap, i64),
-    )
+    values = slot_values(cfg)
+    return TokenParams(**{name: torch.full((n,), values[name], dtype=dtype, device=device)
+                          for name, dtype in registry.token_fields().items()})
 
 
 def history_of(ledger: CausalLedger, row: torch.Tensor) -> History:
@@ -122,8 +124,9 @@ def route(
     _check_inputs(scores, cu_seqlens, bias)
     n, e = scores.shape
     cfg = cfg.resolve(e)
+    spec = registry.spec(cfg.policy)
     cand = build_candidates(
-        scores, cfg.cap, bias, with_mass=cfg.policy == "topp", with_entropy=cfg.policy == "entropy"
+        scores, cfg.cap, bias, with_mass="mass" in spec.needs, with_entropy="entropy" in spec.needs
     )
     if n == 0:
         return assemble(
@@ -138,17 +141,15 @@ def route(
         raise ValueError(f"slots: ids must be in [-1, {ledger.num_slots}), got {slots.tolist()[:8]}")
     layout = BatchLayout.from_cu_seqlens(cu_seqlens.to(scores.device), n, slots)
     params = token_params(cfg, n, scores.device)
-    if cfg.policy != "seqtopk":
-        sel = REGISTRY[cfg.policy](cand, layout, params, None)
+    if "history" not in spec.needs:
+        sel = spec(cand, layout, params, None)
         return assemble(cand, sel, renormalize=cfg.renormalize)
     if ledger is None:
         ledger = CausalLedger(num_seg, pool=cfg.pool, device=scores.device)
     elif ledger.pool != cfg.pool:
         raise ValueError(f"pool: config asks for {cfg.pool!r} but the ledger keeps {ledger.pool!r}")
     row = ledger.rows(layout.token_slot)
-    sel = REGISTRY["seqtopk"](
-        cand, layout, params, history_of(ledger, row), rule=cfg.rule, exact=cfg.pool == "exact"
-    )
+    sel = spec(cand, layout, params, history_of(ledger, row), rule=cfg.rule, exact=cfg.pool == "exact")
     j = torch.arange(cfg.cap, device=scores.device)
     ledger.commit(row, cand.keys, j[None, :] < params.cap[:, None], sel.charged)
     return assemble(cand, sel, renormalize=cfg.renormalize)

@@ -17,7 +17,14 @@ from __future__ import annotations
 
 import torch
 
-from vllm_seqroute.policies.base import Candidates, History, Selection, TokenParams, register_policy
+from vllm_seqroute.policies.base import (
+    Candidates,
+    History,
+    Param,
+    Selection,
+    TokenParams,
+    register_policy,
+)
 from vllm_seqroute.policies.layout import BatchLayout
 from vllm_seqroute.policies.ordering import pool_bin
 
@@ -148,7 +155,16 @@ def causal(
     return _finish(n_rank, charged, params)
 
 
-@register_policy("seqtopk")
+RULES = ("causal", "window")
+POOLS = ("bounded", "exact")
+RULE = Param("rule", str, "causal", "rule", choices=RULES, per_token=False,
+             help="SeqTopK rule: causal (online, default) or window")
+POOL = Param("pool", str, "bounded", "pool summary", choices=POOLS, per_request=False, per_token=False,
+             help="Causal pool summary: bounded (default) or exact (reference, unbounded memory)")
+
+
+@register_policy("seqtopk", order=1, params=(RULE, POOL), needs=("history",), rules=(("budget", "cap"),),
+                 budget_required=True, triton="seqtopk", native=True)
 def seqtopk(
     cand: Candidates,
     layout: BatchLayout,
@@ -158,6 +174,7 @@ def seqtopk(
     rule: str = "causal",
     exact: bool = False,
 ) -> Selection:
+    """A request's tokens share ``budget`` experts per token (the module docstring)."""
     if rule == "window":
         return window(cand, layout, params, history)
     return causal(cand, layout, params, history, exact=exact)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from vllm_seqroute.policies.base import (
     Candidates,
     History,
+    Param,
     Selection,
     TokenParams,
     bounded,
@@ -14,14 +18,33 @@ from vllm_seqroute.policies.base import (
 )
 from vllm_seqroute.policies.layout import BatchLayout
 
+P = Param("p", float, 0.4, "in (0, 1]", lo=0, lo_open=True, hi=1, help="Top-p threshold (topp; default 0.4)")
+K_MIN = Param("k_min", int, 1, "an integer >= 1", lo=1,
+              help="Entropy policy: experts at zero entropy (default 1)")
+K_MAX = Param("k_max", int, None, "an integer >= k_min ({k_min})", lo="k_min",
+              help="Entropy policy: experts at maximum entropy (default 2*budget)")
 
-@register_policy("topk")
+
+def _budget(f: Mapping[str, Any], num_experts: int) -> int:
+    return f["budget"]
+
+
+def _k_max(f: Mapping[str, Any], num_experts: int) -> int:
+    return f["k_max"]
+
+
+def _default_k_max(f: Mapping[str, Any], num_experts: int) -> int:
+    return min(num_experts, max(f["k_min"], 2 * (f["budget"] or 1)))
+
+
+@register_policy("topk", order=0, default_cap=_budget, rules=(("budget", "cap"), ("floor", "budget")),
+                 min_cap="budget", budget_required=True, triton="token", native=True)
 def topk(cand: Candidates, layout: BatchLayout, params: TokenParams, history: History | None) -> Selection:
     """The model's rule: each token's best ``budget`` experts."""
-    return bounded(params.budget, params)
+    return bounded(params.budget.to(torch.int64), params)
 
 
-@register_policy("topp")
+@register_policy("topp", order=2, params=(P,), needs=("mass",), dial="p", triton="token", native=True)
 def topp(cand: Candidates, layout: BatchLayout, params: TokenParams, history: History | None) -> Selection:
     """Smallest best-first set whose probability (score / sum of all scores) reaches ``p``."""
     probs = cand.weights.to(torch.float64) / cand.mass[:, None]
@@ -29,7 +52,9 @@ def topp(cand: Candidates, layout: BatchLayout, params: TokenParams, history: Hi
     return bounded(1 + below.sum(1), params)
 
 
-@register_policy("entropy")
+@register_policy("entropy", order=3, params=(K_MIN, K_MAX), needs=("entropy",), default_cap=_k_max,
+                 cap_from="k_max", rules=(("k_min", "k_max"), ("k_max", "cap")), min_cap="k_max",
+                 triton="token", native=True, derived={"k_max": (_default_k_max, ("k_min", "budget"))})
 def entropy(cand: Candidates, layout: BatchLayout, params: TokenParams, history: History | None) -> Selection:
     """``k = round(k_min + H/ln E * (k_max - k_min))`` (round half up)."""
     span = (params.k_max - params.k_min).to(torch.float64)

@@ -7,24 +7,21 @@ import argparse
 import logging
 from typing import Any
 
-from vllm_seqroute.options import FIELDS
+from vllm_seqroute.options import CHOICES, FIELDS
 from vllm_seqroute.options import config_from_options as options_config
-from vllm_seqroute.policies.config import POLICIES, RULES, RoutingConfig
+from vllm_seqroute.policies import registry
+from vllm_seqroute.policies.config import RoutingConfig
+
+# server-wide options a request cannot set (``routing_pool``): declared, not per request
+SERVER_KEYS = tuple(p.key for p in registry.options().values() if not p.per_request)
 
 logger = logging.getLogger("vllm_seqroute")
 KEY = "seqroute"
 
+# flag help: the policies' declarations (policies/<family>.py), the policy flag and server options
 _FLAG_HELP = {
     "routing": "MoE routing policy for every MoE layer (vllm-seqroute); per request: vllm_xargs.routing",
-    "routing_budget": "Experts per token: topk exactly, seqtopk on average over a request "
-                      "(default: the model's num_experts_per_tok)",
-    "routing_cap": "Per-token maximum and routing width (default min(E, 2*budget); entropy: k_max)",
-    "routing_floor": "Experts every token keeps (seqtopk/topp; default 1)",
-    "routing_rule": "SeqTopK rule: causal (online, default) or window",
-    "routing_p": "Top-p threshold (topp; default 0.4)",
-    "routing_k_min": "Entropy policy: experts at zero entropy (default 1)",
-    "routing_k_max": "Entropy policy: experts at maximum entropy (default 2*budget)",
-    "routing_pool": "Causal pool summary: bounded (default) or exact (reference, unbounded memory)",
+    **{p.key: p.help for p in registry.options().values()},
     "routing_prefix_state_mib": "Prefix caching: memory for the routing state kept with cached KV "
                                 "blocks, in MiB (default: enough for every block; causal SeqTopK "
                                 "cache hits shorten to the blocks that have it)",
@@ -42,11 +39,12 @@ def add_routing_args(parser: Any) -> Any:
         return parser
     group = parser.add_argument_group("vllm-seqroute", "MoE expert routing (vllm-seqroute plugin)")
     for key, (_, typ) in FIELDS.items():
-        choices = {"routing": POLICIES, "routing_rule": RULES}.get(key)
-        group.add_argument(flag(key), dest=f"seqroute_{key}", type=typ, default=None, choices=choices,
-                           help=_FLAG_HELP[key])
-    group.add_argument("--routing-pool", dest="seqroute_routing_pool", default=None,
-                       choices=("bounded", "exact"), help=_FLAG_HELP["routing_pool"])
+        group.add_argument(flag(key), dest=f"seqroute_{key}", type=typ, default=None,
+                           choices=CHOICES.get(key), help=_FLAG_HELP[key])
+    for p in registry.options().values():
+        if not p.per_request:
+            group.add_argument(flag(p.key), dest=f"seqroute_{p.key}", default=None, choices=p.choices,
+                               help=_FLAG_HELP[p.key])
     group.add_argument(flag(PREFIX_STATE_KEY), dest=f"seqroute_{PREFIX_STATE_KEY}", type=float,
                        default=None, help=_FLAG_HELP[PREFIX_STATE_KEY])
     return parser
@@ -55,7 +53,7 @@ def add_routing_args(parser: Any) -> Any:
 def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The ``--routing*`` values a user gave (others omitted)."""
     out = {}
-    for key in (*FIELDS, "routing_pool", PREFIX_STATE_KEY):
+    for key in (*FIELDS, *SERVER_KEYS, PREFIX_STATE_KEY):
         v = getattr(args, f"seqroute_{key}", None)
         if v is not None:
             out[key] = v

@@ -2,7 +2,8 @@
 on the same router scores: every policy (seqtopk causal at the server's budget and at budget 1,
 topp, entropy, topk below the model's K) in one batch, prompts split over several steps
 (chunked prefill) and decoded token by token, so the causal ledger carries each request's
-state across steps as ``route()`` does in one call.
+state across steps as ``route()`` does in one call. Three op bodies: the native CPU pass, the
+torch body (bounded pool) and the torch body with the exact pool.
 
 The op's outputs (ids, weights) are captured by the eval recorder's opt-in selections
 (``evaluate/records.py``); the router logits the op received by a forward hook on each MoE
@@ -10,6 +11,7 @@ layer's gate, in the same token rows. Greedy text is not compared: the selection
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -65,7 +67,7 @@ def _native_served(worker: Any) -> bool:
     return bool(state.STATE.step_native)
 
 
-@pytest.mark.parametrize("body", ["native", "torch"])
+@pytest.mark.parametrize("body", ["native", "torch", "exact-pool"])
 def test_op_selections_equal_route_on_the_same_scores(model_dir: Any, engine: Any, body: str,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from vllm import SamplingParams
@@ -76,11 +78,12 @@ def test_op_selections_equal_route_on_the_same_scores(model_dir: Any, engine: An
 
     if body == "torch":  # the op's torch body (what CUDA and a compiler-less CPU run)
         monkeypatch.setattr(kernels, "native_available", lambda device: False)
-    elif not kernels.native_available("cpu"):
+    elif body == "native" and not kernels.native_available("cpu"):
         pytest.skip("no C compiler: the native CPU body is not built")
+    pool = "exact" if body == "exact-pool" else "bounded"  # exact: the torch body, unbounded ledger
     path = model_dir("qwen3_moe")
     info = model_info(path)
-    llm = engine(path, SERVER, max_num_batched_tokens=32, enable_chunked_prefill=True)
+    llm = engine(path, {**SERVER, "routing_pool": pool}, max_num_batched_tokens=32, enable_chunked_prefill=True)
     assert llm.collective_rpc("seqroute_record", kwargs={"on": True, "max_tokens": 4096})[0]["recording"]
     num_layers = llm.collective_rpc(_hook_router_logits)[0]
     params = [SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, extra_args=extra)
@@ -91,6 +94,7 @@ def test_op_selections_equal_route_on_the_same_scores(model_dir: Any, engine: An
     assert recs["dropped"] == 0
     by_id = {external_id(k): v for k, v in recs["requests"].items()}
     for out, (extra, cfg) in zip(outs, REQUESTS, strict=True):
+        cfg = dataclasses.replace(cfg, pool=pool)  # requests keep the server's pool
         rec = by_id[out.request_id]
         n = len(out.prompt_token_ids) + MAX_TOKENS - 1  # the last sampled token is never routed
         assert rec["positions"] == list(range(n)) and n > 32  # a prompt longer than one step

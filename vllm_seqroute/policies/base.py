@@ -26,7 +26,7 @@ class Candidates:
     ids: torch.Tensor  # [N, U] int64 expert ids
     weights: torch.Tensor  # [N, U] float32 routing weights (the model's scores)
     keys: torch.Tensor  # [N, U] int32 ordered ranking keys (scores + bias, if any)
-    mass: torch.Tensor | None = None  # [N] float64 sum of all E scores (topp)
+    mass: torch.Tensor | None = None  # [N] float64 sum of all E scores (topp, threshold)
     entropy: torch.Tensor | None = None  # [N] float64 normalised entropy H / ln E (entropy)
 
     @property
@@ -45,6 +45,7 @@ class TokenParams:
     p: torch.Tensor  # float64
     k_min: torch.Tensor  # int64
     k_max: torch.Tensor  # int64
+    tau: torch.Tensor | None = None  # float64 (threshold); None: no token of the batch uses it
 
 
 @dataclass(frozen=True, slots=True)

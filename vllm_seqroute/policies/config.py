@@ -40,6 +40,7 @@ class RoutingConfig:
     k_max: int | None = None
     renormalize: bool = True
     pool: str = "bounded"
+    tau: float = 0.1
 
     def __post_init__(self) -> None:
         self.validate()

@@ -88,14 +88,16 @@ def test_routing_options_key_the_cache(model_dir: Any, engine: Any) -> None:
     assert stats(llm)["prefix_restored"] == before + 1
 
 
-def test_chunked_prefill_preemption_and_abort(model_dir: Any, engine: Any) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_chunked_prefill_preemption_and_abort(model_dir: Any, engine: Any, mode: str) -> None:
     """Hits that end inside a prefill chunk, preempted requests resumed through the cache, and an
     aborted request's cached blocks: the same answers as without the cache."""
     from vllm import SamplingParams
 
     path = model_dir("qwen3_moe")
     tight = dict(block_size=BLOCK, max_num_batched_tokens=40, enable_chunked_prefill=True,
-                 max_num_seqs=4, num_gpu_blocks_override=12, max_model_len=256)
+                 max_num_seqs=4, num_gpu_blocks_override=12, max_model_len=256,
+                 enforce_eager=eager_of(mode))
     cached = engine(path, SERVER, enable_prefix_caching=True, **tight)
     prompts = [PREFIX + " " + s for s in SUFFIXES]
     extras = [None, {"routing": "seqtopk", "routing_budget": 2}] * 3
@@ -112,7 +114,7 @@ def test_chunked_prefill_preemption_and_abort(model_dir: Any, engine: Any) -> No
     stats(cached, reset=True)
     got = [list(o.outputs[0].token_ids) for o in cached.generate(prompts, params, use_tqdm=False)]
     s = stats(cached)
-    fresh = engine(path, SERVER, enable_prefix_caching=False, block_size=BLOCK)
+    fresh = engine(path, SERVER, enable_prefix_caching=False, block_size=BLOCK, enforce_eager=eager_of(mode))
     want = [list(o.outputs[0].token_ids) for o in fresh.generate(prompts, params, use_tqdm=False)]
     assert got == want
     assert s["restarts"] > 0  # preempted and resumed
@@ -137,3 +139,51 @@ def test_prefix_state_cap_shortens_hits(model_dir: Any, engine: Any) -> None:
     assert stats(llm)["prefix_unrestored"] == 1  # a hit, routed without records: TopK needs none
     fresh = engine(path, SERVER, enable_prefix_caching=False, block_size=BLOCK)
     assert got == one(fresh, probe, None)
+
+
+def test_salt_and_shortening_rules() -> None:
+    """No engine: which requests share cached blocks, and how far a hit goes."""
+    from vllm_seqroute.policies.config import RoutingConfig
+    from vllm_seqroute.vllm_glue import prefix_lookup as pl
+
+    assert pl.routing_salt(None) is None and pl.routing_salt({"other_feature": 1}) is None
+    a = pl.routing_salt({"routing": "topk", "routing_budget": 2, "unrelated": 5})
+    assert a == pl.routing_salt({"routing_budget": 2, "routing": "topk"})  # order-free
+    assert a != pl.routing_salt({"routing": "topk", "routing_budget": 1})
+    assert pl.salted("user", {"routing": "topp"}).startswith("user|seqroute:")
+    assert pl.salted("user", None) == "user"
+    base = RoutingConfig(policy="seqtopk", budget=2)
+    assert pl.effective_policy(base, None) == ("seqtopk", "causal")
+    assert pl.effective_policy(base, {"routing": "topk"}) == ("topk", "causal")
+    assert pl.effective_policy(base, {"routing_rule": "window"}) == ("seqtopk", "window")
+    assert pl.effective_policy(base, {"routing_budget": "bad"}) == ("seqtopk", "causal")  # as served
+    assert pl.shortened_hit(10, 32, [3, 4, 5], 96) == 96
+    assert pl.shortened_hit(5, 32, [3, 4, 5], 96) == 64  # block 5 has no records
+    assert pl.shortened_hit(0, 32, [3], 32) == 0
+
+
+def test_ledger_load_equals_committing_the_tokens() -> None:
+    """A ledger rebuilt from records (pool bins and charges) equals one that committed the same
+    tokens step by step, and answers the same pool queries."""
+    import torch
+
+    from vllm_seqroute.policies.ledger import CausalLedger
+    from vllm_seqroute.policies.ordering import ordered_int, pool_bin
+
+    g = torch.Generator().manual_seed(0)
+    h, u = 45, 4
+    keys = ordered_int(torch.rand(h, u, generator=g)).to(torch.int32)
+    valid = torch.rand(h, u, generator=g) > 0.2
+    charged = torch.randint(0, 4, (h,), generator=g)
+    stepped = CausalLedger(3)
+    for lo in range(0, h, 7):  # several steps of several tokens of request slot 1
+        n = min(7, h - lo)
+        row = torch.ones(n, dtype=torch.int64)
+        stepped.commit(row, keys[lo:lo + n], valid[lo:lo + n], charged[lo:lo + n])
+    loaded = CausalLedger(3)
+    loaded.load(1, torch.where(valid, pool_bin(keys), -1).to(torch.int16), charged.to(torch.int16))
+    for name in ("seen", "used", "hist", "block"):
+        assert torch.equal(getattr(loaded, name), getattr(stepped, name)), name
+    q = ordered_int(torch.rand(5, u, generator=g)).to(torch.int32)
+    row = torch.ones(5, dtype=torch.int64)
+    assert torch.equal(loaded.past_counts(row, q), stepped.past_counts(row, q))

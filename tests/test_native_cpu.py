@@ -12,6 +12,7 @@ import torch
 
 from vllm_seqroute import kernels
 from vllm_seqroute.kernels import cpu_native
+from vllm_seqroute.policies import registry
 from vllm_seqroute.policies.config import POLICIES, RoutingConfig
 from vllm_seqroute.vllm_glue import select_op
 from vllm_seqroute.vllm_glue import state as st
@@ -95,8 +96,31 @@ def test_native_body_equals_torch_body(seed: int) -> None:
 
 
 def test_native_policy_numbering_is_the_registry_order() -> None:
-    assert cpu_native.NATIVE_POLICIES == POLICIES
+    # the C body numbers its policies as the registry does; those declared native are its enum
+    native = tuple(p for p in POLICIES if registry.spec(p).native)
+    assert cpu_native.NATIVE_POLICIES == native == POLICIES[:len(native)]
     assert [st.POLICY_ID[p] for p in POLICIES] == list(range(len(POLICIES)))
+    assert st.NATIVE_IDS == {st.POLICY_ID[p] for p in native}
+
+
+def test_a_policy_the_c_body_does_not_know_takes_the_torch_body() -> None:
+    s = _state(RoutingConfig(policy="seqtopk", budget=2), 16, 2, 4)
+    s.add_request("a", None, 0)
+    s.add_request("b", {"routing": "threshold", "routing_tau": 0.1}, 0)
+    s.set_step(["a"], [3])
+    assert s.step_native
+    s.set_step(["a", "b"], [3, 2])
+    assert not s.step_native  # threshold is declared without a native body
+    st.STATE = s
+    logits = torch.randn(5, 16, generator=torch.Generator().manual_seed(0)) * 3
+    van_w, van_ids = torch.topk(torch.softmax(logits, -1), 2)
+    w, ids = select_op.select(logits, van_ids[:, :0], van_w, van_ids.to(torch.int32), None, 0, 0, True,
+                              1.0, True)
+    probs = torch.softmax(logits.double(), -1)
+    for t in (3, 4):  # b's tokens: best-first experts with probability >= tau, within [1, cap]
+        want = [e for e in torch.argsort(probs[t], descending=True, stable=True).tolist()[:4]
+                if probs[t, e] >= 0.1]
+        assert [int(x) for x in ids[t] if x >= 0] == (want or [int(probs[t].argmax())])
 
 
 def test_window_rule_keeps_the_torch_body() -> None:

@@ -93,3 +93,15 @@ def test_resolved_cap_fits_declared_rules(policy):
     for lo, hi in (("floor", "cap"), *spec.rules):
         assert f[lo] is None or f[lo] <= f[hi], (lo, hi)
     assert cfg.cap == max(spec.default_cap({**f, "budget": 2}, 16), cfg.floor)
+
+
+def test_kernel_lists_match_the_declarations():
+    from vllm_seqroute import kernels
+    from vllm_seqroute.kernels import cpu_native
+    from vllm_seqroute.vllm_glue import state as st
+
+    assert kernels.TOKEN_POLICIES == tuple(p for p in POLICIES if REGISTRY[p].triton == "token")
+    assert cpu_native.NATIVE_POLICIES == tuple(p for p in POLICIES if REGISTRY[p].native)
+    s = st.RoutingState(base=RoutingConfig(policy="topk", budget=2), max_slots=2, max_tokens=8,
+                        device=__import__("torch").device("cpu"))
+    assert list(s.slot_params) == list(registry.token_fields())

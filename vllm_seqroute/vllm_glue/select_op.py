@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_seqroute import kernels
+from vllm_seqroute.policies import registry
 from vllm_seqroute.policies import seqtopk as seq
 from vllm_seqroute.policies.base import History, TokenParams
 from vllm_seqroute.policies.layout import BatchLayout
@@ -18,6 +19,8 @@ from vllm_seqroute.policies.route import candidates_at
 from vllm_seqroute.vllm_glue import state as st
 
 SOFTMAX, SIGMOID = 0, 1
+# step policy ids whose candidates need the mass / normalised entropy of all E scores
+_NEEDS = {need: registry.ids_needing(need) for need in ("mass", "entropy")}
 
 
 def _scores(logits: torch.Tensor, scoring: int) -> torch.Tensor:
@@ -57,7 +60,7 @@ def _select(router_logits: torch.Tensor, group_ids: torch.Tensor, van_w: torch.T
                               renormalize, scale, skip_empty)
     scores = _scores(router_logits, scoring)
     active = state.step_policies
-    need = dict(with_mass=st.POLICY_ID["topp"] in active, with_entropy=st.POLICY_ID["entropy"] in active)
+    need = dict(with_mass=bool(active & _NEEDS["mass"]), with_entropy=bool(active & _NEEDS["entropy"]))
     if group_ids.shape[1] == u:  # group-limited candidates from the model's own router
         rank = scores if bias is None else scores + bias.to(torch.float32)
         ids = _sorted_candidates(rank, group_ids.to(torch.int64))
@@ -74,15 +77,18 @@ def _select(router_logits: torch.Tensor, group_ids: torch.Tensor, van_w: torch.T
                       past_counts=lambda keys: ledger.past_counts(row, keys))
     count = charged = torch.zeros(n, dtype=torch.int64, device=ids.device)
     triton = kernels.triton_available(ids.device)
-    for pid in sorted(active):  # at most five policies, each vectorised over the batch
+    for pid in sorted(active):  # the step's policies, each vectorised over the batch
+        spec = registry.spec(st.POLICY_NAME[pid])
         if pid == st.SEQ_WINDOW:
             sel = kernels.seqtopk_select(cand, layout, params, ledger, row, rule="window")
-        elif pid == st.POLICY_ID["seqtopk"] and (triton or ledger.pool == "exact"):
+        elif spec.triton == "seqtopk" and (triton or ledger.pool == "exact"):
             sel = kernels.seqtopk_select(cand, layout, params, ledger, row, rule="causal")
-        elif pid == st.POLICY_ID["seqtopk"]:  # CPU: the host knows decode-only steps
+        elif spec.triton == "seqtopk":  # CPU: the host knows decode-only steps
             sel = seq.causal(cand, layout, params, history, single_token_segments=state.step_single_tokens)
-        else:
-            sel = kernels.token_select(st.POLICY_NAME[pid], cand, layout, params)
+        elif spec.triton == "token":
+            sel = kernels.token_select(spec.name, cand, layout, params)
+        else:  # declared without a kernel: its torch twin, on CUDA too
+            sel = spec(cand, layout, params, None)
         if len(active) == 1:
             count, charged = sel.count, sel.charged
         else:
@@ -195,8 +201,7 @@ def _step_context(state: st.RoutingState, n: int) -> StepContext:
     policy = state.policy[row]
     ctx = StepContext(
         row=row,
-        params=TokenParams(budget=state.budget[row], cap=state.cap[row], floor=state.floor[row],
-                           p=state.p[row], k_min=state.k_min[row], k_max=state.k_max[row]),
+        params=TokenParams(**{name: t[row] for name, t in state.slot_params.items()}),
         policy=policy,
         counted_policy=torch.where(policy == st.SEQ_WINDOW, st.POLICY_ID["seqtopk"], policy),
         real=(token_slot >= 0).to(torch.int64), layout=BatchLayout.from_token_slots(token_slot),

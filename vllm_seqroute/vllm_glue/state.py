@@ -5,22 +5,27 @@ request -> slot table that the model-runner hooks keep."""
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from vllm_seqroute.options import request_config
+from vllm_seqroute.options import real, request_config
+from vllm_seqroute.policies import registry
 from vllm_seqroute.policies.config import POLICIES, RoutingConfig
 from vllm_seqroute.policies.ledger import CausalLedger
+from vllm_seqroute.policies.route import slot_values
 
 logger = logging.getLogger("vllm_seqroute")
 
-POLICY_ID = {name: i for i, name in enumerate(POLICIES)}
+POLICY_ID = {name: i for i, name in enumerate(POLICIES)}  # the registry's ids (PolicySpec.order)
 # policy ids of the step kernels: seqtopk splits by rule
 SEQ_WINDOW = len(POLICIES)
 POLICY_NAME = [*POLICIES, "seqtopk"]
 ALL_POLICY_IDS = frozenset(range(len(POLICY_NAME)))
+# ids the native CPU body knows (its enum: kernels/cpu_native.NATIVE_POLICIES); not the window rule
+NATIVE_IDS = frozenset(POLICY_ID[s.name] for s in registry.specs() if s.native)
 
 
 @dataclass
@@ -62,12 +67,9 @@ class RoutingState:
         self.token_slot = torch.full((self.max_tokens,), -1, dtype=torch.int64, device=dev)
         i64 = dict(dtype=torch.int64, device=dev)
         self.policy = torch.zeros(s, **i64)
-        self.budget = torch.zeros(s, **i64)
-        self.cap = torch.zeros(s, **i64)
-        self.floor = torch.zeros(s, **i64)
-        self.k_min = torch.ones(s, **i64)
-        self.k_max = torch.ones(s, **i64)
-        self.p = torch.ones(s, dtype=torch.float64, device=dev)
+        # one row per slot of each per-token option the policies declare (TokenParams' fields)
+        self.slot_params = {name: torch.zeros(s, dtype=dtype, device=dev)
+                            for name, dtype in registry.token_fields().items()}
         self.free_slots = list(range(self.max_slots - 1, -1, -1))
         self.slot_policy_host = [0] * s
         self.slot_vanilla_host = [False] * s
@@ -136,7 +138,7 @@ class RoutingState:
             self.prefix_unrestored += 1
             for layer in self.layers:
                 layer.ledger.seen[slot] = num_computed
-                layer.ledger.used[slot] = num_computed * cfg.budget if cfg.budget else 0
+                layer.ledger.used[slot] = math.floor(num_computed * cfg.budget) if cfg.budget else 0
         if self.recorder is not None:
             self.recorder.add_request(req_id, num_computed)
 
@@ -161,7 +163,7 @@ class RoutingState:
     def _slot_record(self, slot: int) -> dict[str, Any]:
         return {
             "policy": POLICY_NAME[self.slot_policy_host[slot]],
-            "budget": int(self.budget[slot]),
+            "budget": real(self.slot_params["budget"][slot].item()),
             "seen": [int(x.ledger.seen[slot]) for x in self.layers],
             "used": [int(x.ledger.used[slot]) for x in self.layers],
             "selected": [int(t[slot]) for t in self.selected],
@@ -175,12 +177,10 @@ class RoutingState:
         self.slot_vanilla_host[slot] = (
             cfg.policy == "topk" and bool(self.layers) and cfg.budget == self.layers[0].model_k)
         self.policy[slot] = pid
-        self.budget[slot] = cfg.budget or 0
-        self.cap[slot] = cfg.cap
-        self.floor[slot] = min(cfg.floor, cfg.cap)
-        self.k_min[slot] = cfg.k_min
-        self.k_max[slot] = cfg.k_max or cfg.cap
-        self.p[slot] = cfg.p
+        values = slot_values(cfg)
+        values["floor"] = min(cfg.floor, cfg.cap)
+        for name, t in self.slot_params.items():
+            t[slot] = values[name]
 
     # --- steps --------------------------------------------------------------------------
     def set_step(self, req_ids: list[str], num_scheduled: Any) -> None:
@@ -208,10 +208,11 @@ class RoutingState:
             self.recorder.on_step(req_ids, num_scheduled)
 
     def _native_serves(self, policies: set[int]) -> bool:
-        """The native CPU body serves every policy but the window rule, with bounded ledgers."""
+        """The native CPU body serves the policies it knows (``NATIVE_IDS``: not the window rule,
+        not a policy declared without it), with bounded ledgers; the torch body serves the rest."""
         from vllm_seqroute import kernels
 
-        return (SEQ_WINDOW not in policies and self.base.pool == "bounded"
+        return (policies <= NATIVE_IDS and self.base.pool == "bounded"
                 and kernels.native_available(self.device))
 
     def clear_step(self) -> None:

@@ -28,6 +28,10 @@ def test_arguments(pc: Any) -> None:
     assert pc.parse_args(["--quick"]).rounds == 1
     assert pc.parse_args(["--quick", "--rounds", "2"]).rounds == 2
     assert pc.parse_args([]).workloads == ["shared", "multiturn"]
+    import torch
+
+    assert pc.parse_args([]).block_size == (16 if torch.cuda.is_available() else 32)
+    assert pc.parse_args(["--block-size", "0"]).block_size == 0  # vLLM's own default
     with pytest.raises(SystemExit):
         pc.parse_args(["--rounds", "0"])
     with pytest.raises(SystemExit):
@@ -81,7 +85,7 @@ def test_table_and_plot_from_saved_json(pc: Any, tmp_path: Path) -> None:
         runs += [_run("vanilla+cache", r, "shared", van, 1000, 0.9),
                  _run("seqtopk+cache", r, "shared", seq, 800, 0.9),
                  _run("seqtopk nocache", r, "shared", 4 * seq, 400, 0.0)]
-    data = pc.report(Path("/m/seqtopk-moe"), pc.QUICK, ["shared"], 3, runs)
+    data = pc.report(Path("/m/seqtopk-moe"), pc.QUICK, ["shared"], 3, runs, block_size=32)
     saved = tmp_path / "saved.json"
     saved.write_text(json.dumps(data))
     pc.main(["--from-json", str(saved), "--out", str(tmp_path / "out")])
@@ -93,6 +97,7 @@ def test_table_and_plot_from_saved_json(pc: Any, tmp_path: Path) -> None:
     assert rows["seqtopk+cache"]["tput_vs_vanilla"] == pytest.approx(0.8)
     assert rows["vanilla+cache"]["ttft_vs_vanilla"] == pytest.approx(1.0)
     md = (tmp_path / "out" / "results.md").read_text()
+    assert "3 round(s) (medians)" in md and "KV block size 32." in md
     assert "| shared | seqtopk+cache | 100 | 250 | 250 | 80.0 | 800 | 0.80 | 0.80 | 0.900 | 7 | 0 |" in md
     assert "| shared | vanilla+cache | 100 | 200 | 200 | 100.0 | 1000 | 1.00 | 1.00 | 0.900 | - | - |" in md
     png = (tmp_path / "out" / "prefix_cache.png").read_bytes()

@@ -37,9 +37,9 @@ class _Step(ctypes.Structure):
 
     _fields_ = [
         *((name, _I) for name in ("n", "e", "u", "k", "model_k", "num_policies")),
-        *((name, _P) for name in ("scores", "bias", "group", "van_w", "van_ids", "policy", "budget",
-                                  "cap", "floor_", "k_min", "k_max", "row", "real", "p", "seen", "used",
-                                  "hist", "block")),
+        *((name, _P) for name in ("scores", "bias", "group", "van_w", "van_ids", "policy", "cap",
+                                  "floor_", "k_min", "k_max", "row", "real", "budget", "p", "seen",
+                                  "used", "hist", "block")),
         *((name, _I) for name in ("nbins", "bs", "nblocks", "shift", "lo", "half")),
         ("renormalize", ctypes.c_int32), ("skip_empty", ctypes.c_int32), ("scale", ctypes.c_float),
         *((name, _P) for name in ("out_w", "out_ids", "tokens_by_policy", "pairs_by_policy",
@@ -113,11 +113,11 @@ class StepInputs:
         i64 = torch.int64
         # each token's prefix-cache record row (see vllm_glue/prefix_state.py), or None: no records
         self.rec = rec.to(i64).contiguous() if rec is not None else None
-        self.tensors = [x.to(i64).contiguous() for x in (policy, params.budget, params.cap,
-                                                         params.floor, params.k_min, params.k_max,
-                                                         row, real)]
-        self.tensors.append(params.p.to(torch.float64).contiguous())
-        names = ("policy", "budget", "cap", "floor_", "k_min", "k_max", "row", "real", "p")
+        self.tensors = [x.to(i64).contiguous() for x in (policy, params.cap, params.floor,
+                                                         params.k_min, params.k_max, row, real)]
+        # the budget as a double (seqtopk takes fractional budgets; the C body computes floor(t*B))
+        self.tensors += [x.to(torch.float64).contiguous() for x in (params.budget, params.p)]
+        names = ("policy", "cap", "floor_", "k_min", "k_max", "row", "real", "budget", "p")
         shift, lo, half = POOL_BIN_PARAMS
         self.template = _Step(n=policy.shape[0], num_policies=len(NATIVE_POLICIES),
                               nbins=NUM_BINS, bs=BLOCK, nblocks=NUM_BLOCKS, shift=shift, lo=lo,

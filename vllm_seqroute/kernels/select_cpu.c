@@ -23,7 +23,8 @@ typedef struct {
     const float *van_w;      /* [n, k] the model's own routing */
     const int32_t *van_ids;  /* [n, k] */
     /* per token */
-    const int64_t *policy, *budget, *cap, *floor_, *k_min, *k_max, *row, *real;
+    const int64_t *policy, *cap, *floor_, *k_min, *k_max, *row, *real;
+    const double *budget;    /* real > 0 (seqtopk may be fractional); topk's is integral */
     const double *p;
     /* ledger (bounded pool) */
     int64_t *seen, *used;
@@ -128,17 +129,20 @@ int seqroute_select_cpu(Step *s) {
         int64_t count, charged;
         if (pol == SEQTOPK) {
             const int32_t *h = s->hist + r * s->nbins, *blk = s->block + r * s->nblocks;
-            const int64_t allowed = (s->seen[r] + 1) * s->budget[t];
+            /* t * B in double, as the torch policy computes it (exact for an integer B): a rank is
+             * below it iff below its ceil; the ledger allows floor(t * B) */
+            const double tb = (double)(s->seen[r] + 1) * s->budget[t];
+            const int64_t allowed = (int64_t)floor(tb), below = (int64_t)ceil(tb);
             int64_t taken = 0;
             for (int64_t j = 0; j < cap; ++j) {
                 bins[j] = pool_bin(keys[j], s);
-                if (j + at_or_above(h, blk, bins[j], s) < allowed) ++taken;
+                if (j + at_or_above(h, blk, bins[j], s) < below) ++taken;
             }
             charged = (s->used[r] + taken < allowed ? s->used[r] + taken : allowed) - s->used[r];
             count = clamp64(charged, fl, cap);
             charged = charged < count ? charged : count;
         } else {
-            int64_t want = s->budget[t];
+            int64_t want = (int64_t)s->budget[t];
             if (pol == TOPP || pol == ENTROPY) {
                 double mass = 0.0;
                 for (int64_t x = 0; x < e; ++x) mass += (double)sc[x];
@@ -178,7 +182,7 @@ int seqroute_select_cpu(Step *s) {
         float *w = s->out_w + t * u;
         int32_t *oid = s->out_ids + t * u;
         int64_t n_used = 0;
-        const int vanilla = pol == TOPK && s->budget[t] == s->model_k;
+        const int vanilla = pol == TOPK && s->budget[t] == (double)s->model_k;
         if (vanilla) { /* the model's own routing, bit for bit */
             for (int64_t j = 0; j < u; ++j) {
                 if (j < s->k) {

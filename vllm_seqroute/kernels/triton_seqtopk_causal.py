@@ -213,8 +213,11 @@ def _causal_count_kernel(
     if HAS_LEDGER:
         seen = tl.load(seen_ptr + r, mask=tm, other=0)
         used = tl.load(used_ptr + r, mask=tm, other=0)
-    allowed = (seen + posv + 1) * budget
-    ok = ((j[None, :] + past) < allowed[:, None]) & incap
+    # t * B in float64 as the torch policy computes it (exact for an integer budget): a rank is
+    # below it iff below its ceil; the ledger allows floor(t * B)
+    tb = (seen + posv + 1).to(tl.float64) * budget.to(tl.float64)
+    allowed = tl.floor(tb).to(tl.int64)
+    ok = ((j[None, :] + past) < tl.ceil(tb).to(tl.int64)[:, None]) & incap
     n = tl.sum(ok.to(tl.int64), axis=1)
     lim = allowed - used
     tl.store(nrank_ptr + tt, n, mask=tm)

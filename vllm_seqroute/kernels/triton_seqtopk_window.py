@@ -34,7 +34,7 @@ def _window_kernel(
             r = tl.load(row_ptr + t0)
             seen = tl.load(seen_ptr + r)
             used = tl.load(used_ptr + r)
-        grant = (seen + T) * budget - used
+        grant = tl.floor((seen + T).to(tl.float64) * budget.to(tl.float64)).to(tl.int64) - used
         j = tl.arange(0, UP)
         jm = j < U
         if T <= TS:

@@ -25,7 +25,7 @@ def _token_kernel(
     t = pid * BT + tl.arange(0, BT)
     tm = t < N
     if POLICY == 0:
-        n = tl.load(budget_ptr + t, mask=tm, other=0)
+        n = tl.load(budget_ptr + t, mask=tm, other=0).to(tl.int64)  # topk's budget is integral
     elif POLICY == 1:
         j = tl.arange(0, UP)
         m2 = tm[:, None] & (j < U)[None, :]

@@ -237,7 +237,7 @@ def _prefix_len(taken: list[bool]) -> int:
 
 
 def _window(seg: list[RefToken], st: RefSlot, budget: int, floor: int, cap: int) -> None:
-    grant = (st.seen + len(seg)) * budget - st.used
+    grant = math.floor((st.seen + len(seg)) * budget) - st.used  # a real budget: the top floor(T*B)
     pairs = sorted((-t.rank[j], i, t.cand[j], i, j) for i, t in enumerate(seg) for j in range(len(t.cand)))
     taken = [[False] * len(t.cand) for t in seg]
     for _, _, _, i, j in pairs[: max(grant, 0)]:
@@ -266,7 +266,7 @@ def _causal(seg: list[RefToken], st: RefSlot, budget: int, floor: int, cap: int,
                 above = sum(1 for q in st.bins if q >= my_bins[j])
             taken.append(j + above < allowed)
         n = _prefix_len(taken)
-        total = min(st.used + n, allowed)  # the hard ledger
+        total = min(st.used + n, math.floor(allowed))  # the hard ledger: floor(t * budget) pairs
         charged = total - st.used
         t.charged = charged
         t.counts = (clamp(charged, floor, cap),)

@@ -473,7 +473,9 @@ def test_floor_zero_allows_empty_tokens():
         ({"policy": "nope"}, "policy"),
         ({"policy": "seqtopk", "budget": 0}, "budget"),
         ({"policy": "seqtopk", "budget": -2}, "budget"),
-        ({"policy": "seqtopk", "budget": 1.5}, "budget"),
+        ({"policy": "topk", "budget": 1.5}, "budget"),  # fractional budgets are seqtopk's
+        ({"policy": "seqtopk", "budget": float("inf")}, "budget"),
+        ({"policy": "seqtopk", "budget": float("nan")}, "budget"),
         ({"policy": "seqtopk", "budget": True}, "budget"),
         ({"policy": "seqtopk", "budget": 2, "cap": 1, "floor": 2}, "cap"),
         ({"policy": "seqtopk", "budget": 2, "cap": 0}, "cap"),

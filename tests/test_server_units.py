@@ -55,7 +55,7 @@ BAD = [
     ({"routing": None, "routing_rule": "sideways"}, "routing"),  # null: leave the key out instead
     ({"routing_rule": "sideways"}, "routing_rule"),
     ({"routing_budget": "2"}, "routing_budget"),
-    ({"routing_budget": 2.0}, "routing_budget"),
+    ({"routing": "topk", "routing_budget": 2.5}, "routing_budget"),  # fractional: seqtopk only
     ({"routing_budget": True}, "routing_budget"),
     ({"routing_budget": [2]}, "routing_budget"),
     ({"routing_budget": 0}, "routing_budget"),

@@ -326,7 +326,9 @@
       var t = v.tokens_by_policy[i] || 0, pairs = v.pairs_by_policy[i] || 0, g = v.granted_by_policy[i] || 0;
       if (!t) { return; }
       var tr = document.createElement('tr');
-      [p, t, pairs, (pairs / t).toFixed(2), g, g ? (pairs / g).toFixed(3) : '–'].forEach(function (x) {
+      var budgets = ((last && last.budgets_by_policy) || [])[i] || [];
+      [p, t, pairs, (pairs / t).toFixed(2), g, g ? (pairs / g).toFixed(3) : '–',
+       budgets.length ? budgets.join(', ') : '–'].forEach(function (x) {
         var td = document.createElement('td');
         td.textContent = String(x);
         tr.appendChild(td);

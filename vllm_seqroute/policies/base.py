@@ -115,7 +115,7 @@ class Param:
             ok = False
         if ok and self.hi is not None and value > self.hi:
             ok = False
-        if ok and self.type is not str and value != value:  # NaN
+        if ok and isinstance(value, float) and not math.isfinite(value):  # NaN, inf
             ok = False
         return None if ok else f"must be {self.must.format(**fields)}, got {value!r}"
 

@@ -19,7 +19,8 @@ __all__ = ["POLICIES", "POOLS", "RULES", "RoutingConfig"]
 class RoutingConfig:
     """What to route with. ``None`` fields take their documented defaults in :meth:`resolve`.
 
-    - ``budget``: experts per token (``topk``: exactly; ``seqtopk``: on average per request).
+    - ``budget``: experts per token (``topk``: exactly, an integer; ``seqtopk``: on average per
+      request, any real > 0; an integral float is kept as an int).
     - ``cap``: output width and per-token maximum (``topk``: budget; ``seqtopk``/``topp``:
       ``min(E, 2*budget)``, or ``E`` without a budget; ``entropy``: ``k_max``).
     - ``floor``: experts every token keeps (its best ones); 0 allowed for ``seqtopk``.
@@ -31,7 +32,7 @@ class RoutingConfig:
     """
 
     policy: str = "topk"
-    budget: int | None = None
+    budget: int | float | None = None
     cap: int | None = None
     floor: int = 1
     rule: str = "causal"
@@ -43,6 +44,8 @@ class RoutingConfig:
     tau: float = 0.1
 
     def __post_init__(self) -> None:
+        if isinstance(self.budget, float) and self.budget.is_integer():  # 2.0 routes as 2
+            object.__setattr__(self, "budget", int(self.budget))
         self.validate()
 
     def validate(self) -> None:

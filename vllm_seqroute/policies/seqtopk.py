@@ -3,11 +3,14 @@
 Pairs are ordered by ranking score (higher first), then token index, then expert id (lower
 first); a token's candidates are its best ``cap`` experts (the pool holds them all).
 
-- ``window``: the segment's pairs of this call compete; the best ``(seen+T)*budget - used``
-  are taken (a fresh request: ``T*budget``).
+- ``window``: the segment's pairs of this call compete; the best ``floor((seen+T)*budget) - used``
+  are taken (a fresh request: ``floor(T*budget)``).
 - ``causal``: token t (1-based over the whole request) takes its j-th candidate iff
   ``j + #(pool pairs of earlier tokens ranking above it) < t*budget``, then a hard ledger clips
-  the running total to ``t*budget``. The bounded pool compares earlier pairs by histogram bin
+  the running total to ``floor(t*budget)``.
+
+``budget`` is any real > 0 (``floor`` in float64, exact ``t*budget`` for integers). The
+bounded pool compares earlier pairs by histogram bin
   (same bin counts as above); its own candidates are compared exactly.
 
 Both then apply the floor (uncharged) and the cap.
@@ -18,6 +21,8 @@ from __future__ import annotations
 import torch
 
 from vllm_seqroute.policies.base import (
+    BUDGET,
+    REAL,
     Candidates,
     History,
     Param,
@@ -92,6 +97,17 @@ def _ledger_clip(n_rank: torch.Tensor, limit: torch.Tensor, layout: BatchLayout)
     return u - prev
 
 
+def budget_limit(t: torch.Tensor, budget: torch.Tensor, *, up: bool = False) -> torch.Tensor:
+    """``floor(t * budget)`` (``up``: ``ceil``): pairs tokens ``1..t`` may use (an integer rank
+    is below ``t * budget`` iff it is below the ceil). A fractional budget is float64 and the
+    product is rounded once, as the native and Triton bodies compute it; an integer budget gives
+    ``t * budget`` exactly (float64 holds every product below 2**53)."""
+    if budget.is_floating_point():
+        tb = t.to(torch.float64) * budget
+        return (torch.ceil(tb) if up else torch.floor(tb)).to(torch.int64)
+    return t * budget
+
+
 def _finish(n_rank: torch.Tensor, charged: torch.Tensor, params: TokenParams) -> Selection:
     count = torch.minimum(torch.maximum(charged, params.floor), params.cap)
     return Selection(count=count, charged=torch.minimum(charged, count))
@@ -110,7 +126,7 @@ def window(cand: Candidates, layout: BatchLayout, params: TokenParams, history: 
     keys, in_cap = _masked_keys(cand, params)
     seen = history.seen if history is not None else 0
     used = history.used if history is not None else 0
-    grant = (seen + layout.seg_len) * params.budget - used  # [N], equal within a segment
+    grant = budget_limit(seen + layout.seg_len, params.budget) - used  # [N], equal within a segment
     order = _segment_sort(keys, layout)
     tok = order // u
     rank = torch.arange(n * u, device=keys.device) - layout.seg_start[tok] * u
@@ -146,8 +162,10 @@ def causal(
     seen = history.seen if history is not None else 0
     used = history.used if history is not None else 0
     j = torch.arange(u, device=keys.device)
-    allowed = (seen + layout.pos + 1) * params.budget  # t * budget, t over the whole request
-    n_rank = ((j[None, :] + past < allowed[:, None]) & in_cap).sum(1)
+    t = seen + layout.pos + 1  # t over the whole request
+    allowed = budget_limit(t, params.budget)  # the ledger's floor(t * budget)
+    below = budget_limit(t, params.budget, up=True)  # rank < t * budget
+    n_rank = ((j[None, :] + past < below[:, None]) & in_cap).sum(1)
     if single_token_segments:  # the ledger clip of a one-token segment: min(n, limit)
         charged = torch.minimum(n_rank, allowed - used)
     else:
@@ -163,8 +181,12 @@ POOL = Param("pool", str, "bounded", "pool summary", choices=POOLS, per_request=
              help="Causal pool summary: bounded (default) or exact (reference, unbounded memory)")
 
 
-@register_policy("seqtopk", order=1, params=(RULE, POOL), needs=("history",), rules=(("budget", "cap"),),
-                 budget_required=True, triton="seqtopk", native=True)
+# SeqTopK's compute dial is any real budget > 0 (1.5: three experts per two tokens on average)
+BUDGET_REAL = BUDGET.narrowed(type=REAL, lo=0, lo_open=True, must="a positive number")
+
+
+@register_policy("seqtopk", order=1, params=(BUDGET_REAL, RULE, POOL), needs=("history",),
+                 rules=(("budget", "cap"),), budget_required=True, triton="seqtopk", native=True)
 def seqtopk(
     cand: Candidates,
     layout: BatchLayout,

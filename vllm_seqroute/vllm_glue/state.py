@@ -245,6 +245,10 @@ class RoutingState:
 
     # --- stats --------------------------------------------------------------------------
     def stats(self, reset: bool = False) -> dict[str, Any]:
+        requests = {**self.finished, **{r: self._slot_record(s) for r, s in self.slot_of_req.items()}}
+        budgets: dict[str, set[int | float]] = {p: set() for p in POLICIES}
+        for rec in requests.values():
+            budgets[rec["policy"]].add(rec["budget"])
         out = {
             "empty_slot_modes": self.empty_slot_modes,
             # CPU: (token, expert) pairs the expert kernels really computed, and their token rows
@@ -259,10 +263,12 @@ class RoutingState:
             "tokens_by_policy": self.tokens_by_policy.tolist(),
             "pairs_by_policy": self.pairs_by_policy.tolist(),
             "granted_by_policy": self.granted_by_policy.tolist(),
+            # the budgets the recorded requests (the last 4096 and the running ones) routed with,
+            # per policy (the dashboard shows them; seqtopk's may be fractional)
+            "budgets_by_policy": [sorted(budgets[p]) for p in POLICIES],
             "expert_load": [t.tolist() for t in self.expert_load],
             "experts_per_token": [t.tolist() for t in self.experts_per_token],
-            "requests": {**self.finished,
-                         **{r: self._slot_record(s) for r, s in self.slot_of_req.items()}},
+            "requests": requests,
         }
         if reset:
             self.finished.clear()

@@ -7,14 +7,18 @@ one at a time (``budget_compute.Server``), driven by vLLM's own benchmark client
   carry their routing records, ``docs/prefix_cache.md``);
 - ``seqtopk nocache``: ``--routing seqtopk --no-enable-prefix-caching``.
 
-Workloads (each starts on a cache cold for its prompts; the warm-up sends unrelated random prompts):
+Workloads (each starts on a cache cold for its prompts, the warm-up sends unrelated random prompts;
+``--prime-shared`` caches the shared prefix first: a system prompt already cached). KV block size 32
+on the CPU, 16 on a GPU (``--block-size``):
 
 - ``shared``: vLLM's ``prefix_repetition`` dataset, one shared system prompt (1,024 tokens) and a
   unique suffix (64 tokens) per request, 64 requests sent at once, 32 tokens out;
 - ``multiturn``: conversations that re-send their whole history each turn (a ``custom`` JSONL
   dataset per turn, built here: a 256-token context, then per turn a 64-token user message, the
-  earlier turns' answers stood in by fixed 32-token texts); turn t of every conversation is one
-  client run, after turn t-1 finished, so turn t hits the blocks turn t-1 left. 16 x 4 turns.
+  earlier turns' answers stood in by fixed 32-token texts; decoded random token ids, which come
+  out longer re-encoded: the table gives the real input tokens per request); turn t of every
+  conversation is one client run, after turn t-1 finished, so turn t hits the blocks turn t-1
+  left. 16 x 4 turns.
 
 Reports mean/median TTFT, output and total tok/s (with ratios to ``vanilla+cache``), the
 prefix-cache hit rate (``vllm:prefix_cache_hits`` / ``vllm:prefix_cache_queries`` from the
@@ -25,6 +29,7 @@ per round (servers restarted) and reports medians. Writes ``results.md``, ``resu
 ``prefix_cache.png`` to ``--out`` (default ``bench/results/prefix_cache``).
 
     .venv/bin/python bench/prefix_cache.py [--rounds 3] [--workloads shared multiturn] [--quick]
+                                           [--prime-shared] [--block-size 32]
     .venv/bin/python bench/prefix_cache.py --from-json bench/results/prefix_cache/results.json
 """
 
@@ -155,8 +160,10 @@ def client(model: Path, port: int, out_dir: Path, name: str, dataset: list[str])
     return json.loads(result.read_text())
 
 
-def shared_dataset(sizes: Sizes) -> list[str]:
-    return ["--dataset-name", "prefix_repetition", "--num-prompts", str(sizes.shared_prompts),
+def shared_dataset(sizes: Sizes, prompts: int | None = None) -> list[str]:
+    """vLLM's prefix_repetition dataset; with the same seed, ``prompts=1`` sends the same shared
+    prefix (the first draw) with the first suffix."""
+    return ["--dataset-name", "prefix_repetition", "--num-prompts", str(prompts or sizes.shared_prompts),
             "--prefix-repetition-prefix-len", str(sizes.prefix_len),
             "--prefix-repetition-suffix-len", str(sizes.suffix_len),
             "--prefix-repetition-num-prefixes", "1",
@@ -199,7 +206,9 @@ def plugin_stats(url: str, reset: bool = False) -> dict[str, Any] | None:
 
 
 def measure(server: Server, model: Path, port: int, work: Path, tag: str, workload: str,
-            sizes: Sizes, turn_files: list[Path]) -> dict[str, Any]:
+            sizes: Sizes, turn_files: list[Path], prime: bool = False) -> dict[str, Any]:
+    if workload == "shared" and prime:  # the shared prefix cached before the measured run
+        client(model, port, work, f"{tag}-prime", shared_dataset(sizes, prompts=1))
     s0 = plugin_stats(server.url, reset=True)  # the prefix counters are cumulative: differences
     hits0, queries0 = prefix_counters(server.url)
     if workload == "shared":
@@ -216,7 +225,7 @@ def measure(server: Server, model: Path, port: int, work: Path, tag: str, worklo
     res["hit_rate"] = res["cache_hit_tokens"] / queried if queried else 0.0
     s = plugin_stats(server.url)
     for k in ("prefix_restored", "prefix_unrestored"):
-        res[k] = s[k] - s0[k] if s and s0 else None
+        res[k] = s[k] - s0[k] if s and s0 and k in s and k in s0 else None  # vanilla: no counters
     res["prefix_state"] = s.get("prefix_state") if s else None
     return res
 
@@ -224,7 +233,7 @@ def measure(server: Server, model: Path, port: int, work: Path, tag: str, worklo
 # ---- the rounds -----------------------------------------------------------------------------
 
 def run_all(model: Path, sizes: Sizes, workloads: list[str], rounds: int, work: Path, out: Path,
-            port: int, block_size: int) -> dict[str, Any]:
+            port: int, block_size: int, prime: bool = False) -> dict[str, Any]:
     block_flags = ["--block-size", str(block_size)] if block_size else []
     turn_files = multiturn_files(model, sizes, work / "multiturn") if "multiturn" in workloads else []
     runs: list[dict[str, Any]] = []
@@ -237,20 +246,20 @@ def run_all(model: Path, sizes: Sizes, workloads: list[str], rounds: int, work: 
             try:
                 run_client(model, port, 8, work, "warmup")  # compile / caches (random prompts)
                 for w in workloads:
-                    res = measure(server, model, port, work, f"{slug}-{r}", w, sizes, turn_files)
+                    res = measure(server, model, port, work, f"{slug}-{r}", w, sizes, turn_files, prime)
                     runs.append({"config": name, "round": r, "workload": w, **res})
                     print(f"  {w}: mean TTFT {res['mean_ttft_ms']:.0f} ms, {res['total_tok_s']:.0f} tok/s, "
                           f"hit rate {res['hit_rate']:.3f}, restored {res['prefix_restored']}", flush=True)
             finally:
                 server.stop()
-            write(report(model, sizes, workloads, rounds, runs, block_size), out)  # partial results survive
-    return report(model, sizes, workloads, rounds, runs, block_size)
+            write(report(model, sizes, workloads, rounds, runs, block_size, prime), out)  # partial results
+    return report(model, sizes, workloads, rounds, runs, block_size, prime)
 
 
 def report(model: Path, sizes: Sizes, workloads: list[str], rounds: int, runs: list[dict[str, Any]],
-           block_size: int = 0) -> dict[str, Any]:
+           block_size: int = 0, prime: bool = False) -> dict[str, Any]:
     return {"model": str(model), "sizes": asdict(sizes), "workloads": workloads, "rounds": rounds,
-            "block_size": block_size or "vLLM's default",
+            "block_size": block_size or "vLLM's default", "prime_shared": prime,
             "configs": [n for n, _ in CONFIGS], "flags": {n: f for n, f in CONFIGS},
             "cpu_count": os.cpu_count(), "runs": runs}
 
@@ -295,7 +304,9 @@ def table(data: dict[str, Any]) -> str:
         f"Model `{data['model']}`, {data['rounds']} round(s) (medians), {data['cpu_count']} CPU cores, "
         f"KV block size {data.get('block_size', '?')}.",
         f"- shared: {s['shared_prompts']} requests, {s['prefix_len']}-token shared prefix + "
-        f"{s['suffix_len']} unique tokens, {s['shared_out']} out, sent at once",
+        f"{s['suffix_len']} unique tokens, {s['shared_out']} out, sent at once"
+        + (" (the prefix cached before: one request first)" if data.get("prime_shared") else
+           " on a cold cache"),
         f"- multiturn: {s['conversations']} conversations x {s['turns']} turns (context {s['context_len']}, "
         f"user {s['user_len']}, earlier answers {s['answer_len']} tokens), {s['turn_out']} out",
         "",
@@ -367,6 +378,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--block-size", type=int, default=None,
                     help="KV block size: the hit granularity (default 32 on the CPU, where vLLM's own "
                          "default is 128; 16 on a GPU; 0: vLLM's default)")
+    ap.add_argument("--prime-shared", action="store_true",
+                    help="shared workload: send one request with the shared prefix before the measured "
+                         "run (a system prompt already cached); default: a cold cache")
     ap.add_argument("--port", type=int, default=8392)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "prefix_cache"))
     ap.add_argument("--work", default=None, help="folder for logs, datasets and raw results")
@@ -397,7 +411,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"work folder: {work}", flush=True)
     model = Path(args.model) if args.model else default_model(work)
     sizes = QUICK if args.quick else Sizes()
-    data = run_all(model, sizes, args.workloads, args.rounds, work, out, args.port, args.block_size)
+    data = run_all(model, sizes, args.workloads, args.rounds, work, out, args.port, args.block_size,
+                   args.prime_shared)
     write(data, out)
     print("\n" + table(data))
     print(f"written: {out / 'results.md'}, {out / 'results.json'}, {out / 'prefix_cache.png'}")

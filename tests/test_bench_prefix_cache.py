@@ -32,6 +32,7 @@ def test_arguments(pc: Any) -> None:
 
     assert pc.parse_args([]).block_size == (16 if torch.cuda.is_available() else 32)
     assert pc.parse_args(["--block-size", "0"]).block_size == 0  # vLLM's own default
+    assert not pc.parse_args([]).prime_shared and pc.parse_args(["--prime-shared"]).prime_shared
     with pytest.raises(SystemExit):
         pc.parse_args(["--rounds", "0"])
     with pytest.raises(SystemExit):

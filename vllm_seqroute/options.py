@@ -45,7 +45,9 @@ APPLIES_TO: dict[str, tuple[str, ...]] = {
 }
 SHOWN_CHARS = 40  # user input quoted in a message is cut to about this many characters
 
-_KEY_OF_FIELD = {field: key for key, (field, _) in FIELDS.items()}
+# server only: the policies per-request overrides may ask for (RoutingConfig.allowed)
+ALLOWED_KEY = "routing_allowed"
+_KEY_OF_FIELD = {field: key for key, (field, _) in FIELDS.items()} | {"allowed": ALLOWED_KEY}
 _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(RoutingConfig))
 
 
@@ -146,6 +148,7 @@ def config_from_options(options: dict[str, Any]) -> RoutingConfig:
     ``routing_pool``; the policy defaults to ``topk``). ``ValueError`` names the key."""
     opts = dict(options)
     pool = opts.pop("pool", opts.pop("routing_pool", "bounded"))
+    allowed = opts.pop(ALLOWED_KEY, None)
     unknown = sorted(k for k in opts if k not in FIELDS)
     if unknown:
         raise ValueError(f"{shown_key(unknown[0])}: unknown routing option; known: {', '.join(FIELDS)}")
@@ -154,7 +157,7 @@ def config_from_options(options: dict[str, Any]) -> RoutingConfig:
     try:
         _check_fields_alone(kw["policy"], kw)
         _check_pairs({**_fields(RoutingConfig(policy=kw["policy"])), **kw}, set(kw))
-        return RoutingConfig(pool=pool, **kw)
+        return RoutingConfig(pool=pool, allowed=allowed, **kw)
     except ValueError as e:
         raise ValueError(user_message(str(e))) from None
 
@@ -239,6 +242,9 @@ def request_config(base: RoutingConfig, extra_args: dict[str, Any] | None, *, nu
         if not ov:
             return _resolved(base, num_experts=num_experts, model_k=model_k, width=width)
         policy = ov.get("policy", base.policy)
+        if base.allowed is not None and policy not in base.allowed:
+            raise ValueError(f"routing: {shown(policy)} is not allowed on this server (it serves "
+                             f"{', '.join(base.allowed)}; the server's --routing-allowed sets which)")
         for key, policies in APPLIES_TO.items():
             if FIELDS[key][0] in ov and policy not in policies:
                 raise ValueError(f"{key}: applies to {', '.join(policies)} only, and this request routes "
@@ -248,6 +254,7 @@ def request_config(base: RoutingConfig, extra_args: dict[str, Any] | None, *, nu
                       "pool": base.pool}
         else:
             fields = _fields(base)
+        fields["allowed"] = None  # the server's list, not part of a request's routing
         sent = {k: v for k, v in ov.items() if k != "policy"}
         _check_fields_alone(policy, sent)
         fields.update(ov)

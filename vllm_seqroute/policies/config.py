@@ -42,11 +42,24 @@ class RoutingConfig:
     renormalize: bool = True
     pool: str = "bounded"
     tau: float = 0.1
+    # server only (not a routing choice): the policies per-request overrides may ask for, the
+    # server's own always included; None: every policy (see vllm_glue/config.py, --routing-allowed)
+    allowed: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.budget, float) and self.budget.is_integer():  # 2.0 routes as 2
             object.__setattr__(self, "budget", int(self.budget))
         self.validate()
+        if self.allowed is not None:  # "a,b" or a list (JSON) -> registry order, own policy included
+            names = self.allowed.split(",") if isinstance(self.allowed, str) else list(self.allowed)
+            names = [n.strip() for n in names if isinstance(n, str) and n.strip()] + [self.policy]
+            bad = [n for n in names if n not in POLICIES and n != "all"]
+            if bad or not isinstance(self.allowed, (str, list, tuple)):
+                shown = bad[0] if bad else self.allowed
+                raise ValueError(f"allowed: unknown routing policy {shown!r}; expected policy names "
+                                 f"from {POLICIES} (comma separated) or all")
+            keep = POLICIES if "all" in names else tuple(p for p in POLICIES if p in names)
+            object.__setattr__(self, "allowed", keep)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field."""

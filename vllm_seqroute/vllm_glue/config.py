@@ -7,13 +7,13 @@ import argparse
 import logging
 from typing import Any
 
-from vllm_seqroute.options import CHOICES, FIELDS
+from vllm_seqroute.options import ALLOWED_KEY, CHOICES, FIELDS
 from vllm_seqroute.options import config_from_options as options_config
 from vllm_seqroute.policies import registry
 from vllm_seqroute.policies.config import RoutingConfig
 
 # server-wide options a request cannot set (``routing_pool``): declared, not per request
-SERVER_KEYS = tuple(p.key for p in registry.options().values() if not p.per_request)
+SERVER_KEYS = (*(p.key for p in registry.options().values() if not p.per_request), ALLOWED_KEY)
 
 logger = logging.getLogger("vllm_seqroute")
 KEY = "seqroute"
@@ -22,6 +22,10 @@ KEY = "seqroute"
 _FLAG_HELP = {
     "routing": "MoE routing policy for every MoE layer (vllm-seqroute); per request: vllm_xargs.routing",
     **{p.key: p.help for p in registry.options().values()},
+    "routing_allowed": "Policies per-request overrides (vllm_xargs.routing) may ask for, comma "
+                       "separated, or all (default: all; the server's own policy is always allowed). "
+                       "On CUDA the routing op runs every allowed policy in every MoE layer (graphs "
+                       "replay without Python): list only those you serve",
     "routing_prefix_state_mib": "Prefix caching: memory for the routing state kept with cached KV "
                                 "blocks, in MiB (default: enough for every block; causal SeqTopK "
                                 "cache hits shorten to the blocks that have it)",
@@ -45,6 +49,8 @@ def add_routing_args(parser: Any) -> Any:
         if not p.per_request:
             group.add_argument(flag(p.key), dest=f"seqroute_{p.key}", default=None, choices=p.choices,
                                help=_FLAG_HELP[p.key])
+    group.add_argument(flag(ALLOWED_KEY), dest=f"seqroute_{ALLOWED_KEY}", default=None,
+                       help=_FLAG_HELP[ALLOWED_KEY])
     group.add_argument(flag(PREFIX_STATE_KEY), dest=f"seqroute_{PREFIX_STATE_KEY}", type=float,
                        default=None, help=_FLAG_HELP[PREFIX_STATE_KEY])
     return parser

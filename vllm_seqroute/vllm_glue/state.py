@@ -81,6 +81,11 @@ class RoutingState:
         self.experts_per_token: list[torch.Tensor] = []
         self.selected: list[torch.Tensor] = []  # per layer [slots+1]: pairs each request took
         self.finished: dict[str, dict[str, Any]] = {}  # last requests' final counters
+        if self.device.type == "cuda":
+            names = [POLICY_NAME[i] for i in sorted(self.graph_policies()) if i != SEQ_WINDOW]
+            logger.info("vllm_seqroute: on CUDA the routing op runs %s in every MoE layer (the policies "
+                        "requests may ask for%s)", ", ".join(names),
+                        "; --routing-allowed limits them" if self.base.allowed is None else "")
 
     # --- layers -------------------------------------------------------------------------
     def add_layer(self, num_experts: int, model_k: int, width: int) -> int:
@@ -194,8 +199,8 @@ class RoutingState:
         n = min(tok.shape[0], self.max_tokens)
         self.token_slot[:n].copy_(torch.from_numpy(tok[:n]), non_blocking=True)
         self.token_slot[n:].fill_(-1)
-        if self.device.type == "cuda":  # graphs replay without Python: every policy, always
-            self.step_policies = ALL_POLICY_IDS
+        if self.device.type == "cuda":  # graphs replay without Python: every policy it may be asked
+            self.step_policies = self.graph_policies()
             self.step_single_tokens = self.step_all_vanilla = False
             return
         self.step_single_tokens = bool((np.asarray(num_scheduled) == 1).all())
@@ -206,6 +211,16 @@ class RoutingState:
         self.step_native = self._native_serves(self.step_policies)
         if self.recorder is not None:
             self.recorder.on_step(req_ids, num_scheduled)
+
+    def graph_policies(self) -> frozenset[int]:
+        """Policy ids a step may hold when the host cannot say which (CUDA graphs): the server's
+        own and those per-request overrides may ask for (``base.allowed``; None: every policy);
+        seqtopk with either rule, as a request may override its rule."""
+        names = POLICIES if self.base.allowed is None else self.base.allowed
+        ids = {POLICY_ID[n] for n in names} | {self.slot_policy_host[self.max_slots]}
+        if POLICY_ID["seqtopk"] in ids:
+            ids.add(SEQ_WINDOW)
+        return frozenset(ids)
 
     def _native_serves(self, policies: set[int]) -> bool:
         """The native CPU body serves the policies it knows (``NATIVE_IDS``: not the window rule,
@@ -220,7 +235,7 @@ class RoutingState:
         self.token_slot.fill_(-1)
         self.step_cache.clear()
         cuda = self.device.type == "cuda"
-        self.step_policies = ALL_POLICY_IDS if cuda else {self.slot_policy_host[self.max_slots]}
+        self.step_policies = self.graph_policies() if cuda else {self.slot_policy_host[self.max_slots]}
         self.step_single_tokens = self.step_all_vanilla = False
         self.step_native = not cuda and self._native_serves(self.step_policies)
         if self.prefix is not None:

@@ -121,6 +121,31 @@ def test_chunked_prefill_preemption_and_abort(model_dir: Any, engine: Any, mode:
     assert s["prefix_restored"] > 0 and s["prefix_unrestored"] == 0
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_hits_on_blocks_of_the_same_step(model_dir: Any, engine: Any, mode: str) -> None:
+    """Requests arriving together: vLLM caches a block when the step that fills it is scheduled,
+    so a later request of that step could hit it before its routing records exist. Such hits
+    stop at those blocks; answers and per-request records equal a cache-less engine's."""
+    from vllm import SamplingParams
+
+    path = model_dir("qwen3_moe")
+    kw = dict(block_size=BLOCK, enforce_eager=eager_of(mode))
+    prompts = [PREFIX + " " + s for s in SUFFIXES[:4]]
+    extras = [None, None, {"routing": "topp", "routing_p": 0.5}, {"routing": "topp", "routing_p": 0.5}]
+    params = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, extra_args=e) for e in extras]
+
+    def run(llm: Any) -> tuple[list[list[int]], list[dict]]:
+        stats(llm, reset=True)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        recs = stats(llm)["requests"]
+        by_id = {external_id(k): r for k, r in recs.items()}
+        return [list(o.outputs[0].token_ids) for o in outs], [by_id[o.request_id] for o in outs]
+
+    got = run(engine(path, SERVER, enable_prefix_caching=True, **kw))
+    want = run(engine(path, SERVER, enable_prefix_caching=False, **kw))
+    assert got == want
+
+
 def test_prefix_state_cap_shortens_hits(model_dir: Any, engine: Any) -> None:
     """With no memory for records (cap 0), a causal SeqTopK request gets no hit (nothing is routed
     from a missing state) and answers as without the cache; TopK requests still hit."""
@@ -160,6 +185,7 @@ def test_salt_and_shortening_rules() -> None:
     assert pl.shortened_hit(10, 32, [3, 4, 5], 96) == 96
     assert pl.shortened_hit(5, 32, [3, 4, 5], 96) == 64  # block 5 has no records
     assert pl.shortened_hit(0, 32, [3], 32) == 0
+    assert pl.shortened_hit(None, 32, [3, 4, 5], 96, {4}) == 32  # block 4 computed this step
 
 
 def test_ledger_load_equals_committing_the_tokens() -> None:

@@ -11,7 +11,8 @@ Two rules keep every cache hit exact:
   the hit: the hit is shortened to the longest prefix of blocks that have routing records (the
   worker reports which, ``seqroute_prefix_state``); the window rule (non-causal: a request's
   segment competes as a whole) never reads cached blocks. Per-token policies (TopK, Top-p,
-  entropy) route a token from its own scores only, so their hits are never shortened.
+  entropy) route a token from its own scores only; their hits are shortened only at blocks the
+  step being scheduled computes (records not yet written: their counters would be wrong).
 """
 
 from __future__ import annotations
@@ -56,16 +57,46 @@ def effective_policy(base: RoutingConfig, extra_args: dict[str, Any] | None) -> 
     return ov.get("policy", base.policy), ov.get("rule", base.rule)
 
 
-def shortened_hit(blocks_with_state: int, block_size: int, block_ids: list[int], num_tokens: int) -> int:
-    """Tokens of a hit of ``num_tokens`` over ``block_ids`` whose blocks all have records."""
+def shortened_hit(blocks_with_state: int | None, block_size: int, block_ids: list[int], num_tokens: int,
+                  pending: set[int] | frozenset[int] = frozenset()) -> int:
+    """Tokens of a hit of ``num_tokens`` over ``block_ids`` up to the first block without records
+    (id >= ``blocks_with_state``; None: no such limit) or still being computed (``pending``)."""
     for i, b in enumerate(block_ids):
-        if b >= blocks_with_state:
+        if (blocks_with_state is not None and b >= blocks_with_state) or b in pending:
             return min(num_tokens, i * block_size)
     return num_tokens
 
 
-def _wrap_lookup(kv: Any, base: RoutingConfig, blocks_with_state: int, block_size: int) -> None:
+def _wrap_lookup(core: Any, kv: Any, base: RoutingConfig, blocks_with_state: int,
+                 block_size: int) -> None:
     orig = kv.get_computed_blocks
+    # Blocks cached by this scheduling pass are filled by the step being built: vLLM caches a
+    # block when it is allocated, so a later request of the same pass can hit it, but its routing
+    # records are written only when that step runs, after the hit's ledger is restored. Hits stop
+    # at such blocks (their tokens are recomputed; the next step hits them).
+    pending: set[int] = set()
+    alloc = kv.allocate_slots
+    alloc_sig = inspect.signature(alloc)
+    schedule = core.scheduler.schedule
+
+    @functools.wraps(schedule)
+    def schedule_step(*a: Any, **k: Any) -> Any:
+        pending.clear()
+        return schedule(*a, **k)
+
+    @functools.wraps(alloc)
+    def allocate_slots(*a: Any, **k: Any) -> Any:
+        out = alloc(*a, **k)
+        if out is not None:
+            b = alloc_sig.bind(*a, **k).arguments
+            request = b["request"]
+            done = (request.num_computed_tokens + b.get("num_new_computed_tokens", 0)
+                    + b.get("num_external_computed_tokens", 0))
+            end = min(done + b["num_new_tokens"], request.num_tokens)
+            ids = kv.get_block_ids(request.request_id)
+            if len(ids) == 1:
+                pending.update(ids[0][done // block_size:end // block_size])
+        return out
 
     @functools.wraps(orig)
     def get_computed_blocks(request: Any) -> tuple[Any, int, int]:
@@ -73,14 +104,14 @@ def _wrap_lookup(kv: Any, base: RoutingConfig, blocks_with_state: int, block_siz
         if n == 0 or request.sampling_params is None:
             return blocks, n, boundary
         policy, rule = effective_policy(base, request.sampling_params.extra_args)
-        if policy != "seqtopk":
-            return blocks, n, boundary
-        if rule == "window":  # the whole segment competes: never from a cached part
+        if policy == "seqtopk" and rule == "window":  # the whole segment competes: never cached
             return kv.empty_kv_cache_blocks, 0, 0
         ids = blocks.get_block_ids()
         if len(ids) != 1:  # records are kept for one KV cache group only
-            return kv.empty_kv_cache_blocks, 0, 0
-        keep = shortened_hit(blocks_with_state, block_size, list(ids[0]), n)
+            return (kv.empty_kv_cache_blocks, 0, 0) if policy == "seqtopk" else (blocks, n, boundary)
+        # causal SeqTopK needs the records; per-token policies only for exact counters
+        limit = blocks_with_state if policy == "seqtopk" else None
+        keep = shortened_hit(limit, block_size, list(ids[0]), n, pending)
         if keep == n:
             return blocks, n, boundary
         if keep == 0:
@@ -88,6 +119,8 @@ def _wrap_lookup(kv: Any, base: RoutingConfig, blocks_with_state: int, block_siz
         return kv.truncate_computed_blocks(blocks, keep), keep, 0
 
     kv.get_computed_blocks = get_computed_blocks
+    kv.allocate_slots = allocate_slots
+    core.scheduler.schedule = schedule_step
 
 
 def on_engine_core(core: Any) -> None:
@@ -101,7 +134,7 @@ def on_engine_core(core: Any) -> None:
     info = core.model_executor.collective_rpc("seqroute_prefix_state")[0]
     if info is None:  # no MoE layer: nothing routes
         return
-    _wrap_lookup(kv, config_from_options(opts), int(info["blocks_with_state"]),
+    _wrap_lookup(core, kv, config_from_options(opts), int(info["blocks_with_state"]),
                  int(info.get("block_size", 1)))
 
 

@@ -213,3 +213,18 @@ def test_ledger_load_equals_committing_the_tokens() -> None:
     q = ordered_int(torch.rand(5, u, generator=g)).to(torch.int32)
     row = torch.ones(5, dtype=torch.int64)
     assert torch.equal(loaded.past_counts(row, q), stepped.past_counts(row, q))
+
+
+def test_both_model_runners_keep_records() -> None:
+    """V1 (the CPU runner, and CUDA without Triton) and V2 (the CUDA default) runners both
+    allocate records with the KV cache and map a step's tokens to their KV slots."""
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2Runner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner as V1Runner
+
+    from vllm_seqroute.vllm_glue import runner_hooks
+
+    runner_hooks.patch_v1()
+    runner_hooks.patch_v2()
+    for cls, step_hook in ((V1Runner, "_prepare_inputs"), (V2Runner, "prepare_attn")):
+        for name in ("initialize_kv_cache", step_hook):
+            assert getattr(cls.__dict__[name], "_seqroute", False), f"{cls.__module__}.{name}"

@@ -82,16 +82,9 @@ def patch_v1() -> None:
             return out
         return f
 
-    def initialize_kv_cache(orig: Callable) -> Callable:
-        def f(self: Any, kv_cache_config: Any, *a: Any, **k: Any) -> Any:
-            out = orig(self, kv_cache_config, *a, **k)
-            _init_prefix_records(self, kv_cache_config, k.get("is_profiling", a[0] if a else False))
-            return out
-        return f
-
     _wrap(GPUModelRunner, "_update_states", update_states)
     _wrap(GPUModelRunner, "_prepare_inputs", prepare_inputs)
-    _wrap(GPUModelRunner, "initialize_kv_cache", initialize_kv_cache)
+    _wrap(GPUModelRunner, "initialize_kv_cache", _init_kv_cache)
     _wrap(GPUModelRunner, "_dummy_run", _clear_before)
     _wrap(GPUModelRunner, "load_model", _log_after_load)
     try:
@@ -102,9 +95,17 @@ def patch_v1() -> None:
         _wrap(CPUModelRunner, "load_model", _log_after_load)
 
 
+def _init_kv_cache(orig: Callable) -> Callable:
+    def f(self: Any, kv_cache_config: Any, *a: Any, **k: Any) -> Any:
+        out = orig(self, kv_cache_config, *a, **k)
+        _init_prefix_records(self, kv_cache_config, k.get("is_profiling", a[0] if a else False))
+        return out
+    return f
+
+
 def _init_prefix_records(runner: Any, kv_cache_config: Any, is_profiling: bool) -> None:
-    """Routing records beside the KV cache (V1 runner, one KV cache group, bounded pool), only
-    when prefix caching is on; the memory cap is ``routing_prefix_state_mib``."""
+    """Routing records beside the KV cache (one KV cache group, bounded pool), only when prefix
+    caching is on; the memory cap is ``routing_prefix_state_mib``."""
     s = st.STATE
     if s is None or is_profiling or not s.layers:
         return
@@ -154,8 +155,19 @@ def patch_v2() -> None:
             return orig(self, *a, dummy_run=dummy_run, **k)
         return f
 
+    def prepare_attn(orig: Callable) -> Callable:
+        def f(self: Any, input_batch: Any, *a: Any, **k: Any) -> Any:
+            out = orig(self, input_batch, *a, **k)
+            if st.STATE is not None and st.STATE.prefix is not None:
+                # (block tables, slot mappings [groups, tokens]): group 0's KV slot per token
+                st.STATE.prefix.set_step(out[1][0], int(input_batch.num_tokens))
+            return out
+        return f
+
     _wrap(V2Runner, "finish_requests", finish_requests)
     _wrap(V2Runner, "prepare_inputs", prepare_inputs)
+    _wrap(V2Runner, "prepare_attn", prepare_attn)
+    _wrap(V2Runner, "initialize_kv_cache", _init_kv_cache)
     _wrap(V2Runner, "execute_model", execute_model)
     _wrap(V2Runner, "load_model", _log_after_load)
 

@@ -39,7 +39,9 @@ def test_register_is_idempotent() -> None:
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--routing", "seqtopk", "--routing-budget", "0"], "vllm-seqroute: --routing-budget: must be a positive integer, got 0"),
+    (["--routing", "seqtopk", "--routing-budget", "0"], "vllm-seqroute: --routing-budget: must be a positive number, got 0"),
+    (["--routing", "topk", "--routing-budget", "1.5"],
+     "vllm-seqroute: --routing-budget: topk takes a positive integer, got 1.5 (fractional: seqtopk)"),
     (["--routing", "topp", "--routing-p", "1.5"], "vllm-seqroute: --routing-p: must be in (0, 1], got 1.5"),
     (["--routing", "seqtopk", "--routing-cap", "1", "--routing-floor", "2"], "vllm-seqroute: --routing-cap: 1 is below routing_floor 2; seqtopk needs routing_floor <= routing_cap"),
     (["--routing", "nope"], "argument --routing: invalid choice: 'nope'"),
@@ -65,7 +67,7 @@ def test_help_lists_routing_flags() -> None:
 def test_llm_additional_config_validated(model_dir: Any) -> None:
     from vllm import LLM
 
-    with pytest.raises(ValueError, match="--routing-budget: must be a positive integer"):
+    with pytest.raises(ValueError, match="--routing-budget: must be a positive number"):
         LLM(model=str(model_dir("qwen3_moe")), enforce_eager=True,
             additional_config={"seqroute": {"routing": "seqtopk", "routing_budget": -1}})
 

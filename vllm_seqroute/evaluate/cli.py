@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_seqroute.evaluate.runner import Job, Spec, run_in_subprocess
+from vllm_seqroute.policies import registry
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,8 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--texts", required=True, nargs="+", help="held-out text: folders, globs or files")
     p.add_argument("--suffixes", default=".py,.txt,.md,.rst", help="suffixes taken from --texts folders")
     p.add_argument("--routing", nargs="+", default=["topk", "seqtopk"],
-                   help="policies: vanilla (vLLM without the plugin), topk[:B], seqtopk[:B], topp[:P], "
-                        "entropy[:B]; extra options after commas, e.g. seqtopk:2,cap=4,rule=window")
+                   help="policies: vanilla (vLLM without the plugin), "
+                        + ", ".join(f"{s.name}[:{'B' if s.dial == 'budget' else s.dial}]"
+                                    for s in registry.specs())
+                        + "; extra options after commas, e.g. seqtopk:1.5,cap=4,rule=window")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--window", type=int, default=512, help="tokens per held-out window")
     p.add_argument("--max-windows", type=int, default=32, help="windows, evenly spaced (0: all)")

@@ -84,9 +84,9 @@ class RoutingConfig:
                 raise ValueError(f"cap: must be >= floor ({self.floor}), got {self.cap}")
         if not isinstance(self.renormalize, bool):
             raise ValueError(f"renormalize: must be a bool, got {self.renormalize!r}")
-        if self.policy == "topk" and self.budget is not None and self.cap is not None:
-            if self.cap < self.budget:
-                raise ValueError(f"cap: topk needs cap >= budget ({self.budget}), got {self.cap}")
+        least = fields[spec.min_cap] if spec.min_cap else None  # topk's budget, entropy's k_max
+        if least is not None and self.cap is not None and self.cap < least:
+            raise ValueError(f"cap: {self.policy} needs cap >= {spec.min_cap} ({least}), got {self.cap}")
 
     def resolve(self, num_experts: int, default_budget: int | None = None) -> RoutingConfig:
         """Fill defaults for a router of ``num_experts`` experts (``default_budget``: the model's K).
@@ -99,8 +99,8 @@ class RoutingConfig:
         f["budget"] = self.budget if self.budget is not None else default_budget
         if spec.budget_required and f["budget"] is None:
             raise ValueError(f"budget: policy {self.policy!r} needs a budget")
-        if self.policy == "topk" and f["budget"] is not None and f["budget"] > E:
-            raise ValueError(f"budget: topk budget {f['budget']} exceeds the {E} experts")
+        if spec.min_cap == "budget" and f["budget"] is not None and f["budget"] > E:
+            raise ValueError(f"budget: {self.policy} budget {f['budget']} exceeds the {E} experts")
         for name, (derive, _) in spec.derived.items():
             if f[name] is None:
                 f[name] = derive(f, E)

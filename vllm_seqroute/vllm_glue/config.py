@@ -107,8 +107,9 @@ def apply_to_engine_args(engine_args: Any) -> None:
     if not isinstance(opts, dict):
         raise ValueError(f"--additional-config: {KEY} must be a JSON object, got {opts!r}")
     cfg = config_from_options(opts)
-    if getattr(engine_args, "speculative_config", None) and cfg.policy == "seqtopk":
-        raise ValueError("--routing: seqtopk does not support speculative decoding yet")
+    if getattr(engine_args, "speculative_config", None) and "history" in registry.spec(cfg.policy).needs:
+        # a causal ledger cannot take back the tokens a draft model proposed and vLLM rejected
+        raise ValueError(f"--routing: {cfg.policy} does not support speculative decoding yet")
     if getattr(engine_args, "enable_expert_parallel", False) or (engine_args.data_parallel_size or 1) > 1:
         raise ValueError("--routing: expert and data parallel are not supported yet (routing state "
                          "lives per rank and is untested there); use tensor parallel")

@@ -181,14 +181,15 @@ def register_policy(name: str, *, order: int, params: tuple[Param, ...] = (),
                     min_cap: str | None = None, dial: str = "budget", budget_required: bool = False,
                     triton: str | None = None, native: bool = False,
                     derived: Mapping[str, tuple[DefaultCap, tuple[str, ...]]] | None = None,
-                    ) -> Callable[[Callable[..., Selection]], Callable[..., Selection]]:
+                    ) -> Callable[[Callable[..., Selection]], RoutingPolicy]:
     """Declare a policy (see :class:`PolicySpec`); ``default_cap`` defaults to
-    ``min(E, 2*budget)`` (``E`` without a budget). Returns the function unchanged."""
+    ``min(E, 2*budget)`` (``E`` without a budget). Returns the function unchanged (typed as the
+    policy interface: a policy's own keywords, e.g. seqtopk's ``rule``, are its callers' concern)."""
     unknown = set(needs) - {"mass", "entropy", "history"}
     if unknown:
         raise ValueError(f"policy {name!r}: unknown needs {sorted(unknown)}")
 
-    def deco(fn: Callable[..., Selection]) -> Callable[..., Selection]:
+    def deco(fn: Callable[..., Selection]) -> RoutingPolicy:
         if name in REGISTRY or any(s.order == order for s in REGISTRY.values()):
             raise ValueError(f"policy {name!r}: name or order {order} already registered")
         REGISTRY[name] = PolicySpec(

@@ -72,7 +72,8 @@ def _readme_flag_rows() -> dict[str, str]:
 
 def test_readme_flag_table_lists_every_option_and_policy():
     rows = _readme_flag_rows()
-    want = {"--routing", glue_config.flag(options.ALLOWED_KEY)} | {
+    want = {"--routing", glue_config.flag(options.ALLOWED_KEY),
+            glue_config.flag(glue_config.PREFIX_STATE_KEY)} | {
         glue_config.flag(p.key) for p in registry.options().values()}
     assert set(rows) == want
     for name in POLICIES:

@@ -182,7 +182,10 @@ POOL = Param("pool", str, "bounded", "pool summary", choices=POOLS, per_request=
 
 
 # SeqTopK's compute dial is any real budget > 0 (1.5: three experts per two tokens on average)
-BUDGET_REAL = BUDGET.narrowed(type=REAL, lo=0, lo_open=True, must="a positive number")
+BUDGET_REAL = BUDGET.narrowed(type=REAL, lo=0, lo_open=True, must="a positive number",
+                              help="Experts per token: topk exactly (an integer), seqtopk on average over "
+                                   "a request (any real > 0, e.g. 1.5; default: the model's "
+                                   "num_experts_per_tok)")
 
 
 @register_policy("seqtopk", order=1, params=(BUDGET_REAL, RULE, POOL), needs=("history",),

@@ -182,6 +182,8 @@ def test_salt_and_shortening_rules() -> None:
     assert pl.effective_policy(base, {"routing": "topk"}) == ("topk", "causal")
     assert pl.effective_policy(base, {"routing_rule": "window"}) == ("seqtopk", "window")
     assert pl.effective_policy(base, {"routing_budget": "bad"}) == ("seqtopk", "causal")  # as served
+    assert pl.needs_history("seqtopk") and not pl.needs_history("topk")
+    assert not pl.needs_history("threshold")  # per-token policies route from their own scores
     assert pl.shortened_hit(10, 32, [3, 4, 5], 96) == 96
     assert pl.shortened_hit(5, 32, [3, 4, 5], 96) == 64  # block 5 has no records
     assert pl.shortened_hit(0, 32, [3], 32) == 0

@@ -24,6 +24,7 @@ import logging
 from typing import Any
 
 from vllm_seqroute.options import FIELDS, overrides_from
+from vllm_seqroute.policies import registry
 from vllm_seqroute.policies.config import RoutingConfig
 
 logger = logging.getLogger("vllm_seqroute")
@@ -55,6 +56,15 @@ def effective_policy(base: RoutingConfig, extra_args: dict[str, Any] | None) -> 
     except ValueError:
         ov = {}
     return ov.get("policy", base.policy), ov.get("rule", base.rule)
+
+
+def needs_history(policy: str) -> bool:
+    """Whether a policy routes a token from its request's earlier tokens (a ledger); unknown
+    names (bad options, served with the server's routing) count as needing it: never wrong."""
+    try:
+        return "history" in registry.spec(policy).needs
+    except (KeyError, ValueError):
+        return True
 
 
 def shortened_hit(blocks_with_state: int | None, block_size: int, block_ids: list[int], num_tokens: int,
@@ -104,13 +114,15 @@ def _wrap_lookup(core: Any, kv: Any, base: RoutingConfig, blocks_with_state: int
         if n == 0 or request.sampling_params is None:
             return blocks, n, boundary
         policy, rule = effective_policy(base, request.sampling_params.extra_args)
-        if policy == "seqtopk" and rule == "window":  # the whole segment competes: never cached
+        history = needs_history(policy)
+        if history and rule == "window":  # the whole segment competes: never from cached blocks
             return kv.empty_kv_cache_blocks, 0, 0
         ids = blocks.get_block_ids()
         if len(ids) != 1:  # records are kept for one KV cache group only
-            return (kv.empty_kv_cache_blocks, 0, 0) if policy == "seqtopk" else (blocks, n, boundary)
-        # causal SeqTopK needs the records; per-token policies only for exact counters
-        limit = blocks_with_state if policy == "seqtopk" else None
+            return (kv.empty_kv_cache_blocks, 0, 0) if history else (blocks, n, boundary)
+        # a policy reading the request's history needs the records; per-token ones only for
+        # exact counters
+        limit = blocks_with_state if history else None
         keep = shortened_hit(limit, block_size, list(ids[0]), n, pending)
         if keep == n:
             return blocks, n, boundary

@@ -7,8 +7,8 @@ What is timed is what serving runs in every MoE layer (``vllm_glue/router.py``):
 router (softmax or sigmoid + bias + group limit, ``torch.topk`` at K; for grouped routers also the
 group-limited top-width candidates) and then the routing op ``vllm_glue.select_op.select`` on a
 real ``RoutingState`` (candidates kernel, the kernels of every policy the step runs, ledger commit,
-assembly and counters in torch). Not ``kernels.select_assemble``: serving never takes that fused
-path (tests and the kernels' own checks use it).
+assembly and counters in torch); its selection is ``kernels.select``, the core ``policies.route``
+runs too.
 
 For each model shape (Qwen3-30B-A3B, OLMoE, DeepSeek-V3 grouped + bias, Mixtral) and batch
 (prefill 8x2048 and 64x256 tokens, decode 256x1 after 512 tokens of history per request, routed by

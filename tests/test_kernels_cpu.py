@@ -17,7 +17,7 @@ from tests.reference import RefLedger, ref_route
 from tests.reference import outputs as ref_outputs
 from vllm_seqroute import kernels
 from vllm_seqroute.kernels import checks as ch
-from vllm_seqroute.policies import BatchLayout, CausalLedger
+from vllm_seqroute.policies import BatchLayout, CausalLedger, assemble
 from vllm_seqroute.policies.base import TokenParams
 
 
@@ -87,15 +87,14 @@ def test_cpu_path_matches_the_reference(seed: int) -> None:
         cu = [0, *torch.tensor(lens).cumsum(0).tolist()]
         for pol in ("topk", "topp", "entropy", "causal", "window"):
             ledger, ref_ledger = ledgers.get(pol, (None, None))
-            if ledger is None:
-                sel = kernels.token_select(pol, cand, layout, params)
-                sel2, ids, w = kernels.select_assemble(pol, cand, layout, params, renormalize=True)
-            else:  # the ledger is committed once, by select_assemble; seqtopk_select reads it first
-                row = ledger.rows(layout.token_slot)
-                sel = kernels.seqtopk_select(cand, layout, params, ledger, row, rule=pol)
-                sel2, ids, w = kernels.select_assemble("seqtopk", cand, layout, params, ledger, row,
-                                                       rule=pol, commit=True, renormalize=True)
-            assert torch.equal(sel.count, sel2.count) and torch.equal(sel.charged, sel2.charged)
+            # the selection core as serving and route() run it; the caller commits and assembles
+            routes = {0: ("seqtopk", pol) if ledger is not None else (pol, "causal")}
+            row = None if ledger is None else ledger.rows(layout.token_slot)
+            sel = kernels.select(cand, layout, params, routes, None, ledger, row)
+            if ledger is not None and row is not None:
+                j = torch.arange(width)
+                ledger.commit(row, cand.keys, j[None, :] < params.cap[:, None], sel.charged)
+            ids, w = assemble(cand, sel, renormalize=True)
             for r, a, b in zip(reqs, cu[:-1], cu[1:], strict=True):
                 toks = ref_route(scores[a:b], [0, b - a], policy="seqtopk" if ledger is not None else pol,
                                  rule=pol, cap=r.cap, budget=r.budget, floor=r.floor, pool="bounded", p=r.p,

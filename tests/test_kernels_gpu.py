@@ -62,7 +62,7 @@ def _layout_into(dst: BatchLayout, src: BatchLayout) -> None:
 @pytest.mark.parametrize("rule", ["causal", "window"])
 @pytest.mark.parametrize("n", [256, 4096])
 def test_cuda_graph_capture_and_replay(rule: str, n: int) -> None:
-    """Candidates + selection + output (+ ledger commit) captured once, replayed on new scores
+    """Candidates + selection core + ledger commit + output captured once, replayed on new scores
     and new batch layouts: each replay equals the twin, the ledger included."""
     e, budget = 128, 8
     case = ch.random_case(n, e, budget, seed=SEED, mixed_params=False, device=DEV)
@@ -74,7 +74,11 @@ def test_cuda_graph_capture_and_replay(rule: str, n: int) -> None:
 
     def step() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cand = kernels.candidates(scores, case.width, with_mass=False, with_entropy=False)
-        sel, ids, w = kernels.select_assemble("seqtopk", cand, lay, params, ledger, row, rule=rule, commit=True)
+        # the selection core, then the commit and the output contract in torch, as serving runs them
+        sel = kernels.select(cand, lay, params, {0: ("seqtopk", rule)}, None, ledger, row)
+        j = torch.arange(case.width, device=DEV)
+        ledger.commit(row, cand.keys, j[None, :] < params.cap[:, None], sel.charged)
+        ids, w = assemble(cand, sel, renormalize=True)
         return sel.count, ids, w
 
     s = torch.cuda.Stream()
@@ -118,8 +122,8 @@ def test_token_policies_in_a_graph() -> None:
 
         def step(pol: str = pol) -> tuple[torch.Tensor, torch.Tensor]:
             cand = kernels.candidates(scores, case.width, with_mass=True, with_entropy=True)
-            _, ids, w = kernels.select_assemble(pol, cand, case.layout, case.params, renormalize=False)
-            return ids, w
+            sel = kernels.select(cand, case.layout, case.params, {0: (pol, "causal")}, None, None, None)
+            return assemble(cand, sel, renormalize=False)
 
         step()
         torch.cuda.synchronize()

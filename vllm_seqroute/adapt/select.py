@@ -11,17 +11,8 @@ from __future__ import annotations
 import torch
 
 from vllm_seqroute.adapt.segments import Segments
-from vllm_seqroute.policies import (
-    REGISTRY,
-    BatchLayout,
-    CausalLedger,
-    RoutingConfig,
-    assemble,
-    build_candidates,
-    route,
-)
+from vllm_seqroute.policies import RoutingConfig, route
 from vllm_seqroute.policies.ordering import top_candidates
-from vllm_seqroute.policies.route import history_of, token_params
 
 
 @torch.no_grad()
@@ -29,34 +20,27 @@ def select(scores: torch.Tensor, cu_seqlens: torch.Tensor, cfg: RoutingConfig,
            rank_offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert ids ``[N, cap]`` (int64, best first) and the taken-slot mask ``[N, cap]``.
 
-    ``scores``: the router's probabilities (softmax, or sigmoid); ``cfg`` resolved. Without
-    ``rank_offset`` this is :func:`vllm_seqroute.policies.route` itself. ``rank_offset [N, E]``
+    ``scores``: the router's probabilities (softmax, or sigmoid); ``cfg`` resolved. This is
+    :func:`vllm_seqroute.policies.route` itself (``rank_offset`` its per-token ``bias``).
+    ``rank_offset [N, E]``
     (score-correction bias plus ``-inf`` outside a token's allowed groups) ranks only, as the
     plugin's grouped router does: candidates are each token's best ``cap`` by ``scores +
     rank_offset``; candidates ranked ``-inf`` are never taken.
     """
     s = scores.detach().to(torch.float32)
-    if rank_offset is None:
-        ids, _ = route(s, cu_seqlens, cfg)
-        # route marks empty slots -1; its taken slots are a prefix of the same candidate list,
-        # so the full list gives a valid id everywhere (the caller chooses the empty marker)
-        return top_candidates(s, cfg.cap), ids >= 0
-    n = s.shape[0]
-    spec = REGISTRY[cfg.policy]
-    cand = build_candidates(s, cfg.cap, rank_offset.to(torch.float32),
-                            with_mass="mass" in spec.needs, with_entropy="entropy" in spec.needs)
-    layout = BatchLayout.from_cu_seqlens(cu_seqlens.to(s.device), n)
-    params = token_params(cfg, n, s.device)
-    if "history" not in spec.needs:
-        sel = spec(cand, layout, params, None)
-    else:
-        ledger = CausalLedger(cu_seqlens.numel() - 1, pool=cfg.pool, device=s.device)
-        row = ledger.rows(layout.token_slot)
-        sel = spec(cand, layout, params, history_of(ledger, row), rule=cfg.rule,
-                   exact=cfg.pool == "exact")
-    ids, _ = assemble(cand, sel, renormalize=False, empty_id=-1)
-    finite = torch.isfinite(torch.gather(s + rank_offset.to(torch.float32), 1, cand.ids))
-    return cand.ids, (ids >= 0) & finite
+    ro = None if rank_offset is None else rank_offset.to(torch.float32)
+    ids, _ = route(s, cu_seqlens, cfg, bias=ro)
+    # route marks empty slots -1; its taken slots are a prefix of the same candidate list
+    # (best ``cap`` by ``s + ro``), so the full list gives a valid id everywhere (the caller
+    # chooses the empty marker)
+    rank = s if ro is None else s + ro
+    cand_ids = top_candidates(rank, cfg.cap)
+    if ro is None:
+        return cand_ids, ids >= 0
+    # route ranks a -inf candidate last but a policy may still take it (a floor, a budget above
+    # the finite ones): outside the token's allowed groups, so never taken here
+    finite = torch.isfinite(torch.gather(rank, 1, cand_ids))
+    return cand_ids, (ids >= 0) & finite
 
 
 @torch.no_grad()

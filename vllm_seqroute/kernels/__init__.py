@@ -17,14 +17,14 @@ import functools
 import importlib
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
 
 import torch
 
 from vllm_seqroute.kernels import cpu_native
-from vllm_seqroute.policies import CausalLedger
+from vllm_seqroute.policies import CausalLedger, registry
 from vllm_seqroute.policies import seqtopk as _seq
 from vllm_seqroute.policies.base import REGISTRY, Candidates, Selection, TokenParams
 from vllm_seqroute.policies.config import RULES
@@ -38,7 +38,7 @@ __all__ = [
     "NativeStepInputs",
     "native_available",
     "native_select",
-    "select_assemble",
+    "select",
     "seqtopk_select",
     "token_select",
     "triton_available",
@@ -122,8 +122,9 @@ def candidates(
     with_entropy: bool = True,
 ) -> Candidates:
     """``policies.route.build_candidates``: each token's best ``width`` experts by
-    ``scores + bias`` (ties: lower id), weights from ``scores``; one launch on CUDA."""
-    if not triton_available(scores.device):
+    ``scores + bias`` (ties: lower id), weights from ``scores``; one launch on CUDA. ``bias``
+    is ``[E]`` or per token ``[N, E]`` (the latter by the twin: the kernel reads one row)."""
+    if not triton_available(scores.device) or (bias is not None and bias.dim() != 1):
         return build_candidates(scores, width, bias, with_mass=with_mass, with_entropy=with_entropy)
     return _tri().candidates.candidates(scores, width, bias, with_mass, with_entropy)
 
@@ -175,9 +176,8 @@ def seqtopk_select(
 
 
 def _causal_kernel(tri: TritonKernels, cand: Candidates, layout: BatchLayout, params: TokenParams,
-                   ledger: CausalLedger | None, row: torch.Tensor | None, commit: bool,
-                   asm: Any = None) -> Selection:
-    sel = tri.causal.causal(cand, layout, params, ledger, row, commit=commit, asm=asm)
+                   ledger: CausalLedger | None, row: torch.Tensor | None, commit: bool) -> Selection:
+    sel = tri.causal.causal(cand, layout, params, ledger, row, commit=commit)
     if commit and ledger is not None:
         ledger.refresh_blocks()  # the kernels add to the bins only; the twin reads block totals
     return sel
@@ -202,41 +202,60 @@ def assemble(
     return _tri().assemble.assemble(cand, sel, renormalize, empty_id)
 
 
-def select_assemble(
-    policy: str,
+def select(
     cand: Candidates,
     layout: BatchLayout,
     params: TokenParams,
-    ledger: CausalLedger | None = None,
-    row: torch.Tensor | None = None,
+    policies: Mapping[int, tuple[str, str]],
+    policy: torch.Tensor | None,
+    ledger: CausalLedger | None,
+    row: torch.Tensor | None,
     *,
-    rule: str = "causal",
-    commit: bool = False,
-    renormalize: bool = True,
-    empty_id: int | None = -1,
-) -> tuple[Selection, torch.Tensor, torch.Tensor]:
-    """Selection and the output contract in one go: ``token_select`` / ``seqtopk_select`` then
-    ``assemble``, with the assembly fused into the selection's last kernel on CUDA (one launch
-    fewer: it matters at decode sizes)."""
-    tri = _triton_module() if triton_available(cand.ids.device) else None
+    single_token_segments: bool = False,
+) -> Selection:
+    """The selection core that serving (``vllm_glue.select_op``) and ``policies.route`` share:
+    each present policy through the dispatchers above (Triton on CUDA, the torch twins
+    elsewhere), merged per token. The ledger is read, never committed: the caller commits.
+
+    Args:
+        cand: the step's candidates (``candidates`` or ``policies.route.candidates_at``).
+        layout: the tokens' segments.
+        params: per-token parameters (``policies.route.token_params`` or the op's slot rows).
+        policies: each policy id present in the step -> ``(policy name, seqtopk rule)``; the
+            rule is read by policies with the ``seqtopk`` kernel only (serving gives SeqTopK's
+            window rule an id of its own).
+        policy: ``[N]`` each token's id in ``policies``; may be ``None`` when there is one.
+        ledger: the causal state history policies read (``None``: no history).
+        row: ``[N]`` each token's ledger row (``ledger.rows(slot)``), with ``ledger``.
+        single_token_segments: the host knows every segment has one token (a decode-only step):
+            the CPU causal twin then takes its shortcut.
+
+    Returns:
+        The :class:`Selection`: ``count [N]`` (taken candidates, a prefix of ``cand``) and
+        ``charged [N]`` (what the ledger should charge), each token's from its own policy.
+    """
+    n = cand.ids.shape[0]
+    if len(policies) != 1 and policy is None:
+        raise ValueError("policy: per-token policy ids are needed when more than one policy runs")
+    triton = triton_available(cand.ids.device)
     exact = ledger is not None and ledger.pool == "exact"
-    if tri is None or (policy == "seqtopk" and exact):
-        if policy == "seqtopk":
-            sel = seqtopk_select(cand, layout, params, ledger, row, rule=rule, commit=commit)
+    history = history_of(ledger, row) if ledger is not None and row is not None else None
+    count = charged = torch.zeros(n, dtype=torch.int64, device=cand.ids.device)
+    for pid in sorted(policies):  # the step's policies, each vectorised over the batch
+        name, rule = policies[pid]
+        spec = registry.spec(name)
+        if spec.triton == "seqtopk" and (rule == "window" or triton or exact):
+            sel = seqtopk_select(cand, layout, params, ledger, row, rule=rule)
+        elif spec.triton == "seqtopk":  # causal off CUDA: the host knows decode-only steps
+            sel = _seq.causal(cand, layout, params, history, single_token_segments=single_token_segments)
+        elif spec.triton == "token":
+            sel = token_select(spec.name, cand, layout, params)
+        else:  # declared without a kernel: its torch twin, on CUDA too
+            sel = spec(cand, layout, params, history if "history" in spec.needs else None)
+        if policy is None or len(policies) == 1:  # one policy (checked above)
+            count, charged = sel.count, sel.charged
         else:
-            sel = token_select(policy, cand, layout, params)
-        return (sel, *assemble(cand, sel, renormalize=renormalize, empty_id=empty_id))
-    asm = tri.assemble.Assembled(*tri.assemble.assemble_buffers(cand), renormalize, empty_id)
-    if policy in TOKEN_POLICIES:
-        sel = tri.token.token_select(policy, cand, params, asm)
-    elif policy != "seqtopk":
-        raise ValueError(f"policy: unknown routing policy {policy!r}")
-    elif rule == "window":
-        sel = tri.window.window(cand, layout, params, ledger, row, asm)
-        if commit and ledger is not None:
-            _commit(ledger, row, cand, params, sel)
-    elif rule == "causal":
-        sel = _causal_kernel(tri, cand, layout, params, ledger, row, commit, asm)
-    else:
-        raise ValueError(f"rule: expected one of {RULES}, got {rule!r}")
-    return sel, asm.ids, asm.weights
+            mine = policy == pid
+            count = torch.where(mine, sel.count, count)
+            charged = torch.where(mine, sel.charged, charged)
+    return Selection(count, charged)

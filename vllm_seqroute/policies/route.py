@@ -102,8 +102,10 @@ def _check_inputs(scores: torch.Tensor, cu_seqlens: torch.Tensor, bias: torch.Te
     cu = cu_seqlens.tolist()
     if cu[0] != 0 or cu[-1] != scores.shape[0] or any(b < a for a, b in zip(cu, cu[1:], strict=False)):
         raise ValueError(f"cu_seqlens: must rise from 0 to N={scores.shape[0]}, got {cu[:8]}...")
-    if bias is not None and tuple(bias.shape) != (scores.shape[1],):
-        raise ValueError(f"bias: expected shape ({scores.shape[1]},), got {tuple(bias.shape)}")
+    if bias is not None and tuple(bias.shape) not in ((scores.shape[1],), tuple(scores.shape)):
+        raise ValueError(
+            f"bias: expected shape ({scores.shape[1]},) or {tuple(scores.shape)}, got {tuple(bias.shape)}"
+        )
 
 
 def route(
@@ -117,16 +119,35 @@ def route(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Route ``scores [N, E]`` (router probabilities) of ``S`` segments (``cu_seqlens [S+1]``).
 
-    Returns ``ids [N, cap] int32`` (``-1`` empty, best first) and ``weights [N, cap] float32``.
-    ``ledger`` carries the causal state across calls (segment ``i`` uses ``slots[i]``, default
-    ``i``); without one each segment starts with no history. ``bias`` ranks only.
+    The selection runs through :func:`vllm_seqroute.kernels.select`, the core the serving op
+    runs: Triton kernels on CUDA (where they load), their torch twins elsewhere.
+
+    Args:
+        scores: ``[N, E]`` router probabilities (softmax or sigmoid), any float dtype.
+        cu_seqlens: ``[S+1]`` integer segment offsets, rising from 0 to ``N``.
+        cfg: the routing config; resolved here against ``E``.
+        ledger: the causal state carried across calls (history policies only); ``None``: each
+            segment starts with no history. Its pool must be ``cfg.pool``.
+        slots: ``[S]`` the ledger slot of each segment (default ``i``; ``-1``: no history, not
+            kept); ignored without a ledger.
+        bias: ``[E]``, or per token ``[N, E]``, added to ``scores`` to rank candidates only (the
+            weights stay ``scores``). ``-inf`` ranks a candidate last but does not by itself
+            keep a policy from taking it (``adapt.select.select`` masks those).
+
+    Returns:
+        ``ids [N, cap] int32`` (taken experts best first, ``-1`` in empty slots) and
+        ``weights [N, cap] float32`` (``scores`` at the taken experts, ``0`` in empty slots,
+        renormalised over the taken ones when ``cfg.renormalize``).
     """
+    from vllm_seqroute import kernels  # kernels import this module: bind at call time
+
     _check_inputs(scores, cu_seqlens, bias)
     n, e = scores.shape
     cfg = cfg.resolve(e)
     spec = registry.spec(cfg.policy)
-    cand = build_candidates(
-        scores, cfg.cap, bias, with_mass="mass" in spec.needs, with_entropy="entropy" in spec.needs
+    cand = kernels.candidates(
+        scores.to(torch.float32), cfg.cap, None if bias is None else bias.to(torch.float32),
+        with_mass="mass" in spec.needs, with_entropy="entropy" in spec.needs,
     )
     if n == 0:
         return assemble(
@@ -141,15 +162,16 @@ def route(
         raise ValueError(f"slots: ids must be in [-1, {ledger.num_slots}), got {slots.tolist()[:8]}")
     layout = BatchLayout.from_cu_seqlens(cu_seqlens.to(scores.device), n, slots)
     params = token_params(cfg, n, scores.device)
+    one = {0: (cfg.policy, cfg.rule)}
     if "history" not in spec.needs:
-        sel = spec(cand, layout, params, None)
+        sel = kernels.select(cand, layout, params, one, None, None, None)
         return assemble(cand, sel, renormalize=cfg.renormalize)
     if ledger is None:
         ledger = CausalLedger(num_seg, pool=cfg.pool, device=scores.device)
     elif ledger.pool != cfg.pool:
         raise ValueError(f"pool: config asks for {cfg.pool!r} but the ledger keeps {ledger.pool!r}")
     row = ledger.rows(layout.token_slot)
-    sel = spec(cand, layout, params, history_of(ledger, row), rule=cfg.rule, exact=cfg.pool == "exact")
+    sel = kernels.select(cand, layout, params, one, None, ledger, row)
     j = torch.arange(cfg.cap, device=scores.device)
     ledger.commit(row, cand.keys, j[None, :] < params.cap[:, None], sel.charged)
     return assemble(cand, sel, renormalize=cfg.renormalize)

@@ -11,8 +11,7 @@ import torch
 
 from vllm_seqroute import kernels
 from vllm_seqroute.policies import registry
-from vllm_seqroute.policies import seqtopk as seq
-from vllm_seqroute.policies.base import History, TokenParams
+from vllm_seqroute.policies.base import TokenParams
 from vllm_seqroute.policies.layout import BatchLayout
 from vllm_seqroute.policies.ordering import ordered_int, pool_bin
 from vllm_seqroute.policies.route import candidates_at
@@ -73,28 +72,11 @@ def _select(router_logits: torch.Tensor, group_ids: torch.Tensor, van_w: torch.T
     ctx = _step_context(state, n)
     ledger = info.ledger
     row, params, policy, layout = ctx.row, ctx.params, ctx.policy, ctx.layout
-    history = History(seen=ledger.seen[row], used=ledger.used[row],
-                      past_counts=lambda keys: ledger.past_counts(row, keys))
-    count = charged = torch.zeros(n, dtype=torch.int64, device=ids.device)
-    triton = kernels.triton_available(ids.device)
-    for pid in sorted(active):  # the step's policies, each vectorised over the batch
-        spec = registry.spec(st.POLICY_NAME[pid])
-        if pid == st.SEQ_WINDOW:
-            sel = kernels.seqtopk_select(cand, layout, params, ledger, row, rule="window")
-        elif spec.triton == "seqtopk" and (triton or ledger.pool == "exact"):
-            sel = kernels.seqtopk_select(cand, layout, params, ledger, row, rule="causal")
-        elif spec.triton == "seqtopk":  # CPU: the host knows decode-only steps
-            sel = seq.causal(cand, layout, params, history, single_token_segments=state.step_single_tokens)
-        elif spec.triton == "token":
-            sel = kernels.token_select(spec.name, cand, layout, params)
-        else:  # declared without a kernel: its torch twin, on CUDA too
-            sel = spec(cand, layout, params, None)
-        if len(active) == 1:
-            count, charged = sel.count, sel.charged
-        else:
-            mine = policy == pid
-            count = torch.where(mine, sel.count, count)
-            charged = torch.where(mine, sel.charged, charged)
+    # serving gives SeqTopK's window rule an id of its own; every other id is its policy
+    routes = {pid: (st.POLICY_NAME[pid], "window" if pid == st.SEQ_WINDOW else "causal") for pid in active}
+    sel = kernels.select(cand, layout, params, routes, policy, ledger, row,
+                         single_token_segments=state.step_single_tokens)
+    count, charged = sel.count, sel.charged
     j = torch.arange(u, device=ids.device)
     in_pool = (j[None, :] < params.cap[:, None]) & (ids >= 0)
     ledger.commit(row, cand.keys, in_pool, charged)

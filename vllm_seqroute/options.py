@@ -280,4 +280,6 @@ def user_message(msg: str) -> str:
 
 def server_width(base: RoutingConfig, *, num_experts: int, model_k: int) -> int:
     """Output width of every routed layer: the server policy's cap, at least the model's K."""
-    return max(base.resolve(num_experts, default_budget=model_k).cap, min(model_k, num_experts))
+    cap = base.resolve(num_experts, default_budget=model_k).cap
+    assert cap is not None  # resolve() sets it
+    return max(cap, min(model_k, num_experts))

@@ -34,6 +34,7 @@ def select(scores: torch.Tensor, cu_seqlens: torch.Tensor, cfg: RoutingConfig,
     # (best ``cap`` by ``s + ro``), so the full list gives a valid id everywhere (the caller
     # chooses the empty marker)
     rank = s if ro is None else s + ro
+    assert cfg.cap is not None  # cfg is resolved
     cand_ids = top_candidates(rank, cfg.cap)
     if ro is None:
         return cand_ids, ids >= 0
@@ -52,9 +53,10 @@ def select_segments(scores: torch.Tensor, segs: Segments, cfg: RoutingConfig,
         return select(scores, segs.cu_seqlens, cfg, rank_offset)
     k = segs.kept
     ids_k, keep_k = select(scores[k], segs.cu_seqlens, cfg, None if rank_offset is None else rank_offset[k])
-    n = scores.shape[0]
-    ids = torch.arange(cfg.cap, device=scores.device, dtype=torch.int64).expand(n, cfg.cap).clone()
-    keep = torch.zeros(n, cfg.cap, dtype=torch.bool, device=scores.device)
+    n, cap = scores.shape[0], cfg.cap
+    assert cap is not None  # cfg is resolved
+    ids = torch.arange(cap, device=scores.device, dtype=torch.int64).expand(n, cap).clone()
+    keep = torch.zeros(n, cap, dtype=torch.bool, device=scores.device)
     ids[k] = ids_k
     keep[k] = keep_k
     return ids, keep

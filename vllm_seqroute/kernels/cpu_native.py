@@ -164,6 +164,7 @@ def select(step: StepInputs, scores: torch.Tensor, bias: torch.Tensor | None,
     s.bias = _ptr(bias, f32) if bias is not None else None
     s.group = _ptr(group_ids, i32) if group_ids is not None else None
     s.seen, s.used = _ptr(ledger.seen, i64), _ptr(ledger.used, i64)
+    assert ledger.hist is not None and ledger.block is not None  # bounded pool (checked above)
     s.hist, s.block = _ptr(ledger.hist, i32), _ptr(ledger.block, i32)
     s.renormalize, s.skip_empty, s.scale = int(renormalize), int(skip_empty), scale
     s.out_w, s.out_ids = out_w.data_ptr(), out_ids.data_ptr()

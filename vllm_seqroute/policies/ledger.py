@@ -42,7 +42,7 @@ class CausalLedger:
     def nbytes_per_slot(self) -> int:
         """Memory of one slot's state (bounded pool: constant)."""
         n = self.seen.element_size() + self.used.element_size()
-        if self.hist is not None:
+        if self.hist is not None and self.block is not None:
             n += self.hist[0].nbytes + self.block[0].nbytes
         return n
 
@@ -57,7 +57,7 @@ class CausalLedger:
         r = self.rows(slots.to(self.seen.device, torch.int64))
         self.seen[r] = 0
         self.used[r] = 0
-        if self.hist is not None:
+        if self.hist is not None and self.block is not None:
             self.hist[r] = 0
             self.block[r] = 0
         for i in r.tolist() if self.pool == "exact" else ():
@@ -82,6 +82,7 @@ class CausalLedger:
     def _counts_by_block(self, row: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``past_counts`` from the totals of the blocks above each bin's block plus that
         block's bins at or above it: ``O(N*(U*BLOCK + NUM_BLOCKS))`` instead of every bin."""
+        assert self.hist is not None and self.block is not None  # the bounded pool only
         n, u = b.shape
         blk = b // BLOCK
         upto = self.block[row].cumsum(1, dtype=torch.int64)  # blocks 0..k
@@ -94,7 +95,7 @@ class CausalLedger:
 
     def refresh_blocks(self) -> None:
         """Recompute the block totals from the bins (after a kernel wrote the bins itself)."""
-        if self.hist is not None:
+        if self.hist is not None and self.block is not None:
             pad = torch.nn.functional.pad(self.hist, (0, NUM_BLOCKS * BLOCK - NUM_BINS))
             self.block.copy_(pad.view(-1, NUM_BLOCKS, BLOCK).sum(-1))
 
@@ -102,7 +103,7 @@ class CausalLedger:
         """Set ``slot`` to the state its request has after tokens whose candidates fell in pool
         ``bins [h, U]`` (``-1``: not a pool member) and who were charged ``charged [h]``: what
         committing those tokens one by one leaves (bounded pool only; a prefix-cache hit)."""
-        if self.hist is None:
+        if self.hist is None or self.block is None:
             raise ValueError("load: only the bounded pool can be rebuilt from pool bins")
         b = bins.to(torch.int64).flatten()
         counts = torch.zeros(NUM_BINS + 1, dtype=torch.int32, device=self.hist.device)
@@ -120,7 +121,7 @@ class CausalLedger:
         ``n_budget [N]`` experts charged to the budget. Integer updates only (deterministic)."""
         self.seen.index_add_(0, row, torch.ones_like(row))
         self.used.index_add_(0, row, n_budget.to(torch.int64))
-        if self.hist is not None:
+        if self.hist is not None and self.block is not None:
             b = pool_bin(keys)
             v = valid.flatten().to(torch.int32)
             self.hist.view(-1).index_add_(0, (row[:, None] * NUM_BINS + b).flatten(), v)

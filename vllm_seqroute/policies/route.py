@@ -55,11 +55,12 @@ def candidates_at(scores: torch.Tensor, rank: torch.Tensor, ids: torch.Tensor, *
 def slot_values(cfg: RoutingConfig) -> dict[str, float | int]:
     """A resolved config's per-token numbers (the registry's per-token options), with the
     values a policy that does not read one gets (budget 0, k_max the cap)."""
-    fallback = {"budget": 0, "k_max": cfg.cap}
-    out = {}
+    fallback: dict[str, float | int | None] = {"budget": 0, "k_max": cfg.cap}
+    out: dict[str, float | int] = {}
     for name in registry.token_fields():
         v = getattr(cfg, name)
-        out[name] = fallback.get(name, 0) if v is None else v
+        fb = fallback.get(name, 0)
+        out[name] = (fb if fb is not None else 0) if v is None else v
     return out
 
 
@@ -144,9 +145,11 @@ def route(
     _check_inputs(scores, cu_seqlens, bias)
     n, e = scores.shape
     cfg = cfg.resolve(e)
+    cap = cfg.cap
+    assert cap is not None  # resolve() sets it
     spec = registry.spec(cfg.policy)
     cand = kernels.candidates(
-        scores.to(torch.float32), cfg.cap, None if bias is None else bias.to(torch.float32),
+        scores.to(torch.float32), cap, None if bias is None else bias.to(torch.float32),
         with_mass="mass" in spec.needs, with_entropy="entropy" in spec.needs,
     )
     if n == 0:
@@ -172,6 +175,6 @@ def route(
         raise ValueError(f"pool: config asks for {cfg.pool!r} but the ledger keeps {ledger.pool!r}")
     row = ledger.rows(layout.token_slot)
     sel = kernels.select(cand, layout, params, one, None, ledger, row)
-    j = torch.arange(cfg.cap, device=scores.device)
+    j = torch.arange(cap, device=scores.device)
     ledger.commit(row, cand.keys, j[None, :] < params.cap[:, None], sel.charged)
     return assemble(cand, sel, renormalize=cfg.renormalize)

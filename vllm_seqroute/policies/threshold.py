@@ -30,6 +30,7 @@ TAU = Param("tau", float, 0.1, "in (0, 1]", lo=0, lo_open=True, hi=1,
 def threshold(cand: Candidates, layout: BatchLayout, params: TokenParams,
               history: History | None) -> Selection:
     """Best-first candidates with router probability ``>= tau``, within ``[floor, cap]``."""
+    assert cand.mass is not None and params.tau is not None  # declared: mass, tau
     probs = cand.weights.to(torch.float64) / cand.mass[:, None]
     sure = probs >= params.tau[:, None]
     return bounded(torch.cumprod(sure.to(torch.int64), dim=1).sum(1), params)

@@ -47,6 +47,7 @@ def topk(cand: Candidates, layout: BatchLayout, params: TokenParams, history: Hi
 @register_policy("topp", order=2, params=(P,), needs=("mass",), dial="p", triton="token", native=True)
 def topp(cand: Candidates, layout: BatchLayout, params: TokenParams, history: History | None) -> Selection:
     """Smallest best-first set whose probability (score / sum of all scores) reaches ``p``."""
+    assert cand.mass is not None  # declared need: mass
     probs = cand.weights.to(torch.float64) / cand.mass[:, None]
     below = torch.cumsum(probs, dim=1) < params.p[:, None]
     return bounded(1 + below.sum(1), params)
@@ -57,6 +58,7 @@ def topp(cand: Candidates, layout: BatchLayout, params: TokenParams, history: Hi
                  triton="token", native=True, derived={"k_max": (_default_k_max, ("k_min", "budget"))})
 def entropy(cand: Candidates, layout: BatchLayout, params: TokenParams, history: History | None) -> Selection:
     """``k = round(k_min + H/ln E * (k_max - k_min))`` (round half up)."""
+    assert cand.entropy is not None  # declared need: entropy
     span = (params.k_max - params.k_min).to(torch.float64)
     k = torch.floor(params.k_min + cand.entropy * span + 0.5).to(torch.int64)
     k = torch.minimum(torch.maximum(k, params.k_min), params.k_max)

@@ -186,7 +186,7 @@ def test_adapt_cli_rejects_bad_routing(model_dir: Any, tmp_path: Path, capsys: A
 
     rc = main(["--model", str(model_dir("qwen3_moe")), "--corpus", str(tmp_path), "--routing", "seqtopk",
                "--routing-budget", "0", "--out", str(tmp_path / "o")])
-    assert rc == 2 and "--routing-budget: must be a positive integer" in capsys.readouterr().err
+    assert rc == 2 and "--routing-budget: must be a positive number" in capsys.readouterr().err
     rc = main(["--model", str(tmp_path / "nowhere"), "--corpus", str(tmp_path), "--out", str(tmp_path / "o")])
     assert rc == 2 and "--model: " in capsys.readouterr().err and not (tmp_path / "o").exists()
 

@@ -54,7 +54,7 @@ def _handlers_on_the_way(name: str) -> list[logging.Handler]:
         out.extend(logger.handlers)
         if logger.name == "vllm_seqroute" or not logger.propagate:
             break
-        logger = logger.parent  # type: ignore[assignment]
+        logger = logger.parent
     return out
 
 

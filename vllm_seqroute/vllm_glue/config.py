@@ -86,7 +86,8 @@ def server_config() -> tuple[Any, RoutingConfig | None]:
     vc = get_current_vllm_config_or_none()
     if vc is None:
         return None, None
-    opts = (vc.additional_config or {}).get(KEY)
+    ac = vc.additional_config
+    opts = ac.get(KEY) if isinstance(ac, dict) else None
     if opts is None:
         return vc, None
     return vc, config_from_options(opts)

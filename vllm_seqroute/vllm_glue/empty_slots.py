@@ -40,7 +40,7 @@ def patch_triton_moe_sum() -> None:
             return original(self, input, output, topk_ids, expert_map)
         ops.moe_sum(input, output, topk_ids, expert_map)
 
-    TritonExperts.moe_sum = moe_sum
+    setattr(TritonExperts, "moe_sum", moe_sum)
     _MOE_SUM_PATCHED = True
 
 
@@ -133,8 +133,9 @@ def configure(model: Any) -> tuple[dict[str, int], list[ExpertsOnSelected]]:
             reasons.add(reason)
         experts = fused_experts_of(module)
         if isinstance(experts, CPUUnquantizedExperts) and not isinstance(experts.apply, ExpertsOnSelected):
-            experts.apply = ExpertsOnSelected(experts.apply, compact=mode == "compact")  # this instance
-            counters.append(experts.apply)
+            compact = ExpertsOnSelected(experts.apply, compact=mode == "compact")
+            setattr(experts, "apply", compact)  # this instance only
+            counters.append(compact)
     if sum(counts.values()):
         logger.info("vllm_seqroute: empty routing slots: %d layers skip (-1), %d compact the selected "
                     "pairs, %d use weight 0 (%s)", counts["skip"], counts["compact"], counts["weight0"],

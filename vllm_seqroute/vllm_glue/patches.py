@@ -47,7 +47,7 @@ def _patch_engine_args() -> None:
     from vllm_seqroute.vllm_glue import config
 
     add_orig = EngineArgs.add_cli_args
-    from_orig = EngineArgs.from_cli_args.__func__
+    from_orig = EngineArgs.__dict__["from_cli_args"].__func__  # the classmethod's function
     create_orig = EngineArgs.create_engine_config
 
     def add_cli_args(parser: Any, *a: Any, **k: Any) -> Any:
@@ -72,9 +72,9 @@ def _patch_engine_args() -> None:
         config.adopt_checkpoint_routing(vllm_config)
         return vllm_config
 
-    EngineArgs.add_cli_args = staticmethod(add_cli_args)
-    EngineArgs.from_cli_args = classmethod(from_cli_args)
-    EngineArgs.create_engine_config = create_engine_config
+    setattr(EngineArgs, "add_cli_args", staticmethod(add_cli_args))
+    setattr(EngineArgs, "from_cli_args", classmethod(from_cli_args))
+    setattr(EngineArgs, "create_engine_config", create_engine_config)
 
 
 def _patch_worker_rpc() -> None:
@@ -134,7 +134,7 @@ def _patch_worker_rpc() -> None:
             return None
         return s.prefix.describe() if s.prefix is not None else {"blocks_with_state": 0}
 
-    WorkerWrapperBase.seqroute_prefix_state = seqroute_prefix_state
-    WorkerWrapperBase.seqroute_stats = seqroute_stats
-    WorkerWrapperBase.seqroute_record = seqroute_record
-    WorkerWrapperBase.seqroute_info = seqroute_info
+    setattr(WorkerWrapperBase, "seqroute_prefix_state", seqroute_prefix_state)
+    setattr(WorkerWrapperBase, "seqroute_stats", seqroute_stats)
+    setattr(WorkerWrapperBase, "seqroute_record", seqroute_record)
+    setattr(WorkerWrapperBase, "seqroute_info", seqroute_info)

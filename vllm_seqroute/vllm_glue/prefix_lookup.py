@@ -174,6 +174,6 @@ def install() -> None:
         core_init(self, *a, **k)
         on_engine_core(self)
 
-    init_request._seqroute = True
-    Request.__init__ = init_request
-    EngineCore.__init__ = init_core
+    setattr(init_request, "_seqroute", True)
+    setattr(Request, "__init__", init_request)
+    setattr(EngineCore, "__init__", init_core)

@@ -56,7 +56,7 @@ class PrefixRecords:
         self.block_size = block_size
         self.bytes_per_block = per_block
         self.rows = self.num_blocks * block_size
-        i16 = dict(dtype=torch.int16, device=device)
+        i16: dict[str, Any] = dict(dtype=torch.int16, device=device)
         self.layers = [LayerRecords(bins=torch.full((self.rows + 1, w), -1, **i16),
                                     count=torch.zeros(self.rows + 1, **i16),
                                     charged=torch.zeros(self.rows + 1, **i16)) for w in widths]

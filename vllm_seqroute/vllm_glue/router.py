@@ -146,7 +146,7 @@ def make_router_factory(original: Any) -> Any:
                         base, width, e, k)
         return router
 
-    create_fused_moe_router.__wrapped__ = original
+    setattr(create_fused_moe_router, "__wrapped__", original)
     return create_fused_moe_router
 
 
@@ -171,7 +171,7 @@ def make_direct_factory(original: Any) -> Any:
         setattr(router, _KEPT, (reason, True))
         return router
 
-    create_fused_moe_router.__wrapped__ = original
+    setattr(create_fused_moe_router, "__wrapped__", original)
     return create_fused_moe_router
 
 
@@ -213,4 +213,4 @@ def install() -> None:
 
         __init__.__wrapped__ = init  # type: ignore[attr-defined]
         __init__._seqroute = True  # type: ignore[attr-defined]
-        MoERunner.__init__ = __init__
+        setattr(MoERunner, "__init__", __init__)

@@ -48,7 +48,7 @@ def _wrap(cls: type, name: str, make: Callable[[Callable], Callable]) -> None:
     if getattr(original, "_seqroute", False):
         return
     wrapped = functools.wraps(original)(make(original))
-    wrapped._seqroute = True
+    setattr(wrapped, "_seqroute", True)
     setattr(cls, name, wrapped)
 
 

@@ -40,8 +40,9 @@ def select(router_logits: torch.Tensor, group_ids: torch.Tensor, van_w: torch.Te
            renormalize: bool, scale: float, skip_empty: bool) -> tuple[torch.Tensor, torch.Tensor]:
     w, ids = _select(router_logits, group_ids, van_w, van_ids, bias, layer, scoring, renormalize,
                      scale, skip_empty)
-    if st.STATE.recorder is not None:  # opt-in eval records (CPU only): read the outputs afterwards
-        st.STATE.recorder.on_layer(layer, w, ids)
+    recorder = st.STATE.recorder if st.STATE is not None else None
+    if recorder is not None:  # opt-in eval records (CPU only): read the outputs afterwards
+        recorder.on_layer(layer, w, ids)
     return w, ids
 
 
@@ -49,6 +50,7 @@ def _select(router_logits: torch.Tensor, group_ids: torch.Tensor, van_w: torch.T
             van_ids: torch.Tensor, bias: torch.Tensor | None, layer: int, scoring: int,
             renormalize: bool, scale: float, skip_empty: bool) -> tuple[torch.Tensor, torch.Tensor]:
     state = st.STATE
+    assert state is not None  # the op exists only in models whose routers built the state
     info = state.layers[layer]
     n, e = router_logits.shape
     u = info.width
@@ -125,7 +127,8 @@ def _select_native(state: st.RoutingState, layer: int, router_logits: torch.Tens
         skip_empty=skip_empty, records=_native_records(state, layer))
 
 
-def _native_records(state: st.RoutingState, layer: int) -> tuple[torch.Tensor, ...] | None:
+def _native_records(state: st.RoutingState,
+                    layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     if state.prefix is None:
         return None
     x = state.prefix.layers[layer]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +48,7 @@ class RoutingState:
     layers: list[LayerInfo] = field(default_factory=list)
     slot_of_req: dict[str, int] = field(default_factory=dict)
     free_slots: list[int] = field(default_factory=list)
-    step_policies: set[int] = field(default_factory=set)  # host-known policies of this step
+    step_policies: AbstractSet[int] = field(default_factory=set)  # host-known policies of this step
     slot_policy_host: list[int] = field(default_factory=list)
     empty_slot_modes: dict[str, int] = field(default_factory=dict)
     experts_computed: list[Any] = field(default_factory=list)  # CPU: pairs each layer's kernel ran
@@ -65,7 +66,7 @@ class RoutingState:
     def __post_init__(self) -> None:
         s, dev = self.max_slots + 1, self.device  # last row: padding / unknown tokens
         self.token_slot = torch.full((self.max_tokens,), -1, dtype=torch.int64, device=dev)
-        i64 = dict(dtype=torch.int64, device=dev)
+        i64: dict[str, Any] = dict(dtype=torch.int64, device=dev)
         self.policy = torch.zeros(s, **i64)
         # one row per slot of each per-token option the policies declare (TokenParams' fields)
         self.slot_params = {name: torch.zeros(s, dtype=dtype, device=dev)
@@ -183,6 +184,7 @@ class RoutingState:
             cfg.policy == "topk" and bool(self.layers) and cfg.budget == self.layers[0].model_k)
         self.policy[slot] = pid
         values = slot_values(cfg)
+        assert cfg.cap is not None  # request configs are resolved
         values["floor"] = min(cfg.floor, cfg.cap)
         for name, t in self.slot_params.items():
             t[slot] = values[name]
@@ -222,7 +224,7 @@ class RoutingState:
             ids.add(SEQ_WINDOW)
         return frozenset(ids)
 
-    def _native_serves(self, policies: set[int]) -> bool:
+    def _native_serves(self, policies: AbstractSet[int]) -> bool:
         """The native CPU body serves the policies it knows (``NATIVE_IDS``: not the window rule,
         not a policy declared without it), with bounded ledgers; the torch body serves the rest."""
         from vllm_seqroute import kernels

@@ -102,8 +102,11 @@ def run(ns: argparse.Namespace) -> int:
     log = cache_root() / "demo" / f"server-{port}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     proc = _start_server(model, ns.host, port, log)
-    # SIGTERM (e.g. from a supervisor) takes the same way out as Ctrl-C: the server stops too
+    # SIGTERM (e.g. from a supervisor) takes the same way out as Ctrl-C: the server stops too.
+    # Ctrl-C explicitly too: a process started with SIGINT ignored (a background job of a script,
+    # some test runners) inherits that, and Python then never raises KeyboardInterrupt
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         _wait_ready(proc, base, log)
         _show_layers(log)

@@ -7,7 +7,7 @@ What is timed is what serving runs in every MoE layer (``vllm_glue/router.py``):
 router (softmax or sigmoid + bias + group limit, ``torch.topk`` at K; for grouped routers also the
 group-limited top-width candidates) and then the routing op ``vllm_glue.select_op.select`` on a
 real ``RoutingState`` (candidates kernel, the kernels of every policy the step runs, ledger commit,
-assembly and counters in torch); its selection is ``kernels.select``, the core ``policies.route``
+assembly and counters in torch); its selection is ``kernels.select``, the core ``routing.route``
 runs too.
 
 For each model shape (Qwen3-30B-A3B, OLMoE, DeepSeek-V3 grouped + bias, Mixtral) and batch

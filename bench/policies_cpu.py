@@ -24,7 +24,8 @@ from collections.abc import Callable
 
 import torch
 
-from vllm_seqroute.policies import CausalLedger, RoutingConfig, route
+from vllm_seqroute.policies import CausalLedger, RoutingConfig
+from vllm_seqroute.routing import route
 
 E = 64
 PREFILL = (8, 2048)

@@ -1,6 +1,6 @@
 """Training data for `vllm-seqroute adapt` (text files, JSONL, Parquet, saved datasets, chat
 messages; packing and padding) and the routing segments they produce: packed documents and
-padding are accounted against `vllm_seqroute.policies.route` on hand-built batches."""
+padding are accounted against `vllm_seqroute.routing.route` on hand-built batches."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import torch
 from vllm_seqroute.adapt import apply_routing
 from vllm_seqroute.adapt.data import IGNORE, documents, pack, pad_rows
 from vllm_seqroute.adapt.segments import segments_from_inputs
-from vllm_seqroute.policies import RoutingConfig, route
+from vllm_seqroute.policies import RoutingConfig
+from vllm_seqroute.routing import route
 
 
 def load(path: Path) -> Any:

@@ -1,5 +1,5 @@
 """Does routing follow difficulty: per-token routing records through the serving path
-(``seqroute_record``), checked against ``policies.route`` on the very router scores the engine
+(``seqroute_record``), checked against ``routing.route`` on the very router scores the engine
 saw; recording leaves serving unchanged; the eval report's difficulty and position views."""
 
 from __future__ import annotations
@@ -187,7 +187,8 @@ def test_records_equal_route_on_the_router_scores_the_engine_saw(llm: Any, monke
     token's experts per layer equal ``route()`` on those scores, step by step with one ledger
     per request (the causal rule), for three policies in one batch with chunked prefills."""
     from vllm_seqroute.evaluate.records import external_id
-    from vllm_seqroute.policies import CausalLedger, route
+    from vllm_seqroute.policies import CausalLedger
+    from vllm_seqroute.routing import route
     from vllm_seqroute.vllm_glue import state as st
     from vllm_seqroute.vllm_glue.router import SeqRouteRouter
 

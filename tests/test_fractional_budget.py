@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from tests.test_policies import SETTINGS, assert_matches_reference, batches, reference_of
 from vllm_seqroute import kernels
 from vllm_seqroute.options import config_from_options, request_config
-from vllm_seqroute.policies import CausalLedger, RoutingConfig, route
+from vllm_seqroute.policies import CausalLedger, RoutingConfig
+from vllm_seqroute.routing import route
 from vllm_seqroute.vllm_glue import config as glue_config
 from vllm_seqroute.vllm_glue import select_op
 from vllm_seqroute.vllm_glue import state as rs

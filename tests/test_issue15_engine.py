@@ -11,7 +11,8 @@ import torch
 
 from tests.conftest import has_vllm
 from tests.test_selection_matches_route import PROMPTS, _hook_router_logits
-from vllm_seqroute.policies import RoutingConfig, route
+from vllm_seqroute.policies import RoutingConfig
+from vllm_seqroute.routing import route
 
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not has_vllm(), reason="needs vLLM")]
 

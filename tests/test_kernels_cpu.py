@@ -17,8 +17,9 @@ from tests.reference import RefLedger, ref_route
 from tests.reference import outputs as ref_outputs
 from vllm_seqroute import kernels
 from vllm_seqroute.kernels import checks as ch
-from vllm_seqroute.policies import BatchLayout, CausalLedger, assemble
+from vllm_seqroute.policies import BatchLayout, CausalLedger
 from vllm_seqroute.policies.base import TokenParams
+from vllm_seqroute.routing import assemble
 
 
 def test_triton_is_not_used_off_cuda() -> None:
@@ -94,7 +95,7 @@ def test_cpu_path_matches_the_reference(seed: int) -> None:
             if ledger is not None and row is not None:
                 j = torch.arange(width)
                 ledger.commit(row, cand.keys, j[None, :] < params.cap[:, None], sel.charged)
-            ids, w = assemble(cand, sel, renormalize=True)
+            ids, w = assemble(cand, sel.count, renormalize=True)[:2]
             for r, a, b in zip(reqs, cu[:-1], cu[1:], strict=True):
                 toks = ref_route(scores[a:b], [0, b - a], policy="seqtopk" if ledger is not None else pol,
                                  rule=pol, cap=r.cap, budget=r.budget, floor=r.floor, pool="bounded", p=r.p,

@@ -15,7 +15,8 @@ if not torch.cuda.is_available():
 from vllm_seqroute import kernels  # noqa: E402
 from vllm_seqroute.kernels import checks as ch  # noqa: E402
 from vllm_seqroute.kernels import triton_candidates  # noqa: E402
-from vllm_seqroute.policies import BatchLayout, assemble, build_candidates  # noqa: E402
+from vllm_seqroute.policies import BatchLayout, build_candidates  # noqa: E402
+from vllm_seqroute.routing import assemble  # noqa: E402
 
 DEV = torch.device("cuda")
 SEED = int.from_bytes(os.urandom(3), "little")  # fresh inputs every run; printed on failure
@@ -78,7 +79,7 @@ def test_cuda_graph_capture_and_replay(rule: str, n: int) -> None:
         sel = kernels.select(cand, lay, params, {0: ("seqtopk", rule)}, None, ledger, row)
         j = torch.arange(case.width, device=DEV)
         ledger.commit(row, cand.keys, j[None, :] < params.cap[:, None], sel.charged)
-        ids, w = assemble(cand, sel, renormalize=True)
+        ids, w = assemble(cand, sel.count, renormalize=True)[:2]
         return sel.count, ids, w
 
     s = torch.cuda.Stream()
@@ -108,7 +109,7 @@ def test_cuda_graph_capture_and_replay(rule: str, n: int) -> None:
         cand = ch.twin_candidates(ref, with_mass=False, with_entropy=False)
         want = ch.twin_select(ref, cand, "seqtopk", rule)
         ch.twin_commit(ref, cand, want)
-        ids, w = assemble(cand, want, renormalize=True)
+        ids, w = assemble(cand, want.count, renormalize=True)[:2]
         assert torch.equal(out[0], want.count), (it, SEED)
         assert torch.equal(out[1], ids), (it, SEED)
         torch.testing.assert_close(out[2], w, rtol=1e-6, atol=0)
@@ -123,7 +124,7 @@ def test_token_policies_in_a_graph() -> None:
         def step(pol: str = pol) -> tuple[torch.Tensor, torch.Tensor]:
             cand = kernels.candidates(scores, case.width, with_mass=True, with_entropy=True)
             sel = kernels.select(cand, case.layout, case.params, {0: (pol, "causal")}, None, None, None)
-            return assemble(cand, sel, renormalize=False)
+            return assemble(cand, sel.count, renormalize=False)[:2]
 
         step()
         torch.cuda.synchronize()
@@ -135,5 +136,5 @@ def test_token_policies_in_a_graph() -> None:
         torch.cuda.synchronize()
         cand = build_candidates(scores, case.width)
         want = ch.twin_select(case, cand, pol)
-        ids, w = assemble(cand, want, renormalize=False)
+        ids, w = assemble(cand, want.count, renormalize=False)[:2]
         assert torch.equal(out[0], ids) and torch.equal(out[1], w), pol

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from tests.reference import RefLedger, ref_route
 from tests.reference import outputs as ref_outputs
-from vllm_seqroute.policies import CausalLedger, RoutingConfig, route
+from vllm_seqroute.policies import CausalLedger, RoutingConfig
+from vllm_seqroute.routing import route
 
 POOLS = ("exact", "bounded")
 MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
@@ -380,9 +381,9 @@ def test_bounded_agrees_with_exact_recorded_scores(recorded_scores):
 
 def test_single_token_fast_path_equals_general_path() -> None:
     """The decode-only shortcut the vLLM glue takes gives the general rule's selections."""
+    from vllm_seqroute.policies import build_candidates, token_params
     from vllm_seqroute.policies import seqtopk as seq
     from vllm_seqroute.policies.layout import BatchLayout
-    from vllm_seqroute.policies.route import build_candidates, history_of, token_params
 
     gen = torch.Generator().manual_seed(7)
     s, e = 24, 16
@@ -394,7 +395,7 @@ def test_single_token_fast_path_equals_general_path() -> None:
     cand = build_candidates(scores, cfg.cap, with_mass=False, with_entropy=False)
     layout = BatchLayout.from_token_slots(torch.arange(s))
     params = token_params(cfg, s, scores.device)
-    hist = history_of(ledger, ledger.rows(torch.arange(s)))
+    hist = ledger.history_of(ledger.rows(torch.arange(s)))
     a = seq.causal(cand, layout, params, hist)
     b = seq.causal(cand, layout, params, hist, single_token_segments=True)
     assert torch.equal(a.count, b.count) and torch.equal(a.charged, b.charged)

@@ -18,10 +18,9 @@ from vllm_seqroute.policies import (
     CausalLedger,
     RoutingConfig,
     build_candidates,
-    route,
     token_params,
 )
-from vllm_seqroute.policies.route import history_of
+from vllm_seqroute.routing import route
 
 # SEQROUTE_EXAMPLES=N: a longer, randomised search (default: a fixed, fast set of examples)
 EXAMPLES = int(os.environ.get("SEQROUTE_EXAMPLES", "0"))
@@ -257,7 +256,7 @@ def seqtopk_charged(scores, cu, cfg: RoutingConfig, bias=None):
     cand = build_candidates(scores, r.cap, bias, with_mass=False, with_entropy=False)
     layout = BatchLayout.from_cu_seqlens(torch.tensor(cu), scores.shape[0])
     ledger = CausalLedger(len(cu) - 1, pool=r.pool)
-    hist = history_of(ledger, ledger.rows(layout.token_slot))
+    hist = ledger.history_of(ledger.rows(layout.token_slot))
     sel = REGISTRY["seqtopk"](
         cand,
         layout,

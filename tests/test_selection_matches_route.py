@@ -19,7 +19,8 @@ import torch
 
 from tests.conftest import has_vllm
 from tests.reference import ref_route
-from vllm_seqroute.policies import RoutingConfig, route
+from vllm_seqroute.policies import RoutingConfig
+from vllm_seqroute.routing import route
 
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not has_vllm(), reason="needs vLLM")]
 

@@ -10,7 +10,8 @@ import torch
 
 from vllm_seqroute.evaluate.runner import Spec
 from vllm_seqroute.options import config_from_options, request_config
-from vllm_seqroute.policies import RoutingConfig, route
+from vllm_seqroute.policies import RoutingConfig
+from vllm_seqroute.routing import route
 from vllm_seqroute.vllm_glue import config as glue_config
 
 

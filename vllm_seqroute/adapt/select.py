@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 
 from vllm_seqroute.adapt.segments import Segments
-from vllm_seqroute.policies import RoutingConfig, route
+from vllm_seqroute.policies import RoutingConfig
 from vllm_seqroute.policies.ordering import top_candidates
+from vllm_seqroute.routing import route
 
 
 @torch.no_grad()
@@ -21,7 +22,7 @@ def select(scores: torch.Tensor, cu_seqlens: torch.Tensor, cfg: RoutingConfig,
     """Expert ids ``[N, cap]`` (int64, best first) and the taken-slot mask ``[N, cap]``.
 
     ``scores``: the router's probabilities (softmax, or sigmoid); ``cfg`` resolved. This is
-    :func:`vllm_seqroute.policies.route` itself (``rank_offset`` its per-token ``bias``).
+    :func:`vllm_seqroute.routing.route` itself (``rank_offset`` its per-token ``bias``).
     ``rank_offset [N, E]``
     (score-correction bias plus ``-inf`` outside a token's allowed groups) ranks only, as the
     plugin's grouped router does: candidates are each token's best ``cap`` by ``scores +

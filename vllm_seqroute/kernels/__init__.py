@@ -7,7 +7,7 @@ CUDA. ``SEQROUTE_NO_TRITON=1`` forces the twins everywhere (debugging, compariso
 The Triton kernels live one family per module, each beside the policy it twins:
 ``triton_candidates`` (top-U candidates), ``triton_token`` (topk / topp / entropy),
 ``triton_seqtopk_window`` and ``triton_seqtopk_causal`` (SeqTopK's two rules),
-``triton_assemble`` (the output contract, fused into the others), ``triton_common`` (shared).
+``triton_common`` (shared).
 They import Triton at the top and are loaded together, here only, by ``_triton_module``.
 """
 
@@ -27,13 +27,11 @@ from vllm_seqroute.kernels import cpu_native
 from vllm_seqroute.policies import CausalLedger, registry
 from vllm_seqroute.policies import seqtopk as _seq
 from vllm_seqroute.policies.base import REGISTRY, Candidates, Selection, TokenParams
+from vllm_seqroute.policies.candidates import build_candidates
 from vllm_seqroute.policies.config import RULES
 from vllm_seqroute.policies.layout import BatchLayout
-from vllm_seqroute.policies.route import assemble as _assemble_twin
-from vllm_seqroute.policies.route import build_candidates, history_of
 
 __all__ = [
-    "assemble",
     "candidates",
     "NativeStepInputs",
     "native_available",
@@ -54,7 +52,6 @@ TRITON_MODULES = {
     "token": "triton_token",
     "window": "triton_seqtopk_window",
     "causal": "triton_seqtopk_causal",
-    "assemble": "triton_assemble",
 }
 
 
@@ -66,7 +63,6 @@ class TritonKernels:
     token: ModuleType
     window: ModuleType
     causal: ModuleType
-    assemble: ModuleType
 
 
 @functools.cache
@@ -121,7 +117,7 @@ def candidates(
     with_mass: bool = True,
     with_entropy: bool = True,
 ) -> Candidates:
-    """``policies.route.build_candidates``: each token's best ``width`` experts by
+    """``policies.candidates.build_candidates``: each token's best ``width`` experts by
     ``scores + bias`` (ties: lower id), weights from ``scores``; one launch on CUDA. ``bias``
     is ``[E]`` or per token ``[N, E]`` (the latter by the twin: the kernel reads one row)."""
     if not triton_available(scores.device) or (bias is not None and bias.dim() != 1):
@@ -148,7 +144,7 @@ def seqtopk_select(
     rule: str,
     commit: bool = False,
 ) -> Selection:
-    """``policies.seqtopk.seqtopk(cand, layout, params, history_of(ledger, row), rule=rule)``;
+    """``policies.seqtopk.seqtopk(cand, layout, params, ledger.history_of(row), rule=rule)``;
     ``ledger=None``: no history. ``row [N]``: each token's ledger row (``ledger.rows(slot)``).
 
     ``commit=True`` also adds the step to the ledger, as ``ledger.commit(row, cand.keys,
@@ -162,7 +158,7 @@ def seqtopk_select(
     exact = ledger is not None and ledger.pool == "exact"
     tri = _triton_module() if triton_available(cand.ids.device) and not exact else None
     if tri is None:
-        hist = history_of(ledger, row) if ledger is not None and row is not None else None
+        hist = ledger.history_of(row) if ledger is not None and row is not None else None
         sel = _seq.seqtopk(cand, layout, params, hist, rule=rule, exact=exact)  # type: ignore[call-arg]  # register_policy's type hides seqtopk's keywords
         if commit and ledger is not None:
             _commit(ledger, row, cand, params, sel)
@@ -190,16 +186,6 @@ def _commit(
         raise ValueError("row: expected one ledger row per token when a ledger is given")
     j = torch.arange(cand.width, device=cand.keys.device)
     ledger.commit(row, cand.keys, j[None, :] < params.cap[:, None], sel.charged)
-
-
-def assemble(
-    cand: Candidates, sel: Selection, *, renormalize: bool, empty_id: int | None = -1
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``policies.route.assemble``: ``ids [N, U] int32`` (empty slots ``empty_id``) and
-    ``weights [N, U] float32`` (renormalised over the kept slots when asked)."""
-    if not triton_available(cand.ids.device):
-        return _assemble_twin(cand, sel, renormalize=renormalize, empty_id=empty_id)
-    return _tri().assemble.assemble(cand, sel, renormalize, empty_id)
 
 
 def select(
@@ -239,7 +225,7 @@ def select(
         raise ValueError("policy: per-token policy ids are needed when more than one policy runs")
     triton = triton_available(cand.ids.device)
     exact = ledger is not None and ledger.pool == "exact"
-    history = history_of(ledger, row) if ledger is not None and row is not None else None
+    history = ledger.history_of(row) if ledger is not None and row is not None else None
     count = charged = torch.zeros(n, dtype=torch.int64, device=cand.ids.device)
     for pid in sorted(policies):  # the step's policies, each vectorised over the batch
         name, rule = policies[pid]

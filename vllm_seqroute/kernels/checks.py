@@ -15,9 +15,10 @@ import torch
 from vllm_seqroute.policies import CausalLedger
 from vllm_seqroute.policies import seqtopk as seq
 from vllm_seqroute.policies.base import REGISTRY, Candidates, Selection, TokenParams
+from vllm_seqroute.policies.candidates import build_candidates
 from vllm_seqroute.policies.config import RoutingConfig
 from vllm_seqroute.policies.layout import BatchLayout
-from vllm_seqroute.policies.route import build_candidates, history_of, route
+from vllm_seqroute.policies.params import token_params
 
 
 @dataclass
@@ -123,8 +124,13 @@ def random_case(
         cu = torch.tensor([0, *hl.cumsum(0).tolist()])
         m = int(cu[-1])
         hs = torch.softmax(torch.randn(m, e, generator=g) * 1.5, dim=-1)
-        cfg = RoutingConfig(policy="seqtopk", budget=budget, cap=u)
-        route(hs, cu, cfg, ledger=led, slots=torch.arange(num_slots), bias=b)
+        cfg = RoutingConfig(policy="seqtopk", budget=budget, cap=u).resolve(e)
+        hl_layout = BatchLayout.from_cu_seqlens(cu, m)
+        h_cand = build_candidates(hs, u, b, with_mass=False, with_entropy=False)
+        h_row = led.rows(hl_layout.token_slot)
+        h_params = token_params(cfg, m, torch.device("cpu"))
+        h_sel = seq.seqtopk(h_cand, hl_layout, h_params, led.history_of(h_row))
+        led.commit(h_row, h_cand.keys, torch.ones_like(h_cand.keys, dtype=torch.bool), h_sel.charged)
         row = led.rows(layout.token_slot)
     case = Case(scores=scores, bias=b, width=u, layout=layout, params=params, ledger=led, row=row)
     return case.to(device)
@@ -139,7 +145,7 @@ def twin_candidates(case: Case, with_mass: bool = True, with_entropy: bool = Tru
 def twin_select(case: Case, cand: Candidates, policy: str, rule: str = "causal") -> Selection:
     if policy != "seqtopk":
         return REGISTRY[policy](cand, case.layout, case.params, None)
-    hist = history_of(case.ledger, case.row) if case.ledger is not None and case.row is not None else None
+    hist = case.ledger.history_of(case.row) if case.ledger is not None and case.row is not None else None
     return seq.seqtopk(cand, case.layout, case.params, hist, rule=rule)  # type: ignore[call-arg]  # register_policy's type hides seqtopk's keywords
 
 
@@ -199,22 +205,13 @@ def run_kernel_checks(
 
     Outputs and scratch are poisoned first. ``causal_modes``: (mode, chunk) pairs forced on the
     causal kernels (``(None, None)``: what the batch size picks)."""
-    from vllm_seqroute.kernels import triton_assemble as A
     from vllm_seqroute.kernels import triton_candidates, triton_common, triton_token
     from vllm_seqroute.kernels import triton_seqtopk_causal as C
     from vllm_seqroute.kernels import triton_seqtopk_window as W
-    from vllm_seqroute.policies.route import assemble
 
     saved = (triton_common.POISON, C.MODE, C.CHUNK, W.WINDOW_TILE)
     triton_common.POISON = True
     fails: list[str] = []
-
-    def asm_diff(asm: A.Assembled, cand: Candidates, sel: Selection) -> list[str]:
-        ids, w = assemble(cand, sel, renormalize=asm.renormalize, empty_id=asm.empty_id)
-        ok = torch.equal(asm.ids.cpu(), ids.cpu()) and torch.allclose(
-            asm.weights.cpu(), w.cpu(), rtol=1e-6, atol=0
-        )
-        return [] if ok else ["assembled output"]
 
     try:
         for seed in seeds:
@@ -229,12 +226,9 @@ def run_kernel_checks(
                 got_cand = triton_candidates.candidates(case.scores, case.width, case.bias, True, True)
                 d = diff_candidates(got_cand, cand)
                 fails += [f"candidates {tag}: {d}"] if d else []
-                ren, emp = s % 2 == 0, (-1 if s % 3 else None)
                 for pol in ("topk", "topp", "entropy"):
-                    asm = A.Assembled(*A.assemble_buffers(cand), ren, emp)
                     want = twin_select(case, cand, pol)
-                    d = diff_selection(triton_token.token_select(pol, cand, case.params, asm), want)
-                    d += asm_diff(asm, cand, want)
+                    d = diff_selection(triton_token.token_select(pol, cand, case.params), want)
                     fails += [f"{pol} {tag}: {d}"] if d else []
                 for led in (True, False):
                     base = case if led else Case(case.scores, case.bias, case.width, case.layout,
@@ -243,17 +237,14 @@ def run_kernel_checks(
                         W.WINDOW_TILE = tile
                         c2 = base.to(device)
                         want = twin_select(c2, cand, "seqtopk", "window")
-                        asm = A.Assembled(*A.assemble_buffers(cand), ren, emp)
-                        d = diff_selection(W.window(cand, c2.layout, c2.params, c2.ledger, c2.row, asm), want)
-                        d += asm_diff(asm, cand, want)
+                        d = diff_selection(W.window(cand, c2.layout, c2.params, c2.ledger, c2.row), want)
                         fails += [f"window ledger={led} tile={tile} {tag}: {d}"] if d else []
                     for mode, chunk in causal_modes:
                         C.MODE, C.CHUNK = mode, chunk
                         c2 = base.to(device)
                         want = twin_select(c2, cand, "seqtopk", "causal")
-                        asm = A.Assembled(*A.assemble_buffers(cand), ren, emp)
-                        got = C.causal(cand, c2.layout, c2.params, c2.ledger, c2.row, commit=led, asm=asm)
-                        d = diff_selection(got, want) + asm_diff(asm, cand, want)
+                        got = C.causal(cand, c2.layout, c2.params, c2.ledger, c2.row, commit=led)
+                        d = diff_selection(got, want)
                         if led and c2.ledger is not None:
                             ref = base.to(device)
                             assert ref.ledger is not None

@@ -1,4 +1,4 @@
-"""Triton candidates kernel (twin: ``policies.route.build_candidates``): router scores
+"""Triton candidates kernel (twin: ``policies.candidates.build_candidates``): router scores
 ``[N, E]`` -> each token's best ``U`` ids / weights / ranking keys, one launch; the score mass and
 entropy (top-p and entropy policies only) with the twin's own torch code."""
 

@@ -22,7 +22,6 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_seqroute.kernels.triton_assemble import Assembled, asm_args, emit
 from vllm_seqroute.kernels.triton_common import I32_MIN, alloc
 from vllm_seqroute.policies.base import Candidates, Selection, TokenParams
 from vllm_seqroute.policies.layout import BatchLayout
@@ -235,11 +234,9 @@ def _causal_count_kernel(
 @triton.jit
 def _causal_finish_kernel(
     nrank_ptr, lim_ptr, aggS_ptr, aggM_ptr, keys_ptr, seg_ptr, pos_ptr, len_ptr, row_ptr, cap_ptr,
-    floor_ptr, seen_ptr, used_ptr, hist_ptr, count_ptr, charged_ptr,
-    cid_ptr, cw_ptr, oid_ptr, ow_ptr, empty_id, flags, N,
+    floor_ptr, seen_ptr, used_ptr, hist_ptr, count_ptr, charged_ptr, N,
     U: tl.constexpr, UP: tl.constexpr, C: tl.constexpr, NB: tl.constexpr, MAXNC: tl.constexpr,
     COMMIT: tl.constexpr, COMMIT_HIST: tl.constexpr,
-    ASM: tl.constexpr,
 ):
     """K4: the hard ledger's clip ``u_t = min(u_{t-1} + n_t, limit_t)`` per segment, earlier
     chunks folded in with (S1, M1) . (S2, M2) = (S1 + S2, min(M1, M2 - S1))."""
@@ -277,8 +274,6 @@ def _causal_finish_kernel(
     cnt = tl.minimum(tl.maximum(charged, fl), cap)
     tl.store(count_ptr + tt, cnt, mask=tm)
     tl.store(charged_ptr + tt, tl.minimum(charged, cnt), mask=tm)
-    if ASM:
-        emit(cid_ptr, cw_ptr, oid_ptr, ow_ptr, empty_id, flags, tt.to(tl.int64), tm, cnt, U, UP)
     if COMMIT:
         slen = tl.load(len_ptr + tt, mask=tm, other=0)
         r = tl.load(row_ptr + tt, mask=tm, other=0)
@@ -311,7 +306,6 @@ def causal(
     ledger: CausalLedger | None,
     row: torch.Tensor | None,
     commit: bool = False,
-    asm: Assembled | None = None,
 ) -> Selection:
     n, u = cand.ids.shape
     dev = cand.ids.device
@@ -359,11 +353,10 @@ def causal(
         U=u, UP=up, C=c, NB=NUM_BINS, NBP=NB_P, KT=kt, KH=kh, USE_P=use_p, HAS_LEDGER=has,
         COMMIT=commit and use_p, num_warps=4,
     )
-    a, kw = asm_args(cand, asm)
     _causal_finish_kernel[(nc,)](
         nrank, lim, agg_s, agg_m, cand.keys, layout.seg, layout.pos, layout.seg_len, rw, params.cap,
-        params.floor, seen, used, hist, count, charged, *a, n,
+        params.floor, seen, used, hist, count, charged, n,
         U=u, UP=up, C=c, NB=NUM_BINS, MAXNC=triton.next_power_of_2(nc), COMMIT=commit,
-        COMMIT_HIST=commit and not use_p, **kw, num_warps=4,
+        COMMIT_HIST=commit and not use_p, num_warps=4,
     )
     return Selection(count=count, charged=charged)

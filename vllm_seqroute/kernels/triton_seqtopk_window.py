@@ -9,7 +9,6 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_seqroute.kernels.triton_assemble import Assembled, asm_args, emit
 from vllm_seqroute.kernels.triton_common import I32_MIN, alloc
 from vllm_seqroute.policies.base import Candidates, Selection, TokenParams
 from vllm_seqroute.policies.layout import BatchLayout
@@ -19,9 +18,8 @@ from vllm_seqroute.policies.ledger import CausalLedger
 @triton.jit
 def _window_kernel(
     keys_ptr, cap_ptr, budget_ptr, floor_ptr, pos_ptr, len_ptr, row_ptr, seen_ptr, used_ptr,
-    count_ptr, charged_ptr, cid_ptr, cw_ptr, oid_ptr, ow_ptr, empty_id, flags, N,
+    count_ptr, charged_ptr, N,
     U: tl.constexpr, UP: tl.constexpr, TT: tl.constexpr, TS: tl.constexpr, HAS_LEDGER: tl.constexpr,
-    ASM: tl.constexpr,
 ):
     t0 = tl.program_id(0)
     p0 = tl.load(pos_ptr + t0)
@@ -59,8 +57,6 @@ def _window_kernel(
             c = tl.minimum(tl.maximum(n, fl), cap)
             tl.store(count_ptr + tt, c, mask=tm)
             tl.store(charged_ptr + tt, tl.minimum(n, c), mask=tm)
-            if ASM:
-                emit(cid_ptr, cw_ptr, oid_ptr, ow_ptr, empty_id, flags, tt, tm, c, U, UP)
         else:
             npairs = T * U
             k = tl.minimum(tl.maximum(grant, 1), npairs)  # rank (1-based) of the threshold pair
@@ -111,8 +107,6 @@ def _window_kernel(
                 c = tl.minimum(tl.maximum(n, fl), cap)
                 tl.store(count_ptr + tt, c, mask=tm)
                 tl.store(charged_ptr + tt, tl.minimum(n, c), mask=tm)
-                if ASM:
-                    emit(cid_ptr, cw_ptr, oid_ptr, ow_ptr, empty_id, flags, tt, tm, c, U, UP)
                 ties_before += tl.sum(rowcnt, axis=0)
 
 
@@ -121,7 +115,7 @@ WINDOW_TILE: int | None = None  # tests / bench: tokens per radix tile
 
 def window(
     cand: Candidates, layout: BatchLayout, params: TokenParams, ledger: CausalLedger | None,
-    row: torch.Tensor | None, asm: Assembled | None = None,
+    row: torch.Tensor | None,
 ) -> Selection:
     n, u = cand.ids.shape
     dev = cand.ids.device
@@ -131,13 +125,12 @@ def window(
         up = triton.next_power_of_2(u)
         tt = WINDOW_TILE or max(1, min(256, 2048 // up))
         has = ledger is not None
-        a, kw = asm_args(cand, asm)
         dummy = layout.pos
         _window_kernel[(n,)](
             cand.keys, params.cap, params.budget, params.floor, layout.pos, layout.seg_len,
             row if has else dummy, ledger.seen if ledger is not None else dummy,
             ledger.used if ledger is not None else dummy,
-            count, charged, *a, n,
-            U=u, UP=up, TT=tt, TS=max(1, 64 // up), HAS_LEDGER=has, **kw, num_warps=4,
+            count, charged, n,
+            U=u, UP=up, TT=tt, TS=max(1, 64 // up), HAS_LEDGER=has, num_warps=4,
         )
     return Selection(count=count, charged=charged)

@@ -7,7 +7,6 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_seqroute.kernels.triton_assemble import Assembled, asm_args, emit
 from vllm_seqroute.kernels.triton_common import alloc
 from vllm_seqroute.policies.base import Candidates, Selection, TokenParams
 
@@ -17,9 +16,8 @@ _TOPK, _TOPP, _ENTROPY = 0, 1, 2
 @triton.jit
 def _token_kernel(
     w_ptr, mass_ptr, ent_ptr, budget_ptr, cap_ptr, floor_ptr, p_ptr, kmin_ptr, kmax_ptr,
-    count_ptr, charged_ptr, cid_ptr, cw_ptr, oid_ptr, ow_ptr, empty_id, flags, N,
+    count_ptr, charged_ptr, N,
     U: tl.constexpr, UP: tl.constexpr, BT: tl.constexpr, POLICY: tl.constexpr,
-    ASM: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = pid * BT + tl.arange(0, BT)
@@ -48,12 +46,10 @@ def _token_kernel(
     c = tl.minimum(tl.maximum(n, fl), cap)
     tl.store(count_ptr + t, c, mask=tm)
     tl.store(charged_ptr + t, c, mask=tm)
-    if ASM:
-        emit(cid_ptr, cw_ptr, oid_ptr, ow_ptr, empty_id, flags, t.to(tl.int64), tm, c, U, UP)
 
 
 def token_select(
-    policy: str, cand: Candidates, params: TokenParams, asm: Assembled | None = None
+    policy: str, cand: Candidates, params: TokenParams
 ) -> Selection:
     n, u = cand.ids.shape
     pol = {"topk": _TOPK, "topp": _TOPP, "entropy": _ENTROPY}[policy]
@@ -68,12 +64,11 @@ def token_select(
         dummy = cand.weights
         up = triton.next_power_of_2(u)
         bt = max(1, min(128, 4096 // up))
-        a, kw = asm_args(cand, asm)
         _token_kernel[(triton.cdiv(n, bt),)](
             cand.weights, cand.mass if cand.mass is not None else dummy,
             cand.entropy if cand.entropy is not None else dummy,
             params.budget, params.cap, params.floor, params.p, params.k_min, params.k_max,
-            count, charged, *a, n,
-            U=u, UP=up, BT=bt, POLICY=pol, **kw, num_warps=4, enable_fp_fusion=False,
+            count, charged, n,
+            U=u, UP=up, BT=bt, POLICY=pol, num_warps=4, enable_fp_fusion=False,
         )
     return Selection(count=count, charged=charged)

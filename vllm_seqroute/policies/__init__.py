@@ -11,10 +11,11 @@ from vllm_seqroute.policies.base import (
     Selection,
     TokenParams,
 )
+from vllm_seqroute.policies.candidates import build_candidates
 from vllm_seqroute.policies.config import POLICIES, RULES, RoutingConfig
 from vllm_seqroute.policies.layout import BatchLayout
 from vllm_seqroute.policies.ledger import CausalLedger
-from vllm_seqroute.policies.route import assemble, build_candidates, route, token_params
+from vllm_seqroute.policies.params import token_params
 
 __all__ = [
     "POLICIES",
@@ -30,8 +31,6 @@ __all__ = [
     "RoutingPolicy",
     "Selection",
     "TokenParams",
-    "assemble",
     "build_candidates",
-    "route",
     "token_params",
 ]

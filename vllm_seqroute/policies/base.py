@@ -55,6 +55,7 @@ class History:
     seen: torch.Tensor  # [N] int64 tokens routed before this step
     used: torch.Tensor  # [N] int64 budget used by them
     past_counts: Callable[[torch.Tensor], torch.Tensor]  # keys [N, U] -> [N, U] int64
+    exact: bool = False  # the exact pool: pairs compare by key, not by bounded-pool bin
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from vllm_seqroute.policies.base import History
 from vllm_seqroute.policies.ordering import NUM_BINS, pool_bin
 
 # The bounded pool also keeps per-block totals of BLOCK bins, so a few queries (a decode step)
@@ -62,6 +63,11 @@ class CausalLedger:
             self.block[r] = 0
         for i in r.tolist() if self.pool == "exact" else ():
             self.history[i] = self.history[i][:0]
+
+    def history_of(self, row: torch.Tensor) -> History:
+        """What the policies read of each token's request (``row [N]``: its ledger row)."""
+        return History(seen=self.seen[row], used=self.used[row],
+                       past_counts=lambda keys: self.past_counts(row, keys), exact=self.pool == "exact")
 
     def past_counts(self, row: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """[N, U] number of pool entries of each token's request that rank at or above each key

@@ -15,7 +15,7 @@ import torch
 
 from vllm_seqroute.policies.base import REAL, REGISTRY, Param, PolicySpec
 
-_INFRASTRUCTURE = {"base", "config", "layout", "ledger", "ordering", "registry", "route"}
+_INFRASTRUCTURE = {"base", "candidates", "config", "layout", "ledger", "ordering", "params", "registry"}
 
 
 @functools.cache

@@ -12,9 +12,9 @@ import torch
 from vllm_seqroute import kernels
 from vllm_seqroute.policies import registry
 from vllm_seqroute.policies.base import TokenParams
+from vllm_seqroute.policies.candidates import candidates_at
 from vllm_seqroute.policies.layout import BatchLayout
 from vllm_seqroute.policies.ordering import ordered_int, pool_bin
-from vllm_seqroute.policies.route import candidates_at
 from vllm_seqroute.vllm_glue import state as st
 
 SOFTMAX, SIGMOID = 0, 1

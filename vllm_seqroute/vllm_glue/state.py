@@ -16,7 +16,8 @@ from vllm_seqroute.options import real, request_config
 from vllm_seqroute.policies import registry
 from vllm_seqroute.policies.config import POLICIES, RoutingConfig
 from vllm_seqroute.policies.ledger import CausalLedger
-from vllm_seqroute.policies.route import slot_values
+from vllm_seqroute.policies.params import slot_values
+from vllm_seqroute.vllm_glue.records import RoutingRecorder
 
 logger = logging.getLogger("vllm_seqroute")
 
@@ -58,7 +59,7 @@ class RoutingState:
     step_native: bool = False  # host-known: the native CPU body serves this step's policies
     step_cache: dict[int, Any] = field(default_factory=dict)  # select_op.StepContext by tokens
     bad_options_seen: dict[str, int] = field(default_factory=dict)  # offline: message -> requests
-    recorder: Any = None  # evaluate.records.RoutingRecorder while an eval records (CPU, opt-in)
+    recorder: Any = None  # records.RoutingRecorder while an eval records (CPU, opt-in)
     prefix: Any = None  # prefix_state.PrefixRecords once the KV cache exists (V1 runner)
     prefix_restored: int = 0  # requests whose cached prefix's ledger was rebuilt from records
     prefix_unrestored: int = 0  # cache hits without records: routed as neutral history
@@ -248,9 +249,7 @@ class RoutingState:
     # --- per-token records (evaluation only) ----------------------------------------------
     def record(self, on: bool, max_tokens: int = 0) -> dict[str, Any]:
         """``on``: start a fresh recording of at most ``max_tokens`` tokens (requests added from
-        now on); off: stop it and return its records (see :mod:`vllm_seqroute.evaluate.records`)."""
-        from vllm_seqroute.evaluate.records import RoutingRecorder
-
+        now on); off: stop it and return its records (see :mod:`vllm_seqroute.vllm_glue.records`)."""
         if not on:
             rec, self.recorder = self.recorder, None
             return rec.records() if rec is not None else RoutingRecorder(1, len(self.layers), 1).records()

@@ -1,0 +1,100 @@
+"""``route``: the public entry point from router scores to (ids, weights)."""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_seqroute import kernels
+from vllm_seqroute.policies import registry
+from vllm_seqroute.policies.config import RoutingConfig
+from vllm_seqroute.policies.layout import BatchLayout
+from vllm_seqroute.policies.ledger import CausalLedger
+from vllm_seqroute.policies.params import token_params
+from vllm_seqroute.routing.assemble import assemble
+
+
+def _check_inputs(scores: torch.Tensor, cu_seqlens: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if scores.dim() != 2 or not scores.is_floating_point():
+        raise ValueError(
+            f"scores: expected a floating [N, E] tensor, got {tuple(scores.shape)} {scores.dtype}"
+        )
+    if scores.shape[1] < 1:
+        raise ValueError("scores: need at least one expert")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.is_floating_point():
+        raise ValueError(f"cu_seqlens: expected an integer [S+1] tensor, got {tuple(cu_seqlens.shape)}")
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0 or cu[-1] != scores.shape[0] or any(b < a for a, b in zip(cu, cu[1:], strict=False)):
+        raise ValueError(f"cu_seqlens: must rise from 0 to N={scores.shape[0]}, got {cu[:8]}...")
+    if bias is not None and tuple(bias.shape) not in ((scores.shape[1],), tuple(scores.shape)):
+        raise ValueError(
+            f"bias: expected shape ({scores.shape[1]},) or {tuple(scores.shape)}, got {tuple(bias.shape)}"
+        )
+
+
+def route(
+    scores: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    cfg: RoutingConfig,
+    *,
+    ledger: CausalLedger | None = None,
+    slots: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Route ``scores [N, E]`` (router probabilities) of ``S`` segments (``cu_seqlens [S+1]``).
+
+    The selection runs through the dispatcher the serving op runs: each policy's Triton kernel
+    on CUDA (where it loads), its torch twin elsewhere.
+
+    Args:
+        scores: ``[N, E]`` router probabilities (softmax or sigmoid), any float dtype.
+        cu_seqlens: ``[S+1]`` integer segment offsets, rising from 0 to ``N``.
+        cfg: the routing config; resolved here against ``E``.
+        ledger: the causal state carried across calls (history policies only); ``None``: each
+            segment starts with no history. Its pool must be ``cfg.pool``.
+        slots: ``[S]`` the ledger slot of each segment (default ``i``; ``-1``: no history, not
+            kept); ignored without a ledger.
+        bias: ``[E]``, or per token ``[N, E]``, added to ``scores`` to rank candidates only (the
+            weights stay ``scores``). ``-inf`` ranks a candidate last but does not by itself
+            keep a policy from taking it (``adapt.select.select`` masks those).
+
+    Returns:
+        ``ids [N, cap] int32`` (taken experts best first, ``-1`` in empty slots) and
+        ``weights [N, cap] float32`` (``scores`` at the taken experts, ``0`` in empty slots,
+        renormalised over the taken ones when ``cfg.renormalize``).
+    """
+    _check_inputs(scores, cu_seqlens, bias)
+    n, e = scores.shape
+    cfg = cfg.resolve(e)
+    cap = cfg.cap
+    assert cap is not None  # resolve() sets it
+    spec = registry.spec(cfg.policy)
+    cand = kernels.candidates(
+        scores.to(torch.float32), cap, None if bias is None else bias.to(torch.float32),
+        with_mass="mass" in spec.needs, with_entropy="entropy" in spec.needs,
+    )
+    if n == 0:
+        ids, w, _ = assemble(cand, torch.zeros(0, dtype=torch.int64), renormalize=cfg.renormalize)
+        return ids.to(torch.int32), w
+    num_seg = cu_seqlens.numel() - 1
+    if slots is not None and (slots.dim() != 1 or slots.numel() != num_seg):
+        raise ValueError(f"slots: expected [S]={num_seg} slot ids, got {tuple(slots.shape)}")
+    if ledger is None:
+        slots = None  # no ledger: every segment starts fresh, whatever slot it names
+    elif slots is not None and not bool(((slots >= -1) & (slots < ledger.num_slots)).all()):
+        raise ValueError(f"slots: ids must be in [-1, {ledger.num_slots}), got {slots.tolist()[:8]}")
+    layout = BatchLayout.from_cu_seqlens(cu_seqlens.to(scores.device), n, slots)
+    params = token_params(cfg, n, scores.device)
+    one = {0: (cfg.policy, cfg.rule)}
+    if "history" not in spec.needs:
+        sel = kernels.select(cand, layout, params, one, None, None, None)
+    else:
+        if ledger is None:
+            ledger = CausalLedger(num_seg, pool=cfg.pool, device=scores.device)
+        elif ledger.pool != cfg.pool:
+            raise ValueError(f"pool: config asks for {cfg.pool!r} but the ledger keeps {ledger.pool!r}")
+        row = ledger.rows(layout.token_slot)
+        sel = kernels.select(cand, layout, params, one, None, ledger, row)
+        j = torch.arange(cap, device=scores.device)
+        ledger.commit(row, cand.keys, j[None, :] < params.cap[:, None], sel.charged)
+    ids, w, _ = assemble(cand, sel.count, renormalize=cfg.renormalize)
+    return ids.to(torch.int32), w

@@ -13,6 +13,10 @@ Series (low cardinality unless ``SEQROUTE_PER_EXPERT_METRICS=1``):
 - ``seqroute_expert_pairs_total{policy}``: (token, expert) pairs selected, summed over layers.
 - ``seqroute_budget_granted_total{policy}``: pairs the policy's budget granted (the ledger's
   charge; budget used vs granted = pairs / granted).
+- ``seqroute_experts_touched_total{layer}``: distinct experts each step's batch used in that MoE
+  layer (the experts whose weights the step read), summed over steps.
+- ``seqroute_routed_steps_total{layer}``: steps that routed tokens in that layer; the mean experts
+  touched per step is ``rate(seqroute_experts_touched_total) / rate(seqroute_routed_steps_total)``.
 - ``seqroute_stats_polls_total{outcome}``: poller reads, ``ok`` or ``error``.
 - ``seqroute_expert_load_total{layer,expert}`` (only with ``SEQROUTE_PER_EXPERT_METRICS=1``):
   (token, expert) pairs per MoE layer and expert.
@@ -30,11 +34,13 @@ TOKENS = "seqroute_tokens_total"
 EXPERT_PAIRS = "seqroute_expert_pairs_total"
 BUDGET_GRANTED = "seqroute_budget_granted_total"
 POLLS = "seqroute_stats_polls_total"
+EXPERTS_TOUCHED = "seqroute_experts_touched_total"
+ROUTED_STEPS = "seqroute_routed_steps_total"
 EXPERT_LOAD = "seqroute_expert_load_total"
 
 # Every series family this module exports (histogram: also ``_bucket``, ``_sum``, ``_count``).
 METRIC_NAMES: tuple[str, ...] = (EXPERTS_PER_TOKEN, TOKENS, EXPERT_PAIRS, BUDGET_GRANTED, POLLS,
-                                 EXPERT_LOAD)
+                                 EXPERTS_TOUCHED, ROUTED_STEPS, EXPERT_LOAD)
 # name -> (Prometheus type, labels, help)
 METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     EXPERTS_PER_TOKEN: ("histogram", (), "Experts used per (token, MoE layer) routing decision"),
@@ -42,11 +48,15 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     EXPERT_PAIRS: ("counter", ("policy",), "(token, expert) pairs selected over all MoE layers, by policy"),
     BUDGET_GRANTED: ("counter", ("policy",), "(token, expert) pairs granted by the policy budget, by policy"),
     POLLS: ("counter", ("outcome",), "Reads of the workers' routing counters by the metrics poller"),
+    EXPERTS_TOUCHED: ("counter", ("layer",),
+                      "Distinct experts each step's batch used in the MoE layer, summed over steps"),
+    ROUTED_STEPS: ("counter", ("layer",), "Steps that routed tokens in the MoE layer"),
     EXPERT_LOAD: ("counter", ("layer", "expert"),
                   "(token, expert) pairs per MoE layer and expert (SEQROUTE_PER_EXPERT_METRICS=1)"),
 }
 
-_FIELDS = ("tokens_by_policy", "pairs_by_policy", "granted_by_policy", "expert_load", "experts_per_token")
+_FIELDS = ("tokens_by_policy", "pairs_by_policy", "granted_by_policy", "expert_load", "experts_per_token",
+           "experts_touched", "steps_routed")
 
 
 def per_expert_enabled() -> bool:
@@ -166,6 +176,12 @@ class RoutingCollector:
         buckets.append(("+Inf", float(acc)))
         hist.add_metric([], buckets, sum_value=float(sum(k * c for k, c in enumerate(summed))))
         yield hist
+
+        for name, key in ((EXPERTS_TOUCHED, "experts_touched"), (ROUTED_STEPS, "steps_routed")):
+            fam = counter(name)
+            for layer_i, v in enumerate((totals.get(key) or [[]])[0]):
+                fam.add_metric([str(layer_i)], float(v))
+            yield fam
 
         fam = counter(POLLS)
         for outcome in ("ok", "error"):

@@ -885,6 +885,14 @@ def test_dashboard_in_headless_chromium(server: Server, tmp_path: Path) -> None:
         nonzero = {k for k, c in enumerate(hist) if c}
         assert {k for k, c in bars if c} == nonzero and len(nonzero) >= 2
         assert browser.js("document.querySelectorAll('#policies tbody tr').length") >= 2
+        # experts touched per step: a bar per layer, each the stats' experts touched / steps routed
+        touched = browser.js("[...document.querySelectorAll('#touched rect.touched')].map(r => "
+                             "[Number(r.dataset.layer), Number(r.dataset.mean), Number(r.dataset.experts)])")
+        assert [t[0] for t in touched] == [0, 1]
+        for layer, mean, experts in touched:
+            want = stats["experts_touched"][layer] / stats["steps_routed"][layer]
+            assert abs(mean - want) < 0.006 and experts == 16 and 1 <= mean <= experts, (layer, mean, want)
+        assert "experts per step" in browser.js("document.getElementById('touched-note').textContent")
         # the legend's "0 pairs" colour is used for exactly the experts with 0 pairs, and the
         # even-load gradient for every other cell (a layer without idle experts shows none)
         zeros = sum(c == 0 for row in stats["expert_load"] for c in row)

@@ -361,7 +361,8 @@ def test_sampling_params_check_answers_through_vllms_error_path(monkeypatch: pyt
 def _snap(tokens: int, load: list[list[int]], hist: list[list[int]]) -> dict[str, Any]:
     return {"policies": ["topk", "seqtopk", "topp", "entropy"], "tokens_by_policy": [0, tokens, 0, 0],
             "pairs_by_policy": [0, 2 * tokens, 0, 0], "granted_by_policy": [0, 2 * tokens, 0, 0],
-            "expert_load": load, "experts_per_token": hist}
+            "expert_load": load, "experts_per_token": hist,
+            "experts_touched": [tokens + i for i in range(len(load))], "steps_routed": [tokens // 2] * len(load)}
 
 
 def test_telemetry_totals_survive_resets() -> None:
@@ -374,6 +375,7 @@ def test_telemetry_totals_survive_resets() -> None:
     assert totals["tokens_by_policy"] == [[0, 18, 0, 0]]
     assert totals["expert_load"] == [[7, 11]]
     assert totals["experts_per_token"] == [[0, 9, 9]]
+    assert totals["experts_touched"] == [[18]] and totals["steps_routed"] == [[8]]
 
 
 def _exposition(per_expert: bool) -> str:
@@ -397,6 +399,9 @@ def test_prometheus_series() -> None:
     assert 'seqroute_experts_per_token_bucket{le="+Inf"} 6.0' in text
     assert "seqroute_experts_per_token_sum 12.0" in text  # 1 + 2*4 + 3
     assert 'seqroute_stats_polls_total{outcome="ok"} 1.0' in text
+    assert 'seqroute_experts_touched_total{layer="0"} 6.0' in text
+    assert 'seqroute_experts_touched_total{layer="1"} 7.0' in text
+    assert 'seqroute_routed_steps_total{layer="1"} 3.0' in text
     assert "seqroute_expert_load" not in text  # per-expert series only when asked for
     per_expert = _exposition(per_expert=True)
     assert 'seqroute_expert_load_total{expert="2",layer="0"} 3.0' in per_expert

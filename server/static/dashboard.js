@@ -126,7 +126,7 @@
   function view() {
     if (!last || !last.enabled) { return null; }
     var keys = ['tokens_by_policy', 'pairs_by_policy', 'granted_by_policy', 'expert_load',
-                'experts_per_token'];
+                'experts_per_token', 'experts_touched', 'steps_routed'];
     var out = { policies: last.policies || [] };
     var recent = el('window').value === 'recent' && previous && previous.enabled;
     var diff = {};
@@ -152,6 +152,7 @@
     var tokens = sum(v.tokens_by_policy || []);
     drawHeatmap(v.expert_load);
     drawHistogram(v.experts_per_token);
+    drawTouched(v);
     drawPolicies(v);
     return tokens;
   }
@@ -317,6 +318,53 @@
     el('histogram-note').textContent = total
       ? '(' + (sel === 'all' ? 'all layers' : 'layer ' + sel) + ', ' + total + ' decisions, mean ' + mean.toFixed(2) + ')'
       : '(no routed tokens in view)';
+  }
+
+  // Per layer: mean distinct experts per step (experts_touched / steps_routed) against its experts.
+  function drawTouched(v) {
+    var touched = v.experts_touched || [], steps = v.steps_routed || [], load = v.expert_load || [];
+    var root = el('touched');
+    while (root.firstChild) { root.removeChild(root.firstChild); }
+    var L = touched.length;
+    var W = Math.max(360, Math.min(900, el('touched-panel').clientWidth - 32)), H = 200;
+    root.setAttribute('width', W);
+    root.setAttribute('height', H);
+    root.setAttribute('viewBox', '0 0 ' + W + ' ' + H);
+    var left = 44, right = 12, top = 18, bottom = 30;
+    var bw = Math.min(64, (W - left - right) / Math.max(L, 1));
+    var shown = 0, sumMean = 0, sumExperts = 0;
+    root.appendChild(svg('line', { x1: left, y1: H - bottom, x2: W - right, y2: H - bottom, 'class': 'axis' }));
+    root.appendChild(svg('text', { x: 4, y: 11 }, 'share of the layer\'s experts'));
+    root.appendChild(svg('text', { x: 4, y: top + 8 }, '100%'));
+    var lstep = Math.ceil(28 / Math.max(bw, 1));
+    for (var l = 0; l < L; l++) {
+      var E = (load[l] || []).length || 1, n = steps[l] || 0;
+      var mean = n ? touched[l] / n : 0;
+      var x = left + l * bw + bw * 0.12, w = Math.max(1, bw * 0.76), full = H - top - bottom;
+      root.appendChild(svg('rect', { x: x, y: top, width: w, height: full, 'class': 'frame' }));
+      var h = full * Math.min(1, mean / E);
+      var bar = svg('rect', { x: x, y: H - bottom - h, width: w, height: h, 'class': 'bar touched',
+                              'data-layer': l, 'data-mean': mean.toFixed(2), 'data-experts': E,
+                              'data-steps': n });
+      bar.appendChild(svg('title', {}, 'layer ' + l + ': ' + (n ? mean.toFixed(2) + ' of ' + E +
+        ' experts per step (' + (100 * mean / E).toFixed(0) + '%), ' + n + ' steps' : 'no steps in view')));
+      root.appendChild(bar);
+      if (n && bw >= 28) {
+        root.appendChild(svg('text', { x: left + l * bw + bw / 2, y: H - bottom - h - 4, 'text-anchor': 'middle' },
+                             mean.toFixed(1)));
+      }
+      if (l % lstep === 0) {
+        root.appendChild(svg('text', { x: left + l * bw + bw / 2, y: H - bottom + 14, 'text-anchor': 'middle' }, String(l)));
+      }
+      if (n) { shown += 1; sumMean += mean; sumExperts += E; }
+    }
+    root.appendChild(svg('text', { x: left + Math.max(L, 1) * bw / 2, y: H - 2, 'text-anchor': 'middle' }, 'MoE layer'));
+    root.dataset.layers = String(L);
+    root.dataset.shown = String(shown);
+    el('touched-note').textContent = shown
+      ? '(mean over ' + shown + ' layer' + (shown === 1 ? '' : 's') + ': ' + (sumMean / shown).toFixed(2) + ' of ' +
+        (sumExperts / shown).toFixed(0) + ' experts per step, ' + (100 * sumMean / sumExperts).toFixed(0) + '%)'
+      : '(no steps in view)';
   }
 
   function drawPolicies(v) {

@@ -82,11 +82,13 @@ def _patch_worker_rpc() -> None:
 
     def seqroute_stats(self: Any, reset: bool = False, requests: bool = True) -> dict[str, Any] | None:
         """Routing counters (``requests=False`` leaves out the per-request records)."""
-        from vllm_seqroute.vllm_glue import state
+        from vllm_seqroute.vllm_glue import state, touched
 
         if state.STATE is None:
             return None
+        touched.on_step(state.STATE)  # the last step ran: count its experts touched
         out = state.STATE.stats(reset=reset)
+        out.update(touched.stats(state.STATE, reset))
         if not requests:
             out.pop("requests", None)
         return out

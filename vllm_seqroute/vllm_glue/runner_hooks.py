@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vllm_seqroute.vllm_glue import state as st
+from vllm_seqroute.vllm_glue import touched
 
 logger = logging.getLogger("vllm_seqroute")
 
@@ -72,6 +73,7 @@ def patch_v1() -> None:
     def prepare_inputs(orig: Callable) -> Callable:
         def f(self: Any, so: Any, num_scheduled_tokens: Any, *a: Any, **k: Any) -> Any:
             if st.STATE is not None:
+                touched.on_step(st.STATE)  # the step before this one is done (stream order)
                 n = self.input_batch.num_reqs
                 st.STATE.set_step(self.input_batch.req_ids[:n], num_scheduled_tokens)
             out = orig(self, so, num_scheduled_tokens, *a, **k)
@@ -144,6 +146,7 @@ def patch_v2() -> None:
         def f(self: Any, *a: Any, **k: Any) -> Any:
             batch = orig(self, *a, **k)
             if st.STATE is not None:
+                touched.on_step(st.STATE)  # the step before this one is done (stream order)
                 st.STATE.set_step(list(batch.req_ids), batch.num_scheduled_tokens)
             return batch
         return f

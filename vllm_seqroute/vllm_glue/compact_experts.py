@@ -1,16 +1,25 @@
-"""CPU experts that never compute an empty routing slot.
+"""CPU experts that never compute an empty routing slot, and read each expert's weights once.
 
 The CPU fused-MoE kernel cannot take ``-1`` (it corrupts other tokens' rows) and computes every
 slot it is given, weight 0 or not. So the routing op emits ``-1`` in empty slots (its selected
-slots come first) and this wrapper around one layer's experts ``apply`` groups the tokens by how
-many experts they selected: the tokens that took ``c`` experts run the unchanged kernel once
-with their first ``c`` slots. Expert work is then exactly the selected pairs, and each token's
-output is what the kernel gives it with weight-0 slots (a zero term changes no sum): TopK at any
-width is the model's own result. At most ``width`` kernel calls per layer, one when every token
-took the same number (decode of one request, TopK).
+slots come first) and this wrapper around one layer's experts ``apply`` hands the kernel only
+the selected (token, expert) pairs, in ONE call per layer whatever the mix of per-token counts:
 
-On the CPU Dynamo traces the MoE layer, so the grouping (data-dependent sizes) runs inside an
-opaque custom op, ``torch.ops.vllm_seqroute.experts_on_selected``."""
+- every token took the same number ``c`` of experts (TopK at any width, one decode request):
+  the unchanged kernel on the first ``c`` slots, so TopK stays the model's own result, bit for
+  bit (``c = 0``: the output is 0);
+- mixed counts: each selected pair is a row of one top-1 call (the token's hidden row repeated,
+  the pair's expert and weight), and the per-pair outputs are summed per token in float32
+  (``index_add_``) and cast once. The kernel groups its rows by expert, so each used expert's
+  weights are read once per layer call, as in the uniform case; the work is exactly the pairs.
+
+The kernel itself accumulates a token's slots in float32 but from float32 per-slot outputs; here
+each per-pair output is first rounded to the model's dtype, so the mixed-count result differs
+from the kernel's weight-0 result by that rounding: under 1e-7 relative in float32, about one
+bfloat16 ulp of the output in bfloat16 (measured in ``tests/test_compact_experts.py``).
+
+On the CPU Dynamo traces the MoE layer, so the data-dependent pair layout runs inside an opaque
+custom op, ``torch.ops.vllm_seqroute.experts_on_selected``."""
 
 from __future__ import annotations
 
@@ -23,14 +32,15 @@ LAYERS: list[ExpertsOnSelected] = []  # the op's handle on each wrapped layer
 
 
 class ExpertsOnSelected:
-    """Replaces one CPU experts instance's ``apply``; counts the (token, expert) pairs it ran.
+    """Replaces one CPU experts instance's ``apply``; counts the (token, expert) pairs it ran
+    and the tokens it handled (``pairs / tokens`` = experts computed per token).
     ``compact=False`` runs every slot as given (weight-0 mode) and only counts."""
 
     def __init__(self, apply: Callable[..., Any], compact: bool) -> None:
         self.apply = apply
         self.compact = compact
         self.pairs = 0  # pairs the kernel computed
-        self.tokens = 0  # token rows it was given
+        self.tokens = 0  # tokens the layer calls handled (including those with no expert)
         self.key = len(LAYERS)
         LAYERS.append(self)
 
@@ -46,36 +56,32 @@ class ExpertsOnSelected:
             w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
             **kw: Any) -> None:
         n, width = topk_ids.shape
+        self.tokens += n
 
         def kernel(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> None:
-            self.tokens += ids.shape[0]
             self.pairs += ids.numel()
             self.apply(output=out, hidden_states=x, w1=w1, w2=w2, topk_weights=w.contiguous(),
                        topk_ids=ids.contiguous(), **kw)
 
         if not self.compact or n == 0:
             return kernel(output, hidden_states, topk_weights, topk_ids)
-        counts = (topk_ids >= 0).sum(1)
-        groups = torch.bincount(counts, minlength=width + 1).tolist()  # host ints (CPU tensors)
-        full = next((c for c, m in enumerate(groups) if m == n), None)
-        if full is not None:  # every token took the same number: one call, no gather
-            if full == 0:
+        taken = topk_ids >= 0
+        counts = taken.sum(1)
+        lo, hi = int(counts.min()), int(counts.max())  # host ints (CPU tensors)
+        if lo == hi:  # every token took the same number: the unchanged call, no gather
+            if hi == 0:
                 output.zero_()
                 return None
-            return kernel(output, hidden_states, topk_weights[:, :full], topk_ids[:, :full])
-        order = torch.argsort(counts, stable=True)
-        start = 0
-        for c, m in enumerate(groups):  # at most `width` groups, never a loop over tokens
-            if m == 0:
-                continue
-            idx = order[start:start + m]
-            start += m
-            if c == 0:
-                output[idx] = 0
-                continue
-            part = output.new_empty((m, output.shape[1]))
-            kernel(part, hidden_states[idx], topk_weights[idx, :c], topk_ids[idx, :c])
-            output[idx] = part
+            return kernel(output, hidden_states, topk_weights[:, :hi], topk_ids[:, :hi])
+        # One top-1 row per selected pair (token-major, slot order), one kernel call.
+        pair = taken.reshape(-1).nonzero().squeeze(1)
+        token = pair.div(width, rounding_mode="floor")
+        part = output.new_empty((pair.numel(), output.shape[1]))
+        kernel(part, hidden_states.index_select(0, token), topk_weights.reshape(-1)[pair, None],
+               topk_ids.reshape(-1)[pair, None])
+        acc = torch.zeros(output.shape, dtype=torch.float32, device=output.device)
+        acc.index_add_(0, token, part.float())  # a token with no pair keeps an exact 0
+        output.copy_(acc)
         return None
 
 

@@ -361,7 +361,9 @@ def stage_modules() -> dict[str, Any]:
 def child(args: argparse.Namespace) -> int:
     import logging
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # warnings only: a Triton kernel module that fails to load says why (each RoutingState on
+    # CUDA would also log which policies its graphs run, at INFO)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     budget = args.budget or TIMEOUT_S[args.quick]
     deadline = time.monotonic() + max(budget - GRACE, budget / 2)
     {"kernels": stage_kernels, "graphs": stage_graphs, "timings": stage_timings}[args.stage](
@@ -519,6 +521,18 @@ def out_diff(got: tuple[Any, Any], want: tuple[Any, Any]) -> list[str]:
     return d
 
 
+def readmit(op: Any, overrides: tuple[dict[str, Any] | None, ...]) -> None:
+    """Re-admit a ``kernels_gpu.Served``'s requests with per-request routing (``vllm_xargs``,
+    cycled over the requests; fresh ledgers) for its step. A refused override would fall back to
+    the server's policy without a word: raise instead."""
+    st = op.state
+    for i, r in enumerate(op.reqs):
+        st.add_request(r, overrides[i % len(overrides)], 0)
+    if st.bad_options_seen:
+        raise ValueError(f"per-request routing refused: {sorted(st.bad_options_seen)}")
+    st.set_step(op.reqs, [op.sh.t] * op.sh.reqs)
+
+
 def graph_case(m: dict[str, Any], sh: Any, base: Any, replays: int,
                overrides: tuple[dict[str, Any] | None, ...] | None = None) -> list[str]:
     """The op captured once as a CUDA graph, replayed on new logits (and, from the second replay,
@@ -527,11 +541,9 @@ def graph_case(m: dict[str, Any], sh: Any, base: Any, replays: int,
 
     kg = m["kg"]
     mine, ref = kg.Served(sh, base), kg.Served(sh, base, twin=True)
-    if overrides is not None:  # re-admitted with per-request policies (fresh ledgers)
+    if overrides is not None:
         for op in (mine, ref):
-            for i, r in enumerate(op.reqs):
-                op.state.add_request(r, overrides[i % len(overrides)], 0)
-            op.state.set_step(op.reqs, [sh.t] * sh.reqs)
+            readmit(op, overrides)
     fails: list[str] = []
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -560,6 +572,20 @@ def graph_case(m: dict[str, Any], sh: Any, base: Any, replays: int,
     return fails
 
 
+def _cuda_usable(stage: str) -> bool:
+    """False (with a row) once the CUDA context is broken (an illegal access is sticky: every
+    later case would fail the same way)."""
+    import torch
+
+    try:
+        torch.cuda.synchronize()
+        return True
+    except Exception as e:
+        emit(row(stage, "stage", f"ERROR: the CUDA context is unusable ({type(e).__name__}: "
+                 f"{str(e)[:200]}); the stage stops"))
+        return False
+
+
 def _require_triton(m: dict[str, Any], stage: str) -> bool:
     if m["kernels"].triton_available("cuda"):
         return True
@@ -569,7 +595,6 @@ def _require_triton(m: dict[str, Any], stage: str) -> bool:
 
 
 def stage_graphs(args: argparse.Namespace, deadline: float) -> None:
-    import torch
 
     m = stage_modules()
     if not _require_triton(m, "graphs"):
@@ -598,9 +623,10 @@ def stage_graphs(args: argparse.Namespace, deadline: float) -> None:
                     check = "ok" if not fails else "FAIL: " + "; ".join(fails)
                 except Exception as e:
                     check = f"ERROR: {type(e).__name__}: {str(e)[:300]}"
-                    torch.cuda.synchronize()
                 emit(row("graphs", what, check, model=model, tokens=label, secs=time.monotonic() - t0,
                          note=f"seed {seed}"))
+                if not _cuda_usable("graphs"):
+                    return
 
 
 def stage_timings(args: argparse.Namespace, deadline: float) -> None:
@@ -637,10 +663,11 @@ def stage_timings(args: argparse.Namespace, deadline: float) -> None:
                     times[name] = kg.time_graph(op, rounds=rounds)
             except Exception as e:
                 check = f"ERROR: {type(e).__name__}: {str(e)[:300]}"
-                torch.cuda.synchronize()
             emit(row("timings", what, check, model=model, tokens=label, times=times,
                      secs=time.monotonic() - t0, note=note))
             del sh
+            if not _cuda_usable("timings"):
+                return
             torch.cuda.empty_cache()
 
 

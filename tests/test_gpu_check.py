@@ -232,7 +232,8 @@ def test_kernels_stage_in_the_interpreter(tmp_path: Path) -> None:
 
 
 def test_pytest_rows(tmp_path: Path) -> None:
-    """The pytest path's rows: one per test with its outcome; a file that runs nothing is a FAIL."""
+    """The pytest path's rows: one per test with its outcome, and a FAIL row for a file that
+    runs nothing (as tests/test_kernels_gpu.py without CUDA)."""
     (tmp_path / "test_sample.py").write_text(textwrap.dedent("""
         import pytest
         def test_good():
@@ -252,17 +253,14 @@ def test_pytest_rows(tmp_path: Path) -> None:
         spec.loader.exec_module(gc)
         gc.pytest_rows(Path(sys.argv[1]), [])
     """)
-    got = {}
-    for name in ("test_sample.py", "test_empty.py"):
-        got[name] = gc.run_stage([sys.executable, "-c", code, str(tmp_path / name)], "kernels", 120,
-                                 echo=lambda _: None)
-    checks = {r["what"]: r["check"] for r in got["test_sample.py"]}
+    rows = gc.run_stage([sys.executable, "-c", code, str(tmp_path)], "kernels", 120, echo=lambda _: None)
+    checks = {r["what"]: r["check"] for r in rows}
+    assert set(checks) == {"pytest test_good", "pytest test_bad", "pytest test_skipped", f"pytest {tmp_path.name}"}
     assert checks["pytest test_good"] == "ok"
     assert checks["pytest test_bad"].startswith("FAIL (call): ") and "lists differ" in checks["pytest test_bad"]
     assert checks["pytest test_skipped"] == "SKIPPED: Skipped: not here"
-    assert len(got["test_empty.py"]) == 1
-    assert got["test_empty.py"][0]["check"].startswith("FAIL: skipped at collection") and \
-        "needs a CUDA device" in got["test_empty.py"][0]["check"]
+    nothing = checks[f"pytest {tmp_path.name}"]
+    assert nothing.startswith("FAIL: skipped at collection") and "needs a CUDA device" in nothing
 
 
 # --- the timed callables against the plain reference ---------------------------------------------
@@ -389,3 +387,22 @@ def test_timed_ops_match_reference(model: str, native: bool, on_cpu: Any, monkey
                 want_ids, want_w = ref_outputs(tok, count, op.width)
                 assert ids[i, :count].tolist() == want_ids[:count], (name, i)
                 torch.testing.assert_close(w[i], torch.tensor(want_w), rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("model", gc.MODELS)
+def test_mixed_requests_are_admitted(model: str, on_cpu: Any) -> None:
+    """The graphs stage's mixed batch: every request gets the policy it asked for (a refused
+    override would silently route with the server's)."""
+    from vllm_seqroute.vllm_glue import state as st
+
+    sh = on_cpu.Shape(model, 8, 2, seed=3)
+    op = on_cpu.Served(sh, gc.bases(sh.k)["causal_all"])
+    gc.readmit(op, gc.MIXED)
+    want = [st.POLICY_ID[(o or {}).get("routing", "seqtopk")] for o in gc.MIXED]
+    want[2] = st.SEQ_WINDOW  # seqtopk with the window rule has an id of its own
+    got = [op.state.slot_policy_host[op.state.slot_of_req[r]] for r in op.reqs]
+    assert got == [want[i % len(want)] for i in range(8)]
+    w, ids = op()
+    assert ids.shape == (16, op.width) and bool((w.sum(1) - 1).abs().max() < 1e-5)
+    with pytest.raises(ValueError, match="per-request routing refused"):
+        gc.readmit(op, ({"routing": "nope"},))

@@ -595,18 +595,20 @@ def _require_triton(m: dict[str, Any], stage: str) -> bool:
 
 
 def stage_graphs(args: argparse.Namespace, deadline: float) -> None:
-
     m = stage_modules()
     if not _require_triton(m, "graphs"):
         return
     kg = m["kg"]
     seed = int.from_bytes(os.urandom(3), "little")
     replays = 2 if args.quick else 3
-    for tokens, (reqs, t, kind) in GRAPH_SIZES.items():
+    sizes = {64: GRAPH_SIZES[64]} if args.quick else GRAPH_SIZES
+    for tokens, (reqs, t, kind) in sizes.items():
         for mi, model in enumerate(MODELS):
             label = _size_label(tokens, reqs, t, kind)
             sh = None
-            cases: list[tuple[str, str, Any]] = [(n, n, None) for n in OP_COLUMNS]
+            # --quick: the SeqTopK kernels and the mixed batch (every policy's kernel) only
+            cases: list[tuple[str, str, Any]] = [(n, n, None) for n in OP_COLUMNS
+                                                 if not args.quick or n in ("window", "causal")]
             cases.append(("causal_all", "mixed", MIXED))
             for name, what, overrides in cases:
                 what = f"graph replay x{replays}: " + (
@@ -627,6 +629,25 @@ def stage_graphs(args: argparse.Namespace, deadline: float) -> None:
                          note=f"seed {seed}"))
                 if not _cuda_usable("graphs"):
                     return
+
+
+def timing_case(m: dict[str, Any], sh: Any, timer: Callable[[Callable[[], object]], float]
+                ) -> tuple[str, dict[str, float], str]:
+    """One shape: the op with Triton against the op with the twins (``kernels_gpu.check``, every
+    column's configuration), then ``timer`` (ms per call) of token TopK and of the op per column.
+    Returns the check, the times and a note (the policies the default configuration's graph runs)."""
+    kg = m["kg"]
+    cfgs = bases(sh.k)
+    fails = kg.check(sh, cfgs)
+    check = "ok" if not fails else "FAIL: " + "; ".join(fails)
+    times = {"torch_topk": timer(sh.torch_topk)}
+    note = ""
+    for name, base in cfgs.items():
+        op = kg.Served(sh, base)
+        if name == "causal_all":
+            note = "all allowed runs " + ", ".join(op.policies)
+        times[name] = timer(op)
+    return check, times, note
 
 
 def stage_timings(args: argparse.Namespace, deadline: float) -> None:
@@ -652,15 +673,7 @@ def stage_timings(args: argparse.Namespace, deadline: float) -> None:
             sh = None
             try:
                 sh = kg.Shape(model, reqs, t, seed + 100 * mi + tokens)
-                cfgs = bases(sh.k)
-                fails = kg.check(sh, cfgs)
-                check = "ok" if not fails else "FAIL: " + "; ".join(fails)
-                times["torch_topk"] = kg.time_graph(sh.torch_topk, rounds=rounds)
-                for name, base in cfgs.items():
-                    op = kg.Served(sh, base)
-                    if name == "causal_all":
-                        note = "all allowed runs " + ", ".join(op.policies)
-                    times[name] = kg.time_graph(op, rounds=rounds)
+                check, times, note = timing_case(m, sh, lambda f: kg.time_graph(f, rounds=rounds))
             except Exception as e:
                 check = f"ERROR: {type(e).__name__}: {str(e)[:300]}"
             emit(row("timings", what, check, model=model, tokens=label, times=times,

@@ -406,3 +406,18 @@ def test_mixed_requests_are_admitted(model: str, on_cpu: Any) -> None:
     assert ids.shape == (16, op.width) and bool((w.sum(1) - 1).abs().max() < 1e-5)
     with pytest.raises(ValueError, match="per-request routing refused"):
         gc.readmit(op, ({"routing": "nope"},))
+
+
+def test_timing_case_on_cpu(on_cpu: Any) -> None:
+    """The timings stage's per-shape work (check, then each column timed) on the CPU, a wall-clock
+    timer standing in for CUDA-graph replay (which needs a GPU)."""
+
+    def timer(fn: Any) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    sh = on_cpu.Shape("DeepSeek-V3", 2, 1, seed=1)
+    check, times, note = gc.timing_case({"kg": on_cpu}, sh, timer)
+    assert check == "ok" and set(times) == {"torch_topk", *gc.OP_COLUMNS}
+    assert all(v > 0 for v in times.values()) and note.startswith("all allowed runs seqtopk")

@@ -122,6 +122,14 @@ def test_stages_import_without_vllm() -> None:
         spec.loader.exec_module(gc)
         m = gc.stage_modules()
         import tests.conftest, tests.reference
+        # what tests/test_kernels_gpu.py imports (on a CPU it skips before its own imports)
+        import ast, importlib
+        tree = ast.parse(open({str(ROOT / "tests" / "test_kernels_gpu.py")!r}).read())
+        names = [a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module for n in tree.body if isinstance(n, ast.ImportFrom) and n.module]
+        assert "vllm_seqroute.kernels" in names, names
+        for name in names:
+            importlib.import_module(name)
         from vllm_seqroute.vllm_glue import select_op, state
         assert m["kg"].select_op is select_op and m["state"] is state
         loaded = sorted(n for n in sys.modules if n == "vllm" or n.startswith("vllm."))

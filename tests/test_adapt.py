@@ -187,14 +187,16 @@ def test_adapt_cli_rejects_bad_routing(model_dir: Any, tmp_path: Path, capsys: A
     rc = main(["--model", str(model_dir("qwen3_moe")), "--corpus", str(tmp_path), "--routing", "seqtopk",
                "--routing-budget", "0", "--out", str(tmp_path / "o")])
     assert rc == 2 and "--routing-budget: must be a positive number" in capsys.readouterr().err
-    rc = main(["--model", str(tmp_path / "nowhere"), "--corpus", str(tmp_path), "--out", str(tmp_path / "o")])
+    rc = main(["--model", str(tmp_path / "nowhere"), "--corpus", str(tmp_path), "--routing", "topk",
+               "--out", str(tmp_path / "o")])
     assert rc == 2 and "--model: " in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 def test_eval_cli_rejects_bad_arguments(tmp_path: Path, capsys: Any) -> None:
     from vllm_seqroute.evaluate.cli import main
 
-    assert main(["--model", str(tmp_path / "nowhere"), "--texts", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert main(["--model", str(tmp_path / "nowhere"), "--texts", str(tmp_path), "--routing", "topk",
+                 "--out", str(tmp_path / "o")]) == 2
     assert "--model: not a checkpoint folder" in capsys.readouterr().err
     assert main(["--model", str(tmp_path), "--texts", str(tmp_path), "--routing", "foo:2",
                  "--out", str(tmp_path / "o")]) == 2
@@ -271,3 +273,241 @@ def test_eval_cli_writes_table_and_plots(model_dir: Any, tmp_path: Path) -> None
     for png in ("quality_vs_experts.png", "expert_load.png", "experts_per_token.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+# --- every front end reads the declarations (issue 22, item 3) ---------------------------------
+def _routing_actions(parser: Any) -> dict[str, Any]:
+    return {a.option_strings[0]: a for a in parser._actions
+            if a.option_strings and a.option_strings[0].startswith("--routing")}
+
+
+def test_adapt_serve_and_eval_spell_every_declared_option_alike() -> None:
+    import argparse
+
+    from vllm_seqroute import options
+    from vllm_seqroute.adapt.cli import build_parser
+    from vllm_seqroute.evaluate.runner import SPEC_KEYS
+    from vllm_seqroute.policies import POLICIES, registry
+    from vllm_seqroute.vllm_glue import config as glue_config
+
+    adapt = _routing_actions(build_parser())
+    serve = _routing_actions(glue_config.add_routing_args(argparse.ArgumentParser()))
+    declared = {"--routing", *(options.flag(p.key) for p in registry.options().values())}
+    assert set(adapt) == declared  # adapt: every declared option, nothing server-only
+    assert set(serve) - set(adapt) == {"--routing-allowed", "--routing-prefix-state-mib"}
+    for fl in declared - {"--routing"}:
+        a, s = adapt[fl], serve[fl]
+        assert (a.type, a.choices, a.help, a.dest) == (s.type, s.choices, s.help, s.dest), fl
+    assert tuple(adapt["--routing"].choices) == tuple(serve["--routing"].choices) == POLICIES
+    # eval's spec extras (seqtopk:1.5,cap=4,tau=...) name every declared option
+    assert set(SPEC_KEYS) == set(registry.options())
+    assert "--routing-tau" in adapt and "--routing-pool" in adapt
+
+
+@pytest.mark.parametrize("flags,want", [
+    (["--routing", "seqtopk", "--routing-budget", "1.5"], RoutingConfig(policy="seqtopk", budget=1.5)),
+    (["--routing", "seqtopk", "--routing-budget", "2.0"], RoutingConfig(policy="seqtopk", budget=2)),
+    (["--routing", "threshold", "--routing-tau", "0.2", "--routing-cap", "4"],
+     RoutingConfig(policy="threshold", tau=0.2, cap=4)),
+    (["--routing", "seqtopk", "--routing-pool", "exact", "--routing-rule", "window"],
+     RoutingConfig(policy="seqtopk", pool="exact", rule="window")),
+    (["--routing", "entropy", "--routing-k-min", "2", "--routing-k-max", "5"],
+     RoutingConfig(policy="entropy", k_min=2, k_max=5)),
+])
+def test_adapt_flags_parse_to_the_served_config(flags: list[str], want: RoutingConfig) -> None:
+    import argparse
+
+    from vllm_seqroute.adapt.cli import build_parser, routing_config
+    from vllm_seqroute.vllm_glue import config as glue_config
+
+    ns = build_parser().parse_args(["--model", "m", "--corpus", "c", "--out", "o", *flags])
+    got = routing_config(ns)
+    assert got == want
+    served = glue_config.add_routing_args(argparse.ArgumentParser()).parse_args(flags)
+    assert glue_config.config_from_options(glue_config.options_from_args(served)) == got
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--routing", "topk", "--routing-budget", "1.5"],
+     "vllm-seqroute adapt: --routing-budget: topk takes a positive integer, got 1.5 (fractional: seqtopk)"),
+    (["--routing", "threshold", "--routing-tau", "1.5"], "vllm-seqroute adapt: --routing-tau: must be in (0, 1], got 1.5"),
+    (["--routing", "seqtopk", "--routing-cap", "1", "--routing-floor", "2"], "vllm-seqroute adapt: --routing-cap: 1 is below"),
+])
+def test_adapt_refuses_bad_options_in_one_line(model_dir: Any, tmp_path: Path, capsys: Any, flags: list[str],
+                                               message: str) -> None:
+    from vllm_seqroute.adapt.cli import main
+
+    model = str(model_dir("qwen3_moe"))
+    capsys.readouterr()  # building the model writes progress bars
+    rc = main(["--model", model, "--corpus", str(tmp_path), "--out", str(tmp_path / "o"), *flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(message) and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("text,options", [
+    ("threshold:0.2", {"routing": "threshold", "routing_tau": 0.2}),
+    ("threshold,tau=0.3,cap=4", {"routing": "threshold", "routing_tau": 0.3, "routing_cap": 4}),
+    ("seqtopk:1.5,cap=4", {"routing": "seqtopk", "routing_budget": 1.5, "routing_cap": 4}),
+    ("seqtopk:2,pool=exact,floor=0", {"routing": "seqtopk", "routing_budget": 2, "routing_pool": "exact",
+                                      "routing_floor": 0}),
+    ("entropy,k_min=2,k_max=6", {"routing": "entropy", "routing_k_min": 2, "routing_k_max": 6}),
+])
+def test_eval_specs_take_every_declared_option(text: str, options: dict[str, Any]) -> None:
+    from vllm_seqroute.evaluate.runner import Spec
+    from vllm_seqroute.options import config_from_options
+
+    spec = Spec.parse(text)
+    assert spec.options == options
+    config_from_options(options)  # a valid served config
+
+
+@pytest.mark.parametrize("routing,message", [
+    ("topk:1.5", "--routing 'topk:1.5': routing_budget: topk takes a positive integer, got 1.5"),
+    ("threshold:2", "--routing 'threshold:2': routing_tau: must be in (0, 1], got 2"),
+    ("seqtopk:2,pool=nope", "--routing 'seqtopk:2,pool=nope': routing_pool:"),
+    ("seqtopk:2,cap=1,floor=2", "--routing 'seqtopk:2,cap=1,floor=2': routing_cap: 1 is below routing_floor 2"),
+])
+def test_eval_refuses_bad_specs_before_running(tmp_path: Path, capsys: Any, routing: str, message: str) -> None:
+    from vllm_seqroute.evaluate.cli import main
+
+    (tmp_path / "config.json").write_text("{}")
+    assert main(["--model", str(tmp_path), "--texts", str(tmp_path), "--routing", "topk", routing,
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vllm-seqroute eval: " + message) and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+# Adapted checkpoints record exactly the options they were adapted with, and serve with them.
+ADAPTED = {
+    "threshold": (["--routing", "threshold", "--routing-tau", "0.2"],
+                  {"routing": "threshold", "routing_budget": 4, "routing_cap": 8, "routing_tau": 0.2},
+                  RoutingConfig(policy="threshold", budget=4, cap=8, tau=0.2), 4),
+    "seqtopk": (["--routing", "seqtopk", "--routing-budget", "1.5"],
+                {"routing": "seqtopk", "routing_budget": 1.5, "routing_cap": 3},
+                RoutingConfig(policy="seqtopk", budget=1.5, cap=3), 2),
+}
+
+
+@pytest.fixture(scope="module")
+def adapted(model_dir: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny qwen3_moe (16 experts, K 4) adapted for 2 steps with each of ``ADAPTED``."""
+    from vllm_seqroute.adapt.cli import main
+
+    root = tmp_path_factory.mktemp("adapted")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    (corpus / "f.py").write_text(REPEATED)
+    out = {}
+    for name, (flags, _, _, _) in ADAPTED.items():
+        out[name] = root / name
+        assert main(["--model", str(model_dir("qwen3_moe")), "--corpus", str(corpus), *flags, "--steps", "2",
+                     "--seq-len", "64", "--batch-tokens", "128", "--save-steps", "0", "--out", str(out[name]),
+                     "--no-progress"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("name", ADAPTED)
+def test_adapted_checkpoint_records_its_options(adapted: dict[str, Path], name: str) -> None:
+    from vllm_seqroute.vllm_glue.config import config_from_options
+
+    _, recorded, cfg, model_k = ADAPTED[name]
+    config = json.loads((adapted[name] / "config.json").read_text())
+    assert config["seqroute"] == recorded
+    assert config["num_experts_per_tok"] == model_k  # seqtopk 1.5 -> 2 (rounded up, never int(1.5))
+    assert config_from_options(config["seqroute"]) == cfg  # the serving side's reader
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not has_vllm(), reason="needs vLLM")
+def test_adapted_checkpoints_serve_with_their_options(adapted: dict[str, Path]) -> None:
+    """vLLM's own config path (EngineArgs, no routing given) adopts what the checkpoint records."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_seqroute.vllm_glue.config import config_from_options
+
+    for name, (_, recorded, cfg, _) in ADAPTED.items():
+        vc = EngineArgs(model=str(adapted[name])).create_engine_config()
+        assert vc.additional_config["seqroute"] == recorded, name
+        assert config_from_options(vc.additional_config["seqroute"]) == cfg, name
+
+
+def _capture_router_logits(worker: Any) -> int:
+    """In the worker: store each MoE gate's output (the op's router logits) with the recorder's
+    tokens and keep the op's ids; returns the number of MoE layers."""
+    from vllm_seqroute.vllm_glue import state
+
+    rec = state.STATE.recorder
+    rec.selections = True
+    gates = [m for name, m in worker.model_runner.model.named_modules() if name.endswith("mlp.gate")]
+
+    def hook_for(layer: int) -> Any:
+        def hook(_mod: Any, _args: Any, out: Any) -> None:
+            if state.STATE.recorder is not None:
+                state.STATE.recorder.capture("router_logits", layer, out[0] if isinstance(out, tuple) else out)
+        return hook
+
+    for layer, gate in enumerate(gates):
+        gate.register_forward_hook(hook_for(layer))
+    return len(gates)
+
+
+def _threshold_counts(scores: torch.Tensor, tau: float, floor: int, cap: int) -> list[int]:
+    """Plain loop (threshold's documented rule): best first, take each expert whose probability
+    is >= tau, stopping at the first below; then clamp to [floor, cap]."""
+    out = []
+    for row in scores.tolist():
+        total = sum(row)
+        n = 0
+        for s in sorted(row, reverse=True)[:cap]:
+            if s / total < tau:
+                break
+            n += 1
+        out.append(min(max(n, floor), cap))
+    return out
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not has_vllm(), reason="needs vLLM")
+@pytest.mark.parametrize("name", ADAPTED)
+def test_adapted_checkpoint_served_by_an_engine_routes_with_its_options(adapted: dict[str, Path], engine: Any,
+                                                                        name: str) -> None:
+    """A real engine on the adapted checkpoint, no routing options given: the worker's config is
+    the recorded one, stats show its budget, and every token's experts follow the recorded
+    options (judged by tests/reference.py for seqtopk, a plain loop for threshold)."""
+    from vllm import SamplingParams
+
+    from vllm_seqroute.evaluate.records import external_id
+
+    _, _, cfg, _ = ADAPTED[name]
+    llm = engine(adapted[name])
+    info = llm.collective_rpc("seqroute_info")[0]
+    base = {k: info["base"][k] for k in ("policy", "budget", "cap", "tau", "floor", "rule", "pool")}
+    assert base == {k: getattr(cfg, k) for k in base}
+    assert llm.collective_rpc("seqroute_record", kwargs={"on": True, "max_tokens": 1024})[0]["recording"]
+    num_layers = llm.collective_rpc(_capture_router_logits)[0]
+    new_tokens = 6
+    prompt = "def add(a, b):\n    return a + b\n\nclass Server:\n    def __init__(self, port):\n"
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True),
+                       use_tqdm=False)[0]
+    rec = llm.collective_rpc("seqroute_record", kwargs={"on": False})[0]
+    stats = llm.collective_rpc("seqroute_stats")[0]
+    r = rec["requests"][next(k for k in rec["requests"] if external_id(k) == out.request_id)]
+    n = len(out.prompt_token_ids) + new_tokens - 1  # the last sampled token is never routed
+    assert r["positions"] == list(range(n))
+    assert stats["budgets_by_policy"][stats["policies"].index(cfg.policy)] == [cfg.budget]
+    counts_seen = set()
+    for layer in range(num_layers):
+        logits = torch.tensor([p[layer] for p in r["captured"]["router_logits"]], dtype=torch.float32)
+        scores = torch.softmax(logits, dim=-1)
+        counts = [sum(1 for e in p[layer] if e >= 0) for p in r["captured"]["ids"]]
+        if cfg.policy == "seqtopk":
+            want = [t.counts for t in ref_route(scores, [0, n], policy="seqtopk", cap=cfg.cap, budget=cfg.budget,
+                                                floor=cfg.floor, rule=cfg.rule, pool=cfg.pool)]
+            assert all(c in w for c, w in zip(counts, want, strict=True)), (layer, counts, want)
+            assert sum(counts) <= int(n * cfg.budget) + n  # floor(n * 1.5) pairs, plus the floor's
+        else:
+            assert counts == _threshold_counts(scores, cfg.tau, cfg.floor, cfg.cap), layer
+        counts_seen |= set(counts)
+    assert len(counts_seen) >= 2  # experts per token vary (neither K 4 nor K 2 for every token)

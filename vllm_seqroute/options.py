@@ -43,12 +43,51 @@ APPLIES_TO: dict[str, tuple[str, ...]] = {
     p.key: registry.applies_to(name) for name, p in registry.options().items()
     if p.per_request and registry.applies_to(name) != POLICIES
 }
+# Every declared option (``routing_pool`` too: server-wide, not per request) -> its parse type:
+# the flags of serve, adapt and eval's spec extras are built from this one table.
+FLAG_TYPES: dict[str, Any] = {
+    **{k: typ for k, (_, typ) in FIELDS.items()},
+    **{p.key: _PY_TYPE[p.type] for p in registry.options().values() if not p.per_request},
+}
 SHOWN_CHARS = 40  # user input quoted in a message is cut to about this many characters
 
 # server only: the policies per-request overrides may ask for (RoutingConfig.allowed)
 ALLOWED_KEY = "routing_allowed"
-_KEY_OF_FIELD = {field: key for key, (field, _) in FIELDS.items()} | {"allowed": ALLOWED_KEY}
+_KEY_OF_FIELD = {field: key for key, (field, _) in FIELDS.items()} | {"allowed": ALLOWED_KEY} | {
+    name: p.key for name, p in registry.options().items()}  # server-wide ones too (pool)
 _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(RoutingConfig))
+
+
+def flag(key: str) -> str:
+    """The command-line spelling of an option key: ``routing_k_min`` -> ``--routing-k-min``."""
+    return "--" + key.replace("_", "-")
+
+
+FLAG_DEST = "seqroute_"  # argparse dest prefix (``seqroute_routing_budget``): apart from vLLM's own
+
+
+def add_routing_flags(group: Any, *, policy_help: str, policy_required: bool = False) -> None:
+    """Add ``--routing`` and one ``--routing-<option>`` flag per declared option (types, choices
+    and help from the declarations) to an argparse parser or group. serve, adapt and eval all
+    call this, so every front end spells, types and documents each option the same way; parsed
+    values come back with :func:`options_from_args`. A REAL option (seqtopk's budget) parses as
+    a number; a policy that takes integers refuses a fraction when the config is validated."""
+    group.add_argument(flag("routing"), dest=FLAG_DEST + "routing", required=policy_required,
+                       choices=CHOICES["routing"], help=policy_help)
+    for name, p in registry.options().items():
+        group.add_argument(flag(p.key), dest=FLAG_DEST + p.key, type=FLAG_TYPES[p.key], default=None,
+                           choices=p.choices, metavar=None if p.choices else name.upper(), help=p.help)
+
+
+def options_from_args(ns: Any) -> dict[str, Any]:
+    """The routing option keys (``routing``, ``routing_budget``...) a user gave on the command
+    line (flags added by :func:`add_routing_flags`; flags left out are omitted)."""
+    out = {}
+    for key in FLAG_TYPES:
+        v = getattr(ns, FLAG_DEST + key, None)
+        if v is not None:
+            out[key] = v
+    return out
 
 
 def _fields(cfg: RoutingConfig) -> dict[str, Any]:

@@ -19,8 +19,8 @@ import json
 import sys
 from pathlib import Path
 
-from vllm_seqroute.options import FIELDS, config_from_options
-from vllm_seqroute.policies import POLICIES, RULES, RoutingConfig
+from vllm_seqroute.options import add_routing_flags, config_from_options, flag, options_from_args
+from vllm_seqroute.policies import RoutingConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,15 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-packing", action="store_true",
                    help="one document per row, padded (default: pack documents, each its own segment)")
     p.add_argument("--out", required=True, help="output checkpoint folder")
-    g = p.add_argument_group("routing (as on vllm serve)")
-    g.add_argument("--routing", choices=POLICIES, default="seqtopk")
-    g.add_argument("--routing-budget", type=int, help="experts per token (default: the model's K)")
-    g.add_argument("--routing-cap", type=int, help="per-token maximum (default min(E, 2*budget))")
-    g.add_argument("--routing-floor", type=int, help="experts every token keeps (default 1)")
-    g.add_argument("--routing-rule", choices=RULES, help="seqtopk rule during training (default causal)")
-    g.add_argument("--routing-p", type=float, help="topp threshold")
-    g.add_argument("--routing-k-min", type=int)
-    g.add_argument("--routing-k-max", type=int)
+    g = p.add_argument_group("routing (the same flags as vllm-seqroute serve; recorded in the checkpoint)")
+    add_routing_flags(g, policy_required=True, policy_help="routing policy while training; the checkpoint "
+                      "records it with every option that differs from its default, and is served with it")
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=int, default=100)
     t.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (one routing segment)")
@@ -67,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     t.add_argument("--no-aux-loss", action="store_true", help="drop the model's load-balancing loss")
     t.add_argument("--keep-model-k", action="store_true",
-                   help="keep num_experts_per_tok (default: set it to the topk/seqtopk budget)")
+                   help="keep num_experts_per_tok (default: what the policy declares for its budget, "
+                        "e.g. topk's budget, seqtopk's budget rounded up)")
     t.add_argument("--experts-implementation", choices=("eager", "grouped_mm", "batched_mm"),
                    help="transformers experts kernel (default: the model's)")
     t.add_argument("--device", default="cpu",
@@ -100,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def routing_config(ns: argparse.Namespace) -> RoutingConfig:
-    return config_from_options({k: getattr(ns, k) for k in FIELDS if getattr(ns, k, None) is not None})
+    return config_from_options(options_from_args(ns))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = routing_config(ns)
     except ValueError as e:
         key, _, rest = str(e).partition(":")
-        print(f"vllm-seqroute adapt: --{key.replace('_', '-')}:{rest}", file=sys.stderr)
+        print(f"vllm-seqroute adapt: {flag(key)}:{rest}", file=sys.stderr)
         return 2
     if not (Path(ns.model) / "config.json").is_file():
         print(f"vllm-seqroute adapt: --model: {ns.model} is not a checkpoint folder (no config.json)",

@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vllm_seqroute.evaluate.runner import Job, Spec, run_in_subprocess
+from vllm_seqroute.evaluate.runner import SPEC_KEYS, Job, Spec, run_in_subprocess
+from vllm_seqroute.options import config_from_options
 from vllm_seqroute.policies import registry
 
 
@@ -34,11 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, nargs="+", help="checkpoint folder(s)")
     p.add_argument("--texts", required=True, nargs="+", help="held-out text: folders, globs or files")
     p.add_argument("--suffixes", default=".py,.txt,.md,.rst", help="suffixes taken from --texts folders")
-    p.add_argument("--routing", nargs="+", default=["topk", "seqtopk"],
-                   help="policies: vanilla (vLLM without the plugin), "
+    p.add_argument("--routing", nargs="+", required=True,
+                   help="configurations to compare, each POLICY[:DIAL][,OPTION=VALUE...]: vanilla (vLLM "
+                        "without the plugin), "
                         + ", ".join(f"{s.name}[:{'B' if s.dial == 'budget' else s.dial}]"
                                     for s in registry.specs())
-                        + "; extra options after commas, e.g. seqtopk:1.5,cap=4,rule=window")
+                        + "; options: " + ", ".join(SPEC_KEYS) + " (as the --routing-* flags of serve)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--window", type=int, default=512, help="tokens per held-out window")
     p.add_argument("--max-windows", type=int, default=32, help="windows, evenly spaced (0: all)")
@@ -86,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         specs = [Spec.parse(s) for s in ns.routing]
+        for spec in specs:  # values that contradict each other or the policy: refused before any run
+            if spec.options is not None:
+                try:
+                    config_from_options(spec.options)
+                except ValueError as e:
+                    raise ValueError(f"{spec.text!r}: {e}") from None
     except ValueError as e:
         print(f"vllm-seqroute eval: --routing {e}", file=sys.stderr)
         return 2

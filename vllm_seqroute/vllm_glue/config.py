@@ -7,60 +7,48 @@ import argparse
 import logging
 from typing import Any
 
-from vllm_seqroute.options import ALLOWED_KEY, CHOICES, FIELDS
+from vllm_seqroute.options import ALLOWED_KEY, FLAG_DEST, add_routing_flags, flag
 from vllm_seqroute.options import config_from_options as options_config
+from vllm_seqroute.options import options_from_args as routing_options_from_args
 from vllm_seqroute.policies import registry
 from vllm_seqroute.policies.config import RoutingConfig
 
-# server-wide options a request cannot set (``routing_pool``): declared, not per request
-SERVER_KEYS = (*(p.key for p in registry.options().values() if not p.per_request), ALLOWED_KEY)
-
 logger = logging.getLogger("vllm_seqroute")
 KEY = "seqroute"
-
-# flag help: the policies' declarations (policies/<family>.py), the policy flag and server options
-_FLAG_HELP = {
-    "routing": "MoE routing policy for every MoE layer (vllm-seqroute); per request: vllm_xargs.routing",
-    **{p.key: p.help for p in registry.options().values()},
-    "routing_allowed": "Policies per-request overrides (vllm_xargs.routing) may ask for, comma "
-                       "separated, or all (default: all; the server's own policy is always allowed). "
-                       "On CUDA the routing op runs every allowed policy in every MoE layer (graphs "
-                       "replay without Python): list only those you serve",
-    "routing_prefix_state_mib": "Prefix caching: memory for the routing state kept with cached KV "
-                                "blocks, in MiB (default: enough for every block; causal SeqTopK "
-                                "cache hits shorten to the blocks that have it)",
-}
 PREFIX_STATE_KEY = "routing_prefix_state_mib"  # server-wide, not a routing option
 
-
-def flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
+# flag help: the routing options' own come from the declarations (options.add_routing_flags)
+POLICY_HELP = "MoE routing policy for every MoE layer (vllm-seqroute); per request: vllm_xargs.routing"
+_SERVER_FLAG_HELP = {
+    ALLOWED_KEY: "Policies per-request overrides (vllm_xargs.routing) may ask for, comma "
+                 "separated, or all (default: all; the server's own policy is always allowed). "
+                 "On CUDA the routing op runs every allowed policy in every MoE layer (graphs "
+                 "replay without Python): list only those you serve",
+    PREFIX_STATE_KEY: "Prefix caching: memory for the routing state kept with cached KV "
+                      "blocks, in MiB (default: enough for every block; causal SeqTopK "
+                      "cache hits shorten to the blocks that have it)",
+}
 
 
 def add_routing_args(parser: Any) -> Any:
-    """Add the ``--routing*`` flags to a vLLM argument parser (idempotent)."""
+    """Add the ``--routing*`` flags to a vLLM argument parser (idempotent): the declared options
+    as every front end spells them, then the server-only ones."""
     if any("--routing" in a.option_strings for a in parser._actions):
         return parser
     group = parser.add_argument_group("vllm-seqroute", "MoE expert routing (vllm-seqroute plugin)")
-    for key, (_, typ) in FIELDS.items():
-        group.add_argument(flag(key), dest=f"seqroute_{key}", type=typ, default=None,
-                           choices=CHOICES.get(key), help=_FLAG_HELP[key])
-    for p in registry.options().values():
-        if not p.per_request:
-            group.add_argument(flag(p.key), dest=f"seqroute_{p.key}", default=None, choices=p.choices,
-                               help=_FLAG_HELP[p.key])
-    group.add_argument(flag(ALLOWED_KEY), dest=f"seqroute_{ALLOWED_KEY}", default=None,
-                       help=_FLAG_HELP[ALLOWED_KEY])
-    group.add_argument(flag(PREFIX_STATE_KEY), dest=f"seqroute_{PREFIX_STATE_KEY}", type=float,
-                       default=None, help=_FLAG_HELP[PREFIX_STATE_KEY])
+    add_routing_flags(group, policy_help=POLICY_HELP)
+    group.add_argument(flag(ALLOWED_KEY), dest=FLAG_DEST + ALLOWED_KEY, default=None,
+                       help=_SERVER_FLAG_HELP[ALLOWED_KEY])
+    group.add_argument(flag(PREFIX_STATE_KEY), dest=FLAG_DEST + PREFIX_STATE_KEY, type=float,
+                       default=None, help=_SERVER_FLAG_HELP[PREFIX_STATE_KEY])
     return parser
 
 
 def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The ``--routing*`` values a user gave (others omitted)."""
-    out = {}
-    for key in (*FIELDS, *SERVER_KEYS, PREFIX_STATE_KEY):
-        v = getattr(args, f"seqroute_{key}", None)
+    out = routing_options_from_args(args)
+    for key in (ALLOWED_KEY, PREFIX_STATE_KEY):
+        v = getattr(args, FLAG_DEST + key, None)
         if v is not None:
             out[key] = v
     return out

@@ -43,6 +43,24 @@ def test_fold_counts_distinct_experts_per_step_against_sets() -> None:
     assert t.stats(loads, reset=False)["experts_touched"] == [0, 0, 1]
 
 
+def test_made_in_a_step_and_read_outside_inference_mode() -> None:
+    """The runner hooks make the counters inside a step (inference mode); the stats RPC updates
+    them outside it (a multiprocess engine's worker), and the reverse."""
+    loads = [torch.zeros(4, dtype=torch.int64)]
+    with torch.inference_mode():
+        t = TouchedExperts(loads)
+        loads[0][1] += 2
+        t.fold(loads)
+    loads = [x.clone() for x in loads]  # the state's own loads are normal tensors
+    loads[0][2] += 1
+    t.fold(loads)
+    assert t.stats(loads, reset=True)["experts_touched"] == [2]
+    with torch.inference_mode():
+        u = TouchedExperts(loads)
+    u.fold(loads)
+    u.stats(loads, reset=True)
+
+
 def _selections_on(worker: Any) -> int:
     from vllm_seqroute.vllm_glue import state
 

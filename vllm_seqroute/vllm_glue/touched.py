@@ -34,6 +34,9 @@ class TouchedExperts:
         self.steps = torch.zeros(self.num_layers, **i64)
         self.last = torch.zeros(self.num_layers, **i64)
 
+    # Made in a step (inference mode) or in an RPC (not): in-place updates of inference tensors
+    # are refused outside inference mode, and updates of normal ones are fine inside it.
+    @torch.inference_mode()
     def fold(self, loads: list[torch.Tensor]) -> None:
         """Count the step that ran since the last fold: an expert whose load changed was used."""
         now = torch.cat(loads)
@@ -45,6 +48,7 @@ class TouchedExperts:
         self.steps += stepped.to(torch.int64)
         self.last.copy_(torch.where(stepped, per_layer, self.last))
 
+    @torch.inference_mode()
     def stats(self, loads: list[torch.Tensor], reset: bool) -> dict[str, list[int]]:
         out = {"experts_touched": self.touched.tolist(), "steps_routed": self.steps.tolist(),
                "experts_touched_last": self.last.tolist()}

@@ -401,15 +401,12 @@ def test_timed_ops_match_reference(model: str, native: bool, on_cpu: Any, monkey
 def test_mixed_requests_are_admitted(model: str, on_cpu: Any) -> None:
     """The graphs stage's mixed batch: every request gets the policy it asked for (a refused
     override would silently route with the server's)."""
-    from vllm_seqroute.vllm_glue import state as st
-
     sh = on_cpu.Shape(model, 8, 2, seed=3)
     op = on_cpu.Served(sh, gc.bases(sh.k)["causal_all"])
     gc.readmit(op, gc.MIXED)
-    want = [st.POLICY_ID[(o or {}).get("routing", "seqtopk")] for o in gc.MIXED]
-    want[2] = st.SEQ_WINDOW  # seqtopk with the window rule has an id of its own
-    got = [op.state.slot_policy_host[op.state.slot_of_req[r]] for r in op.reqs]
-    assert got == [want[i % len(want)] for i in range(8)]
+    want = [(o or {}).get("routing", "seqtopk") for o in gc.MIXED]
+    got = op.state.stats()["requests"]
+    assert [got[r]["policy"] for r in op.reqs] == [want[i % len(want)] for i in range(8)]
     w, ids = op()
     assert ids.shape == (16, op.width) and bool((w.sum(1) - 1).abs().max() < 1e-5)
     with pytest.raises(ValueError, match="per-request routing refused"):

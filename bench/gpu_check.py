@@ -352,10 +352,8 @@ def stage_modules() -> dict[str, Any]:
 
     from vllm_seqroute import kernels
     from vllm_seqroute.kernels import checks
-    from vllm_seqroute.policies import RoutingConfig
-    from vllm_seqroute.vllm_glue import state
 
-    return dict(kg=kernels_gpu, kernels=kernels, checks=checks, RoutingConfig=RoutingConfig, state=state)
+    return dict(kg=kernels_gpu, kernels=kernels, checks=checks)
 
 
 def child(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ What is timed is what serving runs in every MoE layer (``vllm_glue/router.py``):
 router (softmax or sigmoid + bias + group limit, ``torch.topk`` at K; for grouped routers also the
 group-limited top-width candidates) and then the routing op ``vllm_glue.select_op.select`` on a
 real ``RoutingState`` (candidates kernel, the kernels of every policy the step runs, ledger commit,
-assembly and counters in torch); its selection is ``kernels.select``, the core ``routing.route``
+assembly and counters in torch); its selection is ``routing.route_step``, the core ``routing.route``
 runs too.
 
 For each model shape (Qwen3-30B-A3B, OLMoE, DeepSeek-V3 grouped + bias, Mixtral) and batch
@@ -53,7 +53,7 @@ from vllm_seqroute.kernels import triton_common
 from vllm_seqroute.kernels import triton_seqtopk_causal as C
 from vllm_seqroute.kernels import triton_seqtopk_window as W
 from vllm_seqroute.options import server_width
-from vllm_seqroute.policies import RoutingConfig
+from vllm_seqroute.policies import RoutingConfig, registry
 from vllm_seqroute.vllm_glue import select_op
 from vllm_seqroute.vllm_glue import state as st
 
@@ -190,8 +190,7 @@ class Served:
                 self.state.set_step(self.reqs, [HISTORY_CHUNK] * sh.reqs)
                 self(logits)
         self.state.set_step(self.reqs, [sh.t] * sh.reqs)  # the timed step (host work, untimed)
-        self.policies = sorted({st.POLICY_NAME[p] if p != st.SEQ_WINDOW else "seqtopk window"
-                                for p in self.state.step_policies})
+        self.policies = sorted({registry.selectors()[p].label for p in self.state.step_policies})
 
     def __call__(self, logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One MoE layer's routing as serving runs it: the model's router, then the op."""

@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from server.validation import RoutingOptionError, ServerRouting, validate_xargs
 from vllm_seqroute.options import config_from_options, request_config
-from vllm_seqroute.policies import RoutingConfig
+from vllm_seqroute.policies import RoutingConfig, registry
 from vllm_seqroute.policies.config import POLICIES
 from vllm_seqroute.vllm_glue import config as glue_config
 from vllm_seqroute.vllm_glue import select_op
@@ -74,19 +74,22 @@ def test_offline_disallowed_requests_route_with_the_servers_policy(caplog: Any):
     with caplog.at_level(logging.WARNING, logger="vllm_seqroute"):
         s.add_request("a", {"routing": "topp"}, 0)
         s.add_request("b", {"routing": "topk"}, 0)
-    assert s.slot_policy_host[s.slot_of_req["a"]] == st.POLICY_ID["seqtopk"]
-    assert s.slot_policy_host[s.slot_of_req["b"]] == st.POLICY_ID["topk"]
+    assert s.slot_policy_host[s.slot_of_req["a"]] == registry.selector_of("seqtopk").id
+    assert s.slot_policy_host[s.slot_of_req["b"]] == registry.selector_of("topk").id
     msgs = [r.getMessage() for r in caplog.records]
     assert len(msgs) == 1 and '"topp" is not allowed on this server' in msgs[0]
 
 
 def test_graph_policies_are_the_allowed_ones():
-    assert _state(RoutingConfig(policy="seqtopk", budget=2)).graph_policies() == st.ALL_POLICY_IDS
+    every = {x.id for x in registry.selectors()}
+    assert _state(RoutingConfig(policy="seqtopk", budget=2)).graph_policies() == every
     own = _state(RoutingConfig(policy="seqtopk", budget=2, allowed=()))
-    assert own.graph_policies() == {st.POLICY_ID["seqtopk"], st.SEQ_WINDOW}
+    assert own.graph_policies() == {registry.selector_of("seqtopk").id,
+                                    registry.selector_of("seqtopk", "window").id}
     s = _state(RoutingConfig(policy="topk", budget=2, allowed=("topp",)), cuda=True, reqs=("a",))
     s.set_step(["a"], [3])
-    assert s.step_policies == {st.POLICY_ID["topk"], st.POLICY_ID["topp"]} and not s.step_native
+    assert s.step_policies == {registry.selector_of("topk").id, registry.selector_of("topp").id}
+    assert not s.step_native
 
 
 class _Count(TorchDispatchMode):

@@ -17,9 +17,9 @@ from tests.reference import RefLedger, ref_route
 from tests.reference import outputs as ref_outputs
 from vllm_seqroute import kernels
 from vllm_seqroute.kernels import checks as ch
-from vllm_seqroute.policies import BatchLayout, CausalLedger
+from vllm_seqroute.policies import BatchLayout, CausalLedger, registry
 from vllm_seqroute.policies.base import TokenParams
-from vllm_seqroute.routing import assemble
+from vllm_seqroute.routing import assemble, dispatch
 
 
 def test_triton_is_not_used_off_cuda() -> None:
@@ -84,14 +84,14 @@ def test_cpu_path_matches_the_reference(seed: int) -> None:
         ts = torch.repeat_interleave(torch.tensor([r.slot for r in reqs]), torch.tensor(lens))
         layout = BatchLayout.from_token_slots(ts)
         params = _token_params(reqs, lens)
-        cand = kernels.candidates(scores, width, bias, with_mass=True, with_entropy=True)
+        cand = dispatch.candidates(scores, width, bias, with_mass=True, with_entropy=True)
         cu = [0, *torch.tensor(lens).cumsum(0).tolist()]
         for pol in ("topk", "topp", "entropy", "causal", "window"):
             ledger, ref_ledger = ledgers.get(pol, (None, None))
             # the selection core as serving and route() run it; the caller commits and assembles
-            routes = {0: ("seqtopk", pol) if ledger is not None else (pol, "causal")}
+            sid = registry.selector_of("seqtopk", pol).id if ledger is not None else registry.spec(pol).order
             row = None if ledger is None else ledger.rows(layout.token_slot)
-            sel = kernels.select(cand, layout, params, routes, None, ledger, row)
+            sel = dispatch.select(cand, layout, params, {sid}, None, ledger, row)
             if ledger is not None and row is not None:
                 j = torch.arange(width)
                 ledger.commit(row, cand.keys, j[None, :] < params.cap[:, None], sel.charged)
@@ -115,13 +115,11 @@ def test_cpu_path_matches_the_reference(seed: int) -> None:
 
 def test_bad_arguments_are_refused() -> None:
     case = ch.random_case(8, 8, 2, seed=0)
-    cand = kernels.candidates(case.scores, case.width, with_mass=False, with_entropy=False)
-    with pytest.raises(ValueError, match="rule"):
-        kernels.seqtopk_select(cand, case.layout, case.params, None, None, rule="nope")
-    with pytest.raises(ValueError, match="row"):
-        kernels.seqtopk_select(cand, case.layout, case.params, case.ledger, None, rule="causal")
-    with pytest.raises(ValueError, match="policy"):
-        kernels.token_select("seqtopk", cand, case.layout, case.params)
+    cand = dispatch.candidates(case.scores, case.width, with_mass=False, with_entropy=False)
+    with pytest.raises(ValueError, match="rule: policy 'seqtopk' has no body 'nope'"):
+        registry.selector_of("seqtopk", "nope")
+    with pytest.raises(ValueError, match="selector: per-token selector ids are needed"):
+        dispatch.select(cand, case.layout, case.params, {0, 1}, None, case.ledger, case.row)
 
 
 def _has_triton() -> bool:

@@ -15,8 +15,12 @@ if not torch.cuda.is_available():
 from vllm_seqroute import kernels  # noqa: E402
 from vllm_seqroute.kernels import checks as ch  # noqa: E402
 from vllm_seqroute.kernels import triton_candidates  # noqa: E402
-from vllm_seqroute.policies import BatchLayout, build_candidates  # noqa: E402
-from vllm_seqroute.routing import assemble  # noqa: E402
+from vllm_seqroute.policies import (  # noqa: E402
+    BatchLayout,
+    build_candidates,
+    registry,  # noqa: E402
+)
+from vllm_seqroute.routing import assemble, dispatch  # noqa: E402
 
 DEV = torch.device("cuda")
 SEED = int.from_bytes(os.urandom(3), "little")  # fresh inputs every run; printed on failure
@@ -72,11 +76,12 @@ def test_cuda_graph_capture_and_replay(rule: str, n: int) -> None:
     lay = BatchLayout.from_token_slots(case.layout.token_slot.clone())
     row = case.row.clone()
     num_slots = ledger.num_slots
+    selector = registry.selector_of("seqtopk", rule)
 
     def step() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        cand = kernels.candidates(scores, case.width, with_mass=False, with_entropy=False)
+        cand = dispatch.candidates(scores, case.width, with_mass=False, with_entropy=False)
         # the selection core, then the commit and the output contract in torch, as serving runs them
-        sel = kernels.select(cand, lay, params, {0: ("seqtopk", rule)}, None, ledger, row)
+        sel = dispatch.select(cand, lay, params, {selector.id}, None, ledger, row)
         j = torch.arange(case.width, device=DEV)
         ledger.commit(row, cand.keys, j[None, :] < params.cap[:, None], sel.charged)
         ids, w = assemble(cand, sel.count, renormalize=True)[:2]
@@ -107,7 +112,7 @@ def test_cuda_graph_capture_and_replay(rule: str, n: int) -> None:
         graph.replay()
         torch.cuda.synchronize()
         cand = ch.twin_candidates(ref, with_mass=False, with_entropy=False)
-        want = ch.twin_select(ref, cand, "seqtopk", rule)
+        want = ch.twin_select(ref, cand, selector)
         ch.twin_commit(ref, cand, want)
         ids, w = assemble(cand, want.count, renormalize=True)[:2]
         assert torch.equal(out[0], want.count), (it, SEED)
@@ -119,11 +124,11 @@ def test_cuda_graph_capture_and_replay(rule: str, n: int) -> None:
 def test_token_policies_in_a_graph() -> None:
     case = ch.random_case(512, 64, 8, seed=SEED + 3, device=DEV)
     scores = case.scores.clone()
-    for pol in kernels.TOKEN_POLICIES:
+    for pol in [x for x in ch.triton_selectors() if "history" not in x.spec.needs]:
 
-        def step(pol: str = pol) -> tuple[torch.Tensor, torch.Tensor]:
-            cand = kernels.candidates(scores, case.width, with_mass=True, with_entropy=True)
-            sel = kernels.select(cand, case.layout, case.params, {0: (pol, "causal")}, None, None, None)
+        def step(pol: registry.Selector = pol) -> tuple[torch.Tensor, torch.Tensor]:
+            cand = dispatch.candidates(scores, case.width, with_mass=True, with_entropy=True)
+            sel = dispatch.select(cand, case.layout, case.params, {pol.id}, None, None, None)
             return assemble(cand, sel.count, renormalize=False)[:2]
 
         step()

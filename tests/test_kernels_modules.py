@@ -40,7 +40,19 @@ def _top_level_names(tree: ast.Module) -> set[str]:
 def test_every_triton_module_is_loaded_by_the_dispatcher() -> None:
     on_disk = {p.stem for p in KDIR.glob("triton_*.py")} - {"triton_common"}
     assert on_disk == set(kernels.TRITON_MODULES.values())
-    assert set(kernels.TritonKernels.__dataclass_fields__) == set(kernels.TRITON_MODULES)
+    assert "candidates" in kernels.TRITON_MODULES and kernels.triton_families() == set(kernels.TRITON_MODULES) - {
+        "candidates"}
+
+
+def test_every_declared_triton_body_names_a_kernel_family_with_an_entry() -> None:
+    """A declaration's ``Triton(family, code)`` names a loaded module defining ``select``; every
+    family serves some declaration (none left without a policy)."""
+    from vllm_seqroute.policies import registry
+
+    declared = {x.body.triton.family for x in registry.selectors() if x.body.triton is not None}
+    assert declared == kernels.triton_families()
+    for family in declared:
+        assert "select" in _top_level_names(_tree(KDIR / f"{kernels.TRITON_MODULES[family]}.py")), family
     assert not (KDIR / "_triton.py").exists()
 
 

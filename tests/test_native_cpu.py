@@ -6,6 +6,8 @@ give the same ids, the same ledgers and counters, and weights equal up to float3
 from __future__ import annotations
 
 import copy
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +15,8 @@ import torch
 from vllm_seqroute import kernels
 from vllm_seqroute.kernels import cpu_native
 from vllm_seqroute.policies import registry
-from vllm_seqroute.policies.config import POLICIES, RoutingConfig
+from vllm_seqroute.policies.config import RoutingConfig
+from vllm_seqroute.routing import dispatch
 from vllm_seqroute.vllm_glue import select_op
 from vllm_seqroute.vllm_glue import state as st
 
@@ -95,12 +98,50 @@ def test_native_body_equals_torch_body(seed: int) -> None:
     assert sum(torch_state.pairs_by_policy.tolist()) > 0
 
 
-def test_native_policy_numbering_is_the_registry_order() -> None:
-    # the C body numbers its policies as the registry does; those declared native are its enum
-    native = tuple(p for p in POLICIES if registry.spec(p).native)
-    assert cpu_native.NATIVE_POLICIES == native == POLICIES[:len(native)]
-    assert [st.POLICY_ID[p] for p in POLICIES] == list(range(len(POLICIES)))
-    assert st.NATIVE_IDS == {st.POLICY_ID[p] for p in native}
+def _c_branches() -> tuple[dict[str, int], set[str]]:
+    """select_cpu.c's enum (name -> value) and the names ``select_token`` has a ``case`` for."""
+    src = (Path(cpu_native.__file__).with_name("select_cpu.c")).read_text()
+    enum = re.search(r"enum \{([^}]*)\};", src)
+    assert enum is not None
+    values = {k.strip(): int(v) for k, v in (x.split("=") for x in enum.group(1).split(","))}
+    body = src[src.index("static int select_token("):src.index("int seqroute_select_cpu(")]
+    return values, set(re.findall(r"case (\w+):", body))
+
+
+def test_every_declared_native_branch_is_in_the_c_body() -> None:
+    """A policy (or variant) declared native names an enum value of select_cpu.c with a case of
+    its own; every case serves some declaration (no C code without a policy)."""
+    values, cases = _c_branches()
+    by_value = {v: k for k, v in values.items() if k != "NUM_BRANCHES"}
+    assert values["NUM_BRANCHES"] == len(by_value)
+    declared = {x.body.native: x.label for x in registry.selectors() if x.body.native is not None}
+    for value, label in declared.items():
+        assert value in by_value and by_value[value] in cases, f"{label}: native={value} has no C branch"
+    assert {by_value[v] for v in declared} == cases
+    # the tables the routing layer hands the C body come from the same declarations
+    table = dispatch.native_branches().tensors[0].tolist()
+    assert table == [-1 if x.body.native is None else x.body.native for x in registry.selectors()]
+
+
+def test_an_id_without_a_c_branch_is_an_error() -> None:
+    """The C body never routes a token whose selector has no branch as another policy."""
+    s = _state(RoutingConfig(policy="seqtopk", budget=2), 16, 2, 4)
+    s.add_request("a", None, 0)
+    s.set_step(["a"], [3])
+    st.STATE = s
+    ctx = select_op._step_context(s, 3)
+    window = registry.selector_of("seqtopk", "window").id  # declared without a native body
+    bad = cpu_native.StepInputs(dispatch.native_branches(), torch.full((3,), window), ctx.params, ctx.row,
+                                ctx.real)
+    logits = torch.randn(3, 16)
+    van_w, van_ids = torch.topk(torch.softmax(logits, -1), 2)
+    counters = dict(tokens_by_policy=s.tokens_by_policy, pairs_by_policy=s.pairs_by_policy,
+                    granted_by_policy=s.granted_by_policy, expert_load=s.expert_load[0],
+                    per_token_hist=s.experts_per_token[0], selected=s.selected[0])
+    with pytest.raises(ValueError, match="has no branch in select_cpu.c"):
+        cpu_native.select(bad, torch.softmax(logits, -1), None, None, van_w, van_ids, 4, 2, s.layers[0].ledger,
+                          counters, renormalize=True, scale=1.0, skip_empty=True)
+    assert int(s.layers[0].ledger.seen.sum()) == 0  # refused before touching any state
 
 
 def test_a_policy_the_c_body_does_not_know_takes_the_torch_body() -> None:

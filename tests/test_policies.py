@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from tests.reference import RefLedger, ref_route
 from tests.reference import outputs as ref_outputs
 from vllm_seqroute.policies import (
-    REGISTRY,
     BatchLayout,
     CausalLedger,
     RoutingConfig,
@@ -257,14 +256,8 @@ def seqtopk_charged(scores, cu, cfg: RoutingConfig, bias=None):
     layout = BatchLayout.from_cu_seqlens(torch.tensor(cu), scores.shape[0])
     ledger = CausalLedger(len(cu) - 1, pool=r.pool)
     hist = ledger.history_of(ledger.rows(layout.token_slot))
-    sel = REGISTRY["seqtopk"](
-        cand,
-        layout,
-        token_params(r, scores.shape[0], scores.device),
-        hist,
-        rule=r.rule,
-        exact=r.pool == "exact",
-    )
+    # the config's body (its rule); the ledger's pool reaches it through the history
+    sel = r.selector().body.fn(cand, layout, token_params(r, scores.shape[0], scores.device), hist)
     return sel.count, sel.charged
 
 

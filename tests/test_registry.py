@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from vllm_seqroute import options
 from vllm_seqroute.policies import REGISTRY, RoutingConfig, TokenParams, registry
-from vllm_seqroute.policies.base import REAL
+from vllm_seqroute.policies.base import REAL, Body, Param, register_policy
 from vllm_seqroute.policies.config import POLICIES
 from vllm_seqroute.vllm_glue import config as glue_config
 
@@ -97,13 +102,113 @@ def test_resolved_cap_fits_declared_rules(policy):
     assert cfg.cap == max(spec.default_cap({**f, "budget": 2}, 16), cfg.floor)
 
 
-def test_kernel_lists_match_the_declarations():
-    from vllm_seqroute import kernels
-    from vllm_seqroute.kernels import cpu_native
+def test_slot_tensors_are_the_per_token_options():
     from vllm_seqroute.vllm_glue import state as st
 
-    assert kernels.TOKEN_POLICIES == tuple(p for p in POLICIES if REGISTRY[p].triton == "token")
-    assert cpu_native.NATIVE_POLICIES == tuple(p for p in POLICIES if REGISTRY[p].native)
     s = st.RoutingState(base=RoutingConfig(policy="topk", budget=2), max_slots=2, max_tokens=8,
-                        device=__import__("torch").device("cpu"))
+                        device=torch.device("cpu"))
     assert list(s.slot_params) == list(registry.token_fields())
+
+
+def test_selectors_are_each_policy_then_its_variants():
+    sels = registry.selectors()
+    assert [x.id for x in sels] == list(range(len(sels)))
+    assert [x.spec.name for x in sels[:len(POLICIES)]] == list(POLICIES)
+    assert all(x.variant is None for x in sels[:len(POLICIES)])
+    window = registry.selector_of("seqtopk", "window")
+    assert window.id >= len(POLICIES) and window.body.fn is not REGISTRY["seqtopk"].fn
+    assert RoutingConfig(policy="seqtopk", budget=2, rule="window").selector() is window
+    assert RoutingConfig(policy="topk", budget=2, rule="window").selector().variant is None  # no variants
+
+
+def test_model_k_rules():
+    topk, seqtopk = REGISTRY["topk"].model_k, REGISTRY["seqtopk"].model_k
+    assert topk is not None and seqtopk is not None
+    assert topk(3) == 3 and seqtopk(1.5) == 2 and seqtopk(2) == 2 and seqtopk(0.25) == 1
+    assert REGISTRY["topp"].model_k is None and REGISTRY["threshold"].model_k is None
+
+
+def test_a_variant_must_be_a_choice_of_its_option():
+    bad = Param("rule", str, "causal", "rule", choices=("causal", "window", "other"), per_token=False, help="")
+    with pytest.raises(ValueError, match="variant option 'rule'"):
+        register_policy("nope", params=(bad,), variant="rule", variants={"window": Body(REGISTRY["topk"].fn)})
+
+
+# --- policies from other packages (entry points), each run in a fresh interpreter -----------
+
+POLICY_MODULE = '''
+import torch
+from vllm_seqroute.policies import Param, Selection, bounded, register_policy
+
+TAU = Param("tau", float, 0.1, "in (0, 0.5]", lo=0, lo_open=True, hi=0.5, help="half-k tau")
+
+
+@register_policy("{name}", params=(TAU,))
+def {name}(cand, layout, params, history):
+    """Half the budget, at least one."""
+    return bounded(torch.clamp(params.budget.to(torch.int64) // 2, min=1), params)
+'''
+
+
+def _package(root: Path, dist: str, entries: dict[str, str], modules: dict[str, str]) -> None:
+    """An installed distribution on ``root`` (a ``*.dist-info`` with entry points), as pip leaves it."""
+    info = root / f"{dist}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[vllm_seqroute.policies]\n" + "".join(f"{k} = {v}\n" for k, v in entries.items()))
+    for name, text in modules.items():
+        (root / f"{name}.py").write_text(text)
+
+
+def _run(root: Path, code: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{Path(__file__).resolve().parents[1]}")
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_entry_point_policies_register_after_the_builtins_by_name(tmp_path: Path):
+    _package(tmp_path, "zpolicies", {"zhalf": "zhalf_mod", "ahalf": "ahalf_mod:load"},
+             {"zhalf_mod": POLICY_MODULE.format(name="zhalf"),
+              "ahalf_mod": "def load():\n    import ahalf_impl  # noqa: F401\n",
+              "ahalf_impl": POLICY_MODULE.format(name="ahalf")})
+    res = _run(tmp_path, """
+        import torch
+        from vllm_seqroute.policies import RoutingConfig, registry
+        from vllm_seqroute.policies.config import POLICIES
+        from vllm_seqroute.routing import route
+        n = len(POLICIES)
+        assert POLICIES[-2:] == ("ahalf", "zhalf"), POLICIES
+        assert [registry.spec(p).order for p in POLICIES] == list(range(n))
+        sel = registry.selector_of("zhalf")
+        assert sel.id == n - 1 and sel.body.triton is None and sel.body.native is None
+        scores = torch.softmax(torch.randn(6, 8, generator=torch.Generator().manual_seed(0)), -1)
+        ids, w = route(scores, torch.tensor([0, 6]), RoutingConfig(policy="zhalf", budget=4, cap=4))
+        assert ((ids >= 0).sum(1) == 2).all() and ids.shape == (6, 4)
+        try:
+            RoutingConfig(policy="zhalf", tau=0.7)
+        except ValueError as e:
+            print("refused:", e)
+    """)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "refused: tau: must be in (0, 0.5] (zhalf), got 0.7" in res.stdout
+
+
+def test_a_broken_entry_point_is_skipped_with_one_line(tmp_path: Path):
+    newopt = POLICY_MODULE.format(name="newopt").replace('Param("tau", float, 0.1', 'Param("alpha", float, 0.1')
+    _package(tmp_path, "badpolicies", {"broken": "broken_mod", "newopt": "newopt_mod", "good": "good_mod"},
+             {"broken_mod": "raise RuntimeError('boom')\n", "newopt_mod": newopt,
+              "good_mod": POLICY_MODULE.format(name="good")})
+    res = _run(tmp_path, """
+        import logging
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+        from vllm_seqroute.policies.config import POLICIES
+        print("policies:", ",".join(POLICIES))
+    """)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [x for x in res.stderr.splitlines() if "entry point" in x]
+    assert len(lines) == 2, res.stderr
+    assert "ERROR vllm_seqroute: routing policy entry point 'broken' (broken_mod) skipped: RuntimeError: boom" \
+        in lines
+    assert any("'newopt'" in x and "declares option 'alpha'" in x for x in lines), lines
+    assert res.stdout.strip().endswith(",threshold,good")

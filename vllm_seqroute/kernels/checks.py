@@ -8,17 +8,23 @@ parameters, and ledgers that already hold a history (made by the twin's own ``ro
 from __future__ import annotations
 
 import copy
+import functools
+import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
-from vllm_seqroute.policies import CausalLedger
+from vllm_seqroute.kernels import TRITON_MODULES
+from vllm_seqroute.policies import CausalLedger, registry
 from vllm_seqroute.policies import seqtopk as seq
-from vllm_seqroute.policies.base import REGISTRY, Candidates, Selection, TokenParams
+from vllm_seqroute.policies.base import Candidates, Selection, TokenParams
 from vllm_seqroute.policies.candidates import build_candidates
 from vllm_seqroute.policies.config import RoutingConfig
 from vllm_seqroute.policies.layout import BatchLayout
 from vllm_seqroute.policies.params import token_params
+from vllm_seqroute.policies.registry import Selector
 
 
 @dataclass
@@ -129,7 +135,7 @@ def random_case(
         h_cand = build_candidates(hs, u, b, with_mass=False, with_entropy=False)
         h_row = led.rows(hl_layout.token_slot)
         h_params = token_params(cfg, m, torch.device("cpu"))
-        h_sel = seq.seqtopk(h_cand, hl_layout, h_params, led.history_of(h_row))
+        h_sel = seq.causal(h_cand, hl_layout, h_params, led.history_of(h_row))
         led.commit(h_row, h_cand.keys, torch.ones_like(h_cand.keys, dtype=torch.bool), h_sel.charged)
         row = led.rows(layout.token_slot)
     case = Case(scores=scores, bias=b, width=u, layout=layout, params=params, ledger=led, row=row)
@@ -142,11 +148,17 @@ def twin_candidates(case: Case, with_mass: bool = True, with_entropy: bool = Tru
     )
 
 
-def twin_select(case: Case, cand: Candidates, policy: str, rule: str = "causal") -> Selection:
-    if policy != "seqtopk":
-        return REGISTRY[policy](cand, case.layout, case.params, None)
-    hist = case.ledger.history_of(case.row) if case.ledger is not None and case.row is not None else None
-    return seq.seqtopk(cand, case.layout, case.params, hist, rule=rule)  # type: ignore[call-arg]  # register_policy's type hides seqtopk's keywords
+def twin_select(case: Case, cand: Candidates, sel: Selector) -> Selection:
+    """A declared body's torch twin on the case (its ledger read by history policies)."""
+    hist = None
+    if "history" in sel.spec.needs and case.ledger is not None and case.row is not None:
+        hist = case.ledger.history_of(case.row)
+    return sel.body.fn(cand, case.layout, case.params, hist)
+
+
+def triton_selectors() -> tuple[Selector, ...]:
+    """The declared bodies with a Triton kernel."""
+    return tuple(x for x in registry.selectors() if x.body.triton is not None)
 
 
 def twin_commit(case: Case, cand: Candidates, sel: Selection) -> None:
@@ -191,6 +203,11 @@ def diff_ledger(a: CausalLedger, b: CausalLedger) -> list[str]:
     return out
 
 
+def _set_causal(mod: ModuleType, mode: str | None, chunk: int | None) -> None:
+    setattr(mod, "MODE", mode)  # noqa: B010  (a module the interpreter loaded: no static attributes)
+    setattr(mod, "CHUNK", chunk)  # noqa: B010
+
+
 def run_kernel_checks(
     device: torch.device | str,
     *,
@@ -205,13 +222,21 @@ def run_kernel_checks(
 
     Outputs and scratch are poisoned first. ``causal_modes``: (mode, chunk) pairs forced on the
     causal kernels (``(None, None)``: what the batch size picks)."""
-    from vllm_seqroute.kernels import triton_candidates, triton_common, triton_token
+    from vllm_seqroute.kernels import triton_candidates, triton_common
     from vllm_seqroute.kernels import triton_seqtopk_causal as C
     from vllm_seqroute.kernels import triton_seqtopk_window as W
 
     saved = (triton_common.POISON, C.MODE, C.CHUNK, W.WINDOW_TILE)
     triton_common.POISON = True
     fails: list[str] = []
+
+    def knobs(family: str) -> list[tuple[str, Callable[[], None]]]:
+        """Settings each family's paths are forced through (window tiles, causal modes)."""
+        if family == "window":
+            return [(f"tile={t}", functools.partial(setattr, W, "WINDOW_TILE", t)) for t in window_tiles]
+        if family == "causal":
+            return [(f"mode={m} C={c}", functools.partial(_set_causal, C, m, c)) for m, c in causal_modes]
+        return [("", lambda: None)]
 
     try:
         for seed in seeds:
@@ -226,31 +251,28 @@ def run_kernel_checks(
                 got_cand = triton_candidates.candidates(case.scores, case.width, case.bias, True, True)
                 d = diff_candidates(got_cand, cand)
                 fails += [f"candidates {tag}: {d}"] if d else []
-                for pol in ("topk", "topp", "entropy"):
-                    want = twin_select(case, cand, pol)
-                    d = diff_selection(triton_token.token_select(pol, cand, case.params), want)
-                    fails += [f"{pol} {tag}: {d}"] if d else []
-                for led in (True, False):
-                    base = case if led else Case(case.scores, case.bias, case.width, case.layout,
-                                                 case.params, None, None)
-                    for tile in window_tiles:
-                        W.WINDOW_TILE = tile
-                        c2 = base.to(device)
-                        want = twin_select(c2, cand, "seqtopk", "window")
-                        d = diff_selection(W.window(cand, c2.layout, c2.params, c2.ledger, c2.row), want)
-                        fails += [f"window ledger={led} tile={tile} {tag}: {d}"] if d else []
-                    for mode, chunk in causal_modes:
-                        C.MODE, C.CHUNK = mode, chunk
-                        c2 = base.to(device)
-                        want = twin_select(c2, cand, "seqtopk", "causal")
-                        got = C.causal(cand, c2.layout, c2.params, c2.ledger, c2.row, commit=led)
-                        d = diff_selection(got, want)
-                        if led and c2.ledger is not None:
-                            ref = base.to(device)
-                            assert ref.ledger is not None
-                            twin_commit(ref, cand, want)
-                            d += diff_ledger(c2.ledger, ref.ledger)
-                        fails += [f"causal ledger={led} mode={mode} C={chunk} {tag}: {d}"] if d else []
+                for sel in triton_selectors():
+                    tri = sel.body.triton
+                    assert tri is not None
+                    mod = importlib.import_module(f"vllm_seqroute.kernels.{TRITON_MODULES[tri.family]}")
+                    for led in (True, False) if "history" in sel.spec.needs else (False,):
+                        base = case if led else Case(case.scores, case.bias, case.width, case.layout,
+                                                     case.params, None, None)
+                        for label, apply in knobs(tri.family):
+                            apply()
+                            c2 = base.to(device)
+                            want = twin_select(c2, cand, sel)
+                            if tri.family == "causal":  # the fused ledger commit too
+                                got = C.causal(cand, c2.layout, c2.params, c2.ledger, c2.row, commit=led)
+                            else:
+                                got = mod.select(tri.code, cand, c2.layout, c2.params, c2.ledger, c2.row)
+                            d = diff_selection(got, want)
+                            if tri.family == "causal" and led and c2.ledger is not None:
+                                ref = base.to(device)
+                                assert ref.ledger is not None
+                                twin_commit(ref, cand, want)
+                                d += diff_ledger(c2.ledger, ref.ledger)
+                            fails += [f"{sel.label} ledger={led} {label} {tag}: {d}"] if d else []
     finally:
         triton_common.POISON, C.MODE, C.CHUNK, W.WINDOW_TILE = saved
     return fails

@@ -25,8 +25,6 @@ from vllm_seqroute.policies.ordering import NUM_BINS, POOL_BIN_PARAMS
 
 logger = logging.getLogger("vllm_seqroute")
 _SRC = Path(__file__).with_name("select_cpu.c")
-# policy ids as the C body numbers them (its enum); the window rule is not handled natively
-NATIVE_POLICIES = ("topk", "seqtopk", "topp", "entropy")
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -36,8 +34,9 @@ class _Step(ctypes.Structure):
     """Mirror of ``Step`` in select_cpu.c (same order, same types)."""
 
     _fields_ = [
-        *((name, _I) for name in ("n", "e", "u", "k", "model_k", "num_policies")),
-        *((name, _P) for name in ("scores", "bias", "group", "van_w", "van_ids", "policy", "cap",
+        *((name, _I) for name in ("n", "e", "u", "k", "model_k", "num_selectors")),
+        *((name, _P) for name in ("scores", "bias", "group", "van_w", "van_ids", "body", "counted",
+                                  "model_rule", "policy", "cap",
                                   "floor_", "k_min", "k_max", "row", "real", "budget", "p", "seen",
                                   "used", "hist", "block")),
         *((name, _I) for name in ("nbins", "bs", "nblocks", "shift", "lo", "half")),
@@ -104,13 +103,24 @@ def _ptr(t: torch.Tensor, dtype: torch.dtype) -> int:
     return t.data_ptr()
 
 
+class Branches:
+    """Per selector id of the routing op (``policies.registry.selectors``): its branch of the C
+    body (the declaration's ``native``, ``-1``: none), the policy id its counters book, and
+    whether it is the model's own rule. Built once from the declarations (``routing``)."""
+
+    def __init__(self, body: list[int], counted: list[int], model_rule: list[bool]) -> None:
+        self.tensors = [torch.tensor(x, dtype=torch.int64) for x in (body, counted, model_rule)]
+        self.size = len(body)
+
+
 class StepInputs:
-    """What every layer of one step shares (per-token policy, parameters, ledger row), converted
+    """What every layer of one step shares (per-token selector, parameters, ledger row), converted
     once per step: the per-call Python overhead is the op's main cost at decode sizes."""
 
-    def __init__(self, policy: torch.Tensor, params: TokenParams, row: torch.Tensor,
-                 real: torch.Tensor, rec: torch.Tensor | None = None) -> None:
+    def __init__(self, branches: Branches, policy: torch.Tensor, params: TokenParams,
+                 row: torch.Tensor, real: torch.Tensor, rec: torch.Tensor | None = None) -> None:
         i64 = torch.int64
+        self.branches = branches  # kept alive: the template points into its tensors
         # each token's prefix-cache record row (see vllm_glue/prefix_state.py), or None: no records
         self.rec = rec.to(i64).contiguous() if rec is not None else None
         self.tensors = [x.to(i64).contiguous() for x in (policy, params.cap, params.floor,
@@ -119,7 +129,9 @@ class StepInputs:
         self.tensors += [x.to(torch.float64).contiguous() for x in (params.budget, params.p)]
         names = ("policy", "cap", "floor_", "k_min", "k_max", "row", "real", "budget", "p")
         shift, lo, half = POOL_BIN_PARAMS
-        self.template = _Step(n=policy.shape[0], num_policies=len(NATIVE_POLICIES),
+        body, counted, model_rule = (t.data_ptr() for t in branches.tensors)
+        self.template = _Step(n=policy.shape[0], num_selectors=branches.size, body=body,
+                              counted=counted, model_rule=model_rule,
                               nbins=NUM_BINS, bs=BLOCK, nblocks=NUM_BLOCKS, shift=shift, lo=lo,
                               half=half, **{k: t.data_ptr() for k, t in zip(names, self.tensors,
                                                                              strict=True)})
@@ -136,12 +148,12 @@ def select(step: StepInputs, scores: torch.Tensor, bias: torch.Tensor | None,
     """One routing op call: ``(weights [N, width] float32, ids [N, width] int32)``.
 
     Token by token in batch order: candidates (``group_ids`` given, or the best ``width`` by
-    ``scores + bias``), the token's policy (numbered as ``NATIVE_POLICIES``), causal SeqTopK
+    ``scores + bias``), the token's policy (its selector's C branch, ``Branches``), causal SeqTopK
     against its request's bounded-pool ledger row, the ledger commit of every token, the output
     and the counters (``tokens_by_policy``, ``pairs_by_policy``, ``granted_by_policy``,
     ``expert_load``, ``per_token_hist``, ``selected``), all updated in place. Selections and
-    ledger equal the torch policies'; weights up to float32 summation order. Tokens at TopK with
-    ``model_k`` get the model's own ``van_w``/``van_ids``. ``records`` (int16 ``bins [rows+1,
+    ledger equal the torch policies'; weights up to float32 summation order. Tokens of the model's
+    own rule at ``model_k`` get the model's own ``van_w``/``van_ids``. ``records`` (int16 ``bins [rows+1,
     width]``, ``count [rows+1]``, ``charged [rows+1]``): where the step has record rows
     (``StepInputs.rec``), each token's pool bins and counts are written at its row."""
     lib = library()
@@ -182,6 +194,9 @@ def select(step: StepInputs, scores: torch.Tensor, bias: torch.Tensor | None,
         s.rec_bins, s.rec_count, s.rec_charged = _ptr(bins, i16), _ptr(count, i16), _ptr(charged, i16)
     else:
         s.rec = None
-    if lib.seqroute_select_cpu(ctypes.byref(s)) != 0:
+    rc = lib.seqroute_select_cpu(ctypes.byref(s))
+    if rc == 2:
+        raise ValueError("native CPU routing: a token's policy has no branch in select_cpu.c")
+    if rc != 0:
         raise MemoryError("native CPU routing: out of memory")
     return out_w, out_ids

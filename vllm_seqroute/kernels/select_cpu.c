@@ -5,23 +5,32 @@
  * call; on a CPU each costs microseconds, which made SeqTopK serving slower than TopK. Walking
  * the tokens in batch order also makes the causal rule direct: a request's pool at token t is its
  * ledger histogram after tokens 1..t-1, so no merge sort of the step is needed. Plain C (no torch
- * headers) so it builds in a second with the system compiler. Semantics: see policies/. */
+ * headers) so it builds in a second with the system compiler. Semantics: see policies/.
+ *
+ * Which branch serves a token: the policy declarations give each body they serve natively a
+ * value of the enum below (``native=`` in policies/<family>.py); the caller passes, per selector
+ * id of the routing op, that value (``body``), the policy the counters book it under
+ * (``counted``) and whether it is the model's own rule (``model_rule``). An id without a branch
+ * is an error (return 2), never routed as another policy. tests/test_native_cpu.py parses this
+ * enum and the cases of ``select_token`` against the declarations. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-enum { TOPK = 0, SEQTOPK = 1, TOPP = 2, ENTROPY = 3 };
+enum { TOPK = 0, SEQTOPK = 1, TOPP = 2, ENTROPY = 3, NUM_BRANCHES = 4 };
 
 typedef struct {
     /* sizes */
-    int64_t n, e, u, k, model_k, num_policies;
+    int64_t n, e, u, k, model_k, num_selectors;
     /* router */
     const float *scores;     /* [n, e] softmax / sigmoid scores */
     const float *bias;       /* [e] ranking-only bias, or NULL */
     const int32_t *group;    /* [n, u] group-limited candidate ids (-1 padding), or NULL */
     const float *van_w;      /* [n, k] the model's own routing */
     const int32_t *van_ids;  /* [n, k] */
+    /* per selector id: C branch (enum above, -1: none), counted policy id, model's own rule */
+    const int64_t *body, *counted, *model_rule;
     /* per token */
     const int64_t *policy, *cap, *floor_, *k_min, *k_max, *row, *real;
     const double *budget;    /* real > 0 (seqtopk may be fractional); topk's is integral */
@@ -36,7 +45,7 @@ typedef struct {
     float *out_w;            /* [n, u] */
     int32_t *out_ids;        /* [n, u] */
     /* counters */
-    int64_t *tokens_by_policy, *pairs_by_policy, *granted_by_policy; /* [num_policies] */
+    int64_t *tokens_by_policy, *pairs_by_policy, *granted_by_policy; /* [policies] */
     int64_t *expert_load;    /* [e] */
     int64_t *per_token_hist; /* [u + 1] */
     int64_t *selected;       /* [rows] */
@@ -113,8 +122,74 @@ static inline int64_t clamp64(int64_t x, int64_t lo, int64_t hi) {
     return x < lo ? lo : (x > hi ? hi : x);
 }
 
+/* The token's selection by its branch: experts taken (count) and charged to its budget;
+ * bins[j] are its candidates' pool bins. Returns 0, or -1 for a code without a branch. */
+static int select_token(const Step *s, int64_t t, int64_t code, const int64_t *ids, const int32_t *keys,
+                        int64_t *bins, int64_t *count_out, int64_t *charged_out) {
+    const float *sc = s->scores + t * s->e;
+    const int64_t u = s->u, e = s->e, r = s->row[t], fl = s->floor_[t];
+    const int64_t cap = s->cap[t] < u ? s->cap[t] : u;
+    int64_t want, count, charged;
+    double mass = 0.0;
+    switch (code) {
+    case SEQTOPK: {
+        const int32_t *h = s->hist + r * s->nbins, *blk = s->block + r * s->nblocks;
+        /* t * B in double, as the torch policy computes it (exact for an integer B): a rank is
+         * below it iff below its ceil; the ledger allows floor(t * B) */
+        const double tb = (double)(s->seen[r] + 1) * s->budget[t];
+        const int64_t allowed = (int64_t)floor(tb), below = (int64_t)ceil(tb);
+        int64_t taken = 0;
+        for (int64_t j = 0; j < cap; ++j) {
+            bins[j] = pool_bin(keys[j], s);
+            if (j + at_or_above(h, blk, bins[j], s) < below) ++taken;
+        }
+        charged = (s->used[r] + taken < allowed ? s->used[r] + taken : allowed) - s->used[r];
+        count = clamp64(charged, fl, cap);
+        *count_out = count;
+        *charged_out = charged < count ? charged : count;
+        return 0;
+    }
+    case TOPK:
+        want = (int64_t)s->budget[t];
+        break;
+    case TOPP: {
+        for (int64_t x = 0; x < e; ++x) mass += (double)sc[x];
+        double cum = 0.0;
+        int64_t below = 0;
+        for (int64_t j = 0; j < u; ++j) {
+            cum += (double)sc[ids[j] < 0 ? 0 : ids[j]] / mass;
+            below += cum < s->p[t];
+        }
+        want = 1 + below;
+        break;
+    }
+    case ENTROPY: {
+        for (int64_t x = 0; x < e; ++x) mass += (double)sc[x];
+        double hsum = 0.0, m = mass > 1e-300 ? mass : 1e-300;
+        for (int64_t x = 0; x < e; ++x) {
+            double q = (double)sc[x] / m;
+            if (q > 0) hsum += q * log(q);
+        }
+        double ent = e > 1 ? -hsum / log((double)e) : 0.0;
+        double span = (double)(s->k_max[t] - s->k_min[t]);
+        want = clamp64((int64_t)floor((double)s->k_min[t] + ent * span + 0.5), s->k_min[t], s->k_max[t]);
+        break;
+    }
+    default:
+        return -1;
+    }
+    *count_out = *charged_out = clamp64(want, fl, cap);
+    for (int64_t j = 0; j < cap; ++j) bins[j] = pool_bin(keys[j], s);
+    return 0;
+}
+
 int seqroute_select_cpu(Step *s) {
-    const int64_t u = s->u, e = s->e;
+    const int64_t u = s->u;
+    for (int64_t t = 0; t < s->n; ++t) { /* every token's selector has a branch: else route none */
+        const int64_t sid = s->policy[t];
+        if (sid < 0 || sid >= s->num_selectors || s->body[sid] < 0 || s->body[sid] >= NUM_BRANCHES)
+            return 2;
+    }
     int64_t *ids = malloc(sizeof(int64_t) * u), *bins = malloc(sizeof(int64_t) * u);
     int32_t *keys = malloc(sizeof(int32_t) * u);
     if (!ids || !bins || !keys) {
@@ -122,53 +197,14 @@ int seqroute_select_cpu(Step *s) {
         return 1;
     }
     for (int64_t t = 0; t < s->n; ++t) {
-        const float *sc = s->scores + t * e;
-        const int64_t pol = s->policy[t], r = s->row[t], fl = s->floor_[t];
+        const float *sc = s->scores + t * s->e;
+        const int64_t sid = s->policy[t], r = s->row[t];
         const int64_t cap = s->cap[t] < u ? s->cap[t] : u;
         candidates(s, t, ids, keys);
         int64_t count, charged;
-        if (pol == SEQTOPK) {
-            const int32_t *h = s->hist + r * s->nbins, *blk = s->block + r * s->nblocks;
-            /* t * B in double, as the torch policy computes it (exact for an integer B): a rank is
-             * below it iff below its ceil; the ledger allows floor(t * B) */
-            const double tb = (double)(s->seen[r] + 1) * s->budget[t];
-            const int64_t allowed = (int64_t)floor(tb), below = (int64_t)ceil(tb);
-            int64_t taken = 0;
-            for (int64_t j = 0; j < cap; ++j) {
-                bins[j] = pool_bin(keys[j], s);
-                if (j + at_or_above(h, blk, bins[j], s) < below) ++taken;
-            }
-            charged = (s->used[r] + taken < allowed ? s->used[r] + taken : allowed) - s->used[r];
-            count = clamp64(charged, fl, cap);
-            charged = charged < count ? charged : count;
-        } else {
-            int64_t want = (int64_t)s->budget[t];
-            if (pol == TOPP || pol == ENTROPY) {
-                double mass = 0.0;
-                for (int64_t x = 0; x < e; ++x) mass += (double)sc[x];
-                if (pol == TOPP) {
-                    double cum = 0.0;
-                    int64_t below = 0;
-                    for (int64_t j = 0; j < u; ++j) {
-                        cum += (double)sc[ids[j] < 0 ? 0 : ids[j]] / mass;
-                        below += cum < s->p[t];
-                    }
-                    want = 1 + below;
-                } else {
-                    double hsum = 0.0, m = mass > 1e-300 ? mass : 1e-300;
-                    for (int64_t x = 0; x < e; ++x) {
-                        double q = (double)sc[x] / m;
-                        if (q > 0) hsum += q * log(q);
-                    }
-                    double ent = e > 1 ? -hsum / log((double)e) : 0.0;
-                    double span = (double)(s->k_max[t] - s->k_min[t]);
-                    want = clamp64((int64_t)floor((double)s->k_min[t] + ent * span + 0.5), s->k_min[t],
-                                   s->k_max[t]);
-                }
-            }
-            count = clamp64(want, fl, cap);
-            charged = count;
-            for (int64_t j = 0; j < cap; ++j) bins[j] = pool_bin(keys[j], s);
+        if (select_token(s, t, s->body[sid], ids, keys, bins, &count, &charged) != 0) {
+            free(ids); free(bins); free(keys);
+            return 2; /* unreachable: checked above */
         }
         /* the ledger: every token, whatever its policy */
         s->seen[r] += 1;
@@ -182,7 +218,7 @@ int seqroute_select_cpu(Step *s) {
         float *w = s->out_w + t * u;
         int32_t *oid = s->out_ids + t * u;
         int64_t n_used = 0;
-        const int vanilla = pol == TOPK && s->budget[t] == (double)s->model_k;
+        const int vanilla = s->model_rule[sid] && s->budget[t] == (double)s->model_k;
         if (vanilla) { /* the model's own routing, bit for bit */
             for (int64_t j = 0; j < u; ++j) {
                 if (j < s->k) {
@@ -214,7 +250,7 @@ int seqroute_select_cpu(Step *s) {
         }
         /* counters: requests' tokens only, never padding */
         if (s->real[t]) {
-            const int64_t counted = pol < s->num_policies ? pol : SEQTOPK; /* window rule: seqtopk */
+            const int64_t counted = s->counted[sid];
             s->tokens_by_policy[counted] += 1;
             s->pairs_by_policy[counted] += n_used;
             s->granted_by_policy[counted] += charged;

@@ -1,5 +1,5 @@
 """Triton kernels of SeqTopK's causal rule with the bounded pool (twins:
-``policies.seqtopk.seqtopk(rule="causal")`` and ``CausalLedger.commit``), the expensive part.
+``policies.seqtopk.causal`` and ``CausalLedger.commit``), the expensive part.
 
 A candidate's "past" is the number of pool pairs
 of earlier tokens of its request whose bin is at or above its own. Tokens are cut into chunks of
@@ -13,7 +13,7 @@ chunks (K3 writes each chunk's aggregate, K4 folds the earlier ones).
 Two modes, by batch size (static):
   prefix (N > 512): K1 ledger counts + chunk histograms, K2 chunk prefix, K3 counts, K4 clip
   direct (N <= 512): K3 counts earlier chunks directly and reads the ledger itself, K4 clip
-K4 also writes the output contract and commits seen/used (and, in direct mode, the pool).
+K4 commits seen/used when asked (and, in direct mode, the pool).
 """
 
 from __future__ import annotations
@@ -297,6 +297,13 @@ def _chunk(n: int) -> int:
     16k tokens, U=16 (causal select + candidates + softmax): C=8 0.27 ms, 16 0.18, 32 0.23,
     64 0.50 (K3's direct comparisons grow with C, K1/K2's histogram rows with 1/C)."""
     return max(1, min(16, triton.next_power_of_2(max(n, 1)) // 512))
+
+
+def select(code: int, cand: Candidates, layout: BatchLayout, params: TokenParams,
+           ledger: CausalLedger | None, row: torch.Tensor | None) -> Selection:
+    """The family's entry (``kernels.run_select``); one body, ``code`` 0. The ledger is read
+    only (the caller commits); ``causal(commit=True)`` fuses the commit (the kernels' checks)."""
+    return causal(cand, layout, params, ledger, row)
 
 
 def causal(

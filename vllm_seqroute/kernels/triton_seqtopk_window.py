@@ -1,7 +1,7 @@
-"""Triton kernel of SeqTopK's window rule (twin: ``policies.seqtopk.seqtopk(rule="window")``):
+"""Triton kernel of SeqTopK's window rule (twin: ``policies.seqtopk.window``):
 one program per segment (the one owning its first token). Short segments rank their pairs
 directly; longer ones find the segment's threshold pair by an exact radix select (4 passes of 8
-bits) and take ties in (token, slot) order. The output contract is fused."""
+bits) and take ties in (token, slot) order."""
 
 from __future__ import annotations
 
@@ -111,6 +111,12 @@ def _window_kernel(
 
 
 WINDOW_TILE: int | None = None  # tests / bench: tokens per radix tile
+
+
+def select(code: int, cand: Candidates, layout: BatchLayout, params: TokenParams,
+           ledger: CausalLedger | None, row: torch.Tensor | None) -> Selection:
+    """The family's entry (``kernels.run_select``); one body, ``code`` 0."""
+    return window(cand, layout, params, ledger, row)
 
 
 def window(

@@ -1,5 +1,5 @@
 """Triton kernel of the per-token policies ``topk`` / ``topp`` / ``entropy`` (twins:
-``policies.token_policies``): one launch, the output contract fused."""
+``policies.token_policies``): one launch."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import triton.language as tl
 
 from vllm_seqroute.kernels.triton_common import alloc
 from vllm_seqroute.policies.base import Candidates, Selection, TokenParams
+from vllm_seqroute.policies.layout import BatchLayout
+from vllm_seqroute.policies.ledger import CausalLedger
 
-_TOPK, _TOPP, _ENTROPY = 0, 1, 2
+_TOPK, _TOPP, _ENTROPY = 0, 1, 2  # the codes the declarations give (``Triton("token", code)``)
 
 
 @triton.jit
@@ -48,11 +50,16 @@ def _token_kernel(
     tl.store(charged_ptr + t, c, mask=tm)
 
 
-def token_select(
-    policy: str, cand: Candidates, params: TokenParams
-) -> Selection:
+def select(code: int, cand: Candidates, layout: BatchLayout, params: TokenParams,
+           ledger: CausalLedger | None, row: torch.Tensor | None) -> Selection:
+    """The family's entry (``kernels.run_select``): per-token policies read no ledger."""
+    return token_select(code, cand, params)
+
+
+def token_select(pol: int, cand: Candidates, params: TokenParams) -> Selection:
+    if pol not in (_TOPK, _TOPP, _ENTROPY):
+        raise ValueError(f"token kernel: no policy with code {pol}")
     n, u = cand.ids.shape
-    pol = {"topk": _TOPK, "topp": _TOPP, "entropy": _ENTROPY}[policy]
     if pol == _TOPP and cand.mass is None:
         raise ValueError("topp: candidates need the score mass (with_mass=True)")
     if pol == _ENTROPY and cand.entropy is None:

@@ -128,20 +128,47 @@ class Param:
 DefaultCap = Callable[[Mapping[str, Any], int], int]
 
 
+@dataclass(frozen=True, slots=True)
+class Triton:
+    """A Triton body: ``family`` names a kernel module of ``vllm_seqroute.kernels`` (its
+    ``TRITON_MODULES`` key) whose ``select(code, cand, layout, params, ledger, row)`` runs it;
+    ``code`` is the branch of that family this policy is (e.g. the token kernel's policy)."""
+
+    family: str
+    code: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Body:
+    """How a policy (or one variant of it) selects: ``fn`` its torch twin (required: it serves
+    wherever no other body does, and the others must equal it), ``triton`` its Triton kernel
+    (CUDA), ``native`` its branch in the native CPU body (``select_cpu.c``'s enum value)."""
+
+    fn: Callable[..., Selection]
+    triton: Triton | None = None
+    native: int | None = None
+
+
 @dataclass(frozen=True)
 class PolicySpec:
     """A registered policy: what it is called, reads and needs (see the module docstring).
 
-    ``order`` fixes its id (the routing op's and the native body's numbering, stats order);
-    ``params``: the options it reads besides ``cap`` and ``floor`` (with its own types/bounds);
+    ``order`` fixes its id (the routing op's numbering, stats order); ``params``: the options it
+    reads besides ``cap`` and ``floor`` (with its own types/bounds);
     ``needs``: ``mass`` / ``entropy`` (candidate summaries) and ``history`` (a causal ledger);
     ``default_cap(fields, E)``: its cap when none is given (``fields``: budget and k_max
     resolved); ``cap_from``: the field that default follows (named in messages); ``rules``:
     ``(lo, hi)`` pairs that must hold (``floor <= cap`` holds for all); ``min_cap``: the field
     its cap is never below (it must fit the server's routing width); ``dial``: the option an
     eval spec's number sets (``topp:0.4``: p; default budget); ``budget_required``:
-    no default budget means no routing; ``triton``: its Triton kernel family (``None``: the
-    torch twin serves on CUDA); ``native``: the native CPU body (``select_cpu.c``) knows it."""
+    no default budget means no routing.
+
+    Backends: ``fn``, ``triton``, ``native`` (see :class:`Body`); ``variant``: the option
+    whose value picks another body (seqtopk's ``rule``), ``variants`` those bodies by value
+    (the option's default is the policy's own body). ``model_rule``: at ``budget`` equal to
+    the model's K the policy is the model's own routing (serving returns the model's ids and
+    weights bit for bit). ``model_k(budget)``: the ``num_experts_per_tok`` a checkpoint adapted
+    with this policy records (``None``: keep the model's)."""
 
     name: str
     fn: Callable[..., Selection]
@@ -154,13 +181,30 @@ class PolicySpec:
     min_cap: str | None = None
     dial: str = "budget"
     budget_required: bool = False
-    triton: str | None = None
-    native: bool = False
+    triton: Triton | None = None
+    native: int | None = None
+    variant: str | None = None
+    variants: Mapping[str, Body] = field(default_factory=dict)
+    model_rule: bool = False
+    model_k: Callable[[Any], int] | None = None
     derived: Mapping[str, tuple[DefaultCap, tuple[str, ...]]] = field(default_factory=dict)
     doc: str = ""
+    module: str = ""  # where it was declared (messages; built-in or an entry point's)
 
     def __call__(self, *args: Any, **kw: Any) -> Selection:
         return self.fn(*args, **kw)
+
+    def bodies(self) -> dict[str | None, Body]:
+        """Its bodies: ``None`` its own (the variant option's default), then each variant."""
+        out: dict[str | None, Body] = {None: Body(self.fn, self.triton, self.native)}
+        out.update(self.variants)
+        return out
+
+    def default_variant(self) -> str | None:
+        return None if self.variant is None else self.params[self.variant].default
+
+
+UNORDERED = -1  # an order the registry assigns (policies declared without one: after the others)
 
 
 REGISTRY: dict[str, PolicySpec] = {}
@@ -176,28 +220,42 @@ FLOOR = Param("floor", int, 1, "a non-negative integer", lo=0,
 COMMON: dict[str, Param] = {"budget": BUDGET, "cap": CAP, "floor": FLOOR}
 
 
-def register_policy(name: str, *, order: int, params: tuple[Param, ...] = (),
+def register_policy(name: str, *, order: int = UNORDERED, params: tuple[Param, ...] = (),
                     needs: tuple[str, ...] = (), default_cap: DefaultCap | None = None,
                     cap_from: str = "budget", rules: tuple[tuple[str, str], ...] = (),
                     min_cap: str | None = None, dial: str = "budget", budget_required: bool = False,
-                    triton: str | None = None, native: bool = False,
+                    triton: Triton | None = None, native: int | None = None,
+                    variant: str | None = None, variants: Mapping[str, Body] | None = None,
+                    model_rule: bool = False, model_k: Callable[[Any], int] | None = None,
                     derived: Mapping[str, tuple[DefaultCap, tuple[str, ...]]] | None = None,
                     ) -> Callable[[Callable[..., Selection]], RoutingPolicy]:
     """Declare a policy (see :class:`PolicySpec`); ``default_cap`` defaults to
-    ``min(E, 2*budget)`` (``E`` without a budget). Returns the function unchanged (typed as the
-    policy interface: a policy's own keywords, e.g. seqtopk's ``rule``, are its callers' concern)."""
+    ``min(E, 2*budget)`` (``E`` without a budget). ``order``: built-in policies fix theirs;
+    a policy from another package leaves it out and the registry numbers it after the others
+    (by name). Returns the function unchanged (typed as the policy interface)."""
     unknown = set(needs) - {"mass", "entropy", "history"}
     if unknown:
         raise ValueError(f"policy {name!r}: unknown needs {sorted(unknown)}")
+    own = {p.field: p for p in params}
+    if variant is not None:
+        opt = own.get(variant)
+        values = {opt.default, *(variants or {})} if opt is not None else set()
+        if opt is None or opt.choices is None or set(opt.choices) != values:
+            raise ValueError(f"policy {name!r}: variant option {variant!r} must be one of its params "
+                             f"whose choices are its default and the variants {sorted(variants or {})}")
+    elif variants:
+        raise ValueError(f"policy {name!r}: variants need a variant option")
 
     def deco(fn: Callable[..., Selection]) -> RoutingPolicy:
-        if name in REGISTRY or any(s.order == order for s in REGISTRY.values()):
+        if name in REGISTRY or (order != UNORDERED and any(s.order == order for s in REGISTRY.values())):
             raise ValueError(f"policy {name!r}: name or order {order} already registered")
         REGISTRY[name] = PolicySpec(
-            name=name, fn=fn, order=order, params={**COMMON, **{p.field: p for p in params}},
+            name=name, fn=fn, order=order, params={**COMMON, **own},
             needs=frozenset(needs), default_cap=default_cap or twice_budget, cap_from=cap_from,
             rules=rules, min_cap=min_cap, dial=dial, budget_required=budget_required, triton=triton,
-            native=native, derived=dict(derived or {}), doc=(fn.__doc__ or "").strip().split("\n")[0])
+            native=native, variant=variant, variants=dict(variants or {}), model_rule=model_rule,
+            model_k=model_k, derived=dict(derived or {}),
+            doc=(fn.__doc__ or "").strip().split("\n")[0], module=fn.__module__)
         return fn
 
     return deco

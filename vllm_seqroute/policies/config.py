@@ -78,6 +78,10 @@ class RoutingConfig:
                     others = ", ".join(p for p in registry.applies_to(name)
                                        if registry.spec(p).params[name].type is REAL)
                     problem = f"{self.policy} takes {own.must}, got {value!r} (fractional: {others})"
+            elif problem is None and own is not None and own is not param:
+                own_problem = own.problem(value, fields)  # the policy's own, narrower bounds
+                if own_problem is not None:
+                    problem = own_problem.replace(", got", f" ({self.policy}), got", 1)
             if problem is not None:
                 raise ValueError(f"{name}: {problem}")
             if name == "floor" and self.cap is not None and self.cap < self.floor:
@@ -87,6 +91,11 @@ class RoutingConfig:
         least = fields[spec.min_cap] if spec.min_cap else None  # topk's budget, entropy's k_max
         if least is not None and self.cap is not None and self.cap < least:
             raise ValueError(f"cap: {self.policy} needs cap >= {spec.min_cap} ({least}), got {self.cap}")
+
+    def selector(self) -> registry.Selector:
+        """The body this config routes with (its policy's, or the variant its option picks)."""
+        spec = registry.spec(self.policy)
+        return registry.selector_of(self.policy, getattr(self, spec.variant) if spec.variant else None)
 
     def resolve(self, num_experts: int, default_budget: int | None = None) -> RoutingConfig:
         """Fill defaults for a router of ``num_experts`` experts (``default_budget``: the model's K).

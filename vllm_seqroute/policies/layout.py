@@ -20,6 +20,9 @@ class BatchLayout:
     seg_len: torch.Tensor  # [N] int64 length of the token's segment (this call)
     slot: torch.Tensor  # [num_segments] int64 ledger slot of each segment
     num_segments: int
+    # host-known: every segment has one token (a decode-only step), so no token has an earlier
+    # token in this call; a policy may take a shortcut (same result, less work)
+    single_token_segments: bool = False
 
     @property
     def num_tokens(self) -> int:

@@ -18,16 +18,20 @@ Both then apply the floor (uncharged) and the cap.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from vllm_seqroute.policies.base import (
     BUDGET,
     REAL,
+    Body,
     Candidates,
     History,
     Param,
     Selection,
     TokenParams,
+    Triton,
     register_policy,
 )
 from vllm_seqroute.policies.layout import BatchLayout
@@ -135,22 +139,19 @@ def window(cand: Candidates, layout: BatchLayout, params: TokenParams, history: 
     return _finish(n_rank, n_rank, params)
 
 
-def causal(
-    cand: Candidates,
-    layout: BatchLayout,
-    params: TokenParams,
-    history: History | None,
-    *,
-    exact: bool = False,
-    single_token_segments: bool = False,
-) -> Selection:
-    """``single_token_segments``: the caller knows every segment has one token (a decode-only
-    step), so no token has an earlier token in this call; same result, less work."""
+def causal(cand: Candidates, layout: BatchLayout, params: TokenParams, history: History | None) -> Selection:
+    """A request's tokens share ``budget`` experts per token (the module docstring).
+
+    This is the causal rule (``window`` is the other body). The exact pool (``history.exact``)
+    compares this call's earlier pairs by key, the bounded one by pool bin; a decode-only step
+    (``layout.single_token_segments``) has no earlier pairs in the call."""
     n, u = cand.ids.shape
     keys, in_cap = _masked_keys(cand, params)
-    if single_token_segments:
+    single = layout.single_token_segments
+    if single:
         past = torch.zeros(n, u, dtype=torch.int64, device=keys.device)
     else:
+        exact = history is not None and history.exact
         cmp = keys.to(torch.int64) if exact else pool_bin(keys)
         order = _segment_sort(cmp, layout)
         tok = order // u
@@ -166,7 +167,7 @@ def causal(
     allowed = budget_limit(t, params.budget)  # the ledger's floor(t * budget)
     below = budget_limit(t, params.budget, up=True)  # rank < t * budget
     n_rank = ((j[None, :] + past < below[:, None]) & in_cap).sum(1)
-    if single_token_segments:  # the ledger clip of a one-token segment: min(n, limit)
+    if single:  # the ledger clip of a one-token segment: min(n, limit)
         charged = torch.minimum(n_rank, allowed - used)
     else:
         charged = _ledger_clip(n_rank, allowed - used, layout)
@@ -188,18 +189,16 @@ BUDGET_REAL = BUDGET.narrowed(type=REAL, lo=0, lo_open=True, must="a positive nu
                                    "num_experts_per_tok)")
 
 
-@register_policy("seqtopk", order=1, params=(BUDGET_REAL, RULE, POOL), needs=("history",),
-                 rules=(("budget", "cap"),), budget_required=True, triton="seqtopk", native=True)
-def seqtopk(
-    cand: Candidates,
-    layout: BatchLayout,
-    params: TokenParams,
-    history: History | None,
-    *,
-    rule: str = "causal",
-    exact: bool = False,
-) -> Selection:
-    """A request's tokens share ``budget`` experts per token (the module docstring)."""
-    if rule == "window":
-        return window(cand, layout, params, history)
-    return causal(cand, layout, params, history, exact=exact)
+def _model_k(budget: int | float) -> int:
+    """An adapted checkpoint records ``ceil(budget)``: plain vLLM then serves it with no fewer
+    pairs than SeqTopK used."""
+    return math.ceil(budget)
+
+
+# SeqTopK's two rules are two bodies of one policy: ``rule`` (a per-request option) picks one.
+# Triton: the causal and window kernel families; native (select_cpu.c): the causal rule only.
+seqtopk = register_policy(
+    "seqtopk", order=1, params=(BUDGET_REAL, RULE, POOL), needs=("history",),
+    rules=(("budget", "cap"),), budget_required=True, triton=Triton("causal"), native=1,  # SEQTOPK
+    variant="rule", variants={"window": Body(window, triton=Triton("window"))}, model_k=_model_k,
+)(causal)

@@ -13,6 +13,7 @@ from vllm_seqroute.policies.base import (
     Param,
     Selection,
     TokenParams,
+    Triton,
     bounded,
     register_policy,
 )
@@ -37,14 +38,21 @@ def _default_k_max(f: Mapping[str, Any], num_experts: int) -> int:
     return min(num_experts, max(f["k_min"], 2 * (f["budget"] or 1)))
 
 
+def _same(budget: int) -> int:
+    return budget
+
+
+# Triton: the token kernel's policy codes (triton_token.py); native: select_cpu.c's enum values
 @register_policy("topk", order=0, default_cap=_budget, rules=(("budget", "cap"), ("floor", "budget")),
-                 min_cap="budget", budget_required=True, triton="token", native=True)
+                 min_cap="budget", budget_required=True, triton=Triton("token", 0), native=0,  # TOPK
+                 model_rule=True, model_k=_same)
 def topk(cand: Candidates, layout: BatchLayout, params: TokenParams, history: History | None) -> Selection:
     """The model's rule: each token's best ``budget`` experts."""
     return bounded(params.budget.to(torch.int64), params)
 
 
-@register_policy("topp", order=2, params=(P,), needs=("mass",), dial="p", triton="token", native=True)
+@register_policy("topp", order=2, params=(P,), needs=("mass",), dial="p", triton=Triton("token", 1),
+                 native=2)  # TOPP
 def topp(cand: Candidates, layout: BatchLayout, params: TokenParams, history: History | None) -> Selection:
     """Smallest best-first set whose probability (score / sum of all scores) reaches ``p``."""
     assert cand.mass is not None  # declared need: mass
@@ -55,7 +63,8 @@ def topp(cand: Candidates, layout: BatchLayout, params: TokenParams, history: Hi
 
 @register_policy("entropy", order=3, params=(K_MIN, K_MAX), needs=("entropy",), default_cap=_k_max,
                  cap_from="k_max", rules=(("k_min", "k_max"), ("k_max", "cap")), min_cap="k_max",
-                 triton="token", native=True, derived={"k_max": (_default_k_max, ("k_min", "budget"))})
+                 triton=Triton("token", 2), native=3,  # ENTROPY
+                 derived={"k_max": (_default_k_max, ("k_min", "budget"))})
 def entropy(cand: Candidates, layout: BatchLayout, params: TokenParams, history: History | None) -> Selection:
     """``k = round(k_min + H/ln E * (k_max - k_min))`` (round half up)."""
     assert cand.entropy is not None  # declared need: entropy

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from vllm_seqroute import kernels
-from vllm_seqroute.policies import registry
 from vllm_seqroute.policies.config import RoutingConfig
 from vllm_seqroute.policies.layout import BatchLayout
 from vllm_seqroute.policies.ledger import CausalLedger
 from vllm_seqroute.policies.params import token_params
-from vllm_seqroute.routing.assemble import assemble
+from vllm_seqroute.routing.step import route_step
 
 
 def _check_inputs(scores: torch.Tensor, cu_seqlens: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -67,14 +65,11 @@ def route(
     cfg = cfg.resolve(e)
     cap = cfg.cap
     assert cap is not None  # resolve() sets it
-    spec = registry.spec(cfg.policy)
-    cand = kernels.candidates(
-        scores.to(torch.float32), cap, None if bias is None else bias.to(torch.float32),
-        with_mass="mass" in spec.needs, with_entropy="entropy" in spec.needs,
-    )
+    selector = cfg.selector()
+    present = {selector.id}
     if n == 0:
-        ids, w, _ = assemble(cand, torch.zeros(0, dtype=torch.int64), renormalize=cfg.renormalize)
-        return ids.to(torch.int32), w
+        empty = torch.zeros(0, cap, dtype=torch.int32, device=scores.device)
+        return empty, torch.zeros(0, cap, dtype=torch.float32, device=scores.device)
     num_seg = cu_seqlens.numel() - 1
     if slots is not None and (slots.dim() != 1 or slots.numel() != num_seg):
         raise ValueError(f"slots: expected [S]={num_seg} slot ids, got {tuple(slots.shape)}")
@@ -84,17 +79,16 @@ def route(
         raise ValueError(f"slots: ids must be in [-1, {ledger.num_slots}), got {slots.tolist()[:8]}")
     layout = BatchLayout.from_cu_seqlens(cu_seqlens.to(scores.device), n, slots)
     params = token_params(cfg, n, scores.device)
-    one = {0: (cfg.policy, cfg.rule)}
-    if "history" not in spec.needs:
-        sel = kernels.select(cand, layout, params, one, None, None, None)
+    row = None
+    if "history" not in selector.spec.needs:
+        ledger = None  # a policy without history neither reads nor keeps a ledger
     else:
         if ledger is None:
             ledger = CausalLedger(num_seg, pool=cfg.pool, device=scores.device)
         elif ledger.pool != cfg.pool:
             raise ValueError(f"pool: config asks for {cfg.pool!r} but the ledger keeps {ledger.pool!r}")
         row = ledger.rows(layout.token_slot)
-        sel = kernels.select(cand, layout, params, one, None, ledger, row)
-        j = torch.arange(cap, device=scores.device)
-        ledger.commit(row, cand.keys, j[None, :] < params.cap[:, None], sel.charged)
-    ids, w, _ = assemble(cand, sel.count, renormalize=cfg.renormalize)
-    return ids.to(torch.int32), w
+    out = route_step(scores.to(torch.float32), cap, layout, params, present, None, ledger, row,
+                     bias=None if bias is None else bias.to(torch.float32),
+                     renormalize=cfg.renormalize)
+    return out.ids.to(torch.int32), out.weights

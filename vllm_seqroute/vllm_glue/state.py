@@ -17,17 +17,10 @@ from vllm_seqroute.policies import registry
 from vllm_seqroute.policies.config import POLICIES, RoutingConfig
 from vllm_seqroute.policies.ledger import CausalLedger
 from vllm_seqroute.policies.params import slot_values
+from vllm_seqroute.routing import dispatch
 from vllm_seqroute.vllm_glue.records import RoutingRecorder
 
 logger = logging.getLogger("vllm_seqroute")
-
-POLICY_ID = {name: i for i, name in enumerate(POLICIES)}  # the registry's ids (PolicySpec.order)
-# policy ids of the step kernels: seqtopk splits by rule
-SEQ_WINDOW = len(POLICIES)
-POLICY_NAME = [*POLICIES, "seqtopk"]
-ALL_POLICY_IDS = frozenset(range(len(POLICY_NAME)))
-# ids the native CPU body knows (its enum: kernels/cpu_native.NATIVE_POLICIES); not the window rule
-NATIVE_IDS = frozenset(POLICY_ID[s.name] for s in registry.specs() if s.native)
 
 
 @dataclass
@@ -49,8 +42,10 @@ class RoutingState:
     layers: list[LayerInfo] = field(default_factory=list)
     slot_of_req: dict[str, int] = field(default_factory=dict)
     free_slots: list[int] = field(default_factory=list)
-    step_policies: AbstractSet[int] = field(default_factory=set)  # host-known policies of this step
-    slot_policy_host: list[int] = field(default_factory=list)
+    # host-known selectors of this step (ids of policies.registry.selectors: a policy's body, or
+    # a variant of it such as seqtopk's window rule)
+    step_policies: AbstractSet[int] = field(default_factory=set)
+    slot_policy_host: list[int] = field(default_factory=list)  # each slot's selector id
     empty_slot_modes: dict[str, int] = field(default_factory=dict)
     experts_computed: list[Any] = field(default_factory=list)  # CPU: pairs each layer's kernel ran
     restarts: int = 0
@@ -68,7 +63,8 @@ class RoutingState:
         s, dev = self.max_slots + 1, self.device  # last row: padding / unknown tokens
         self.token_slot = torch.full((self.max_tokens,), -1, dtype=torch.int64, device=dev)
         i64: dict[str, Any] = dict(dtype=torch.int64, device=dev)
-        self.policy = torch.zeros(s, **i64)
+        self.policy = torch.zeros(s, **i64)  # each slot's selector id
+        self.selector_policy = dispatch.counted_policy(dev)  # selector id -> policy id (counters)
         # one row per slot of each per-token option the policies declare (TokenParams' fields)
         self.slot_params = {name: torch.zeros(s, dtype=dtype, device=dev)
                             for name, dtype in registry.token_fields().items()}
@@ -84,7 +80,9 @@ class RoutingState:
         self.selected: list[torch.Tensor] = []  # per layer [slots+1]: pairs each request took
         self.finished: dict[str, dict[str, Any]] = {}  # last requests' final counters
         if self.device.type == "cuda":
-            names = [POLICY_NAME[i] for i in sorted(self.graph_policies()) if i != SEQ_WINDOW]
+            sels = registry.selectors()
+            names = sorted({sels[i].spec.name for i in self.graph_policies()},
+                           key=lambda n: registry.spec(n).order)
             logger.info("vllm_seqroute: on CUDA the routing op runs %s in every MoE layer (the policies "
                         "requests may ask for%s)", ", ".join(names),
                         "; --routing-allowed limits them" if self.base.allowed is None else "")
@@ -169,7 +167,7 @@ class RoutingState:
 
     def _slot_record(self, slot: int) -> dict[str, Any]:
         return {
-            "policy": POLICY_NAME[self.slot_policy_host[slot]],
+            "policy": registry.selectors()[self.slot_policy_host[slot]].spec.name,
             "budget": real(self.slot_params["budget"][slot].item()),
             "seen": [int(x.ledger.seen[slot]) for x in self.layers],
             "used": [int(x.ledger.used[slot]) for x in self.layers],
@@ -177,12 +175,11 @@ class RoutingState:
         }
 
     def _write_slot(self, slot: int, cfg: RoutingConfig) -> None:
-        pid = POLICY_ID[cfg.policy]
-        if cfg.policy == "seqtopk" and cfg.rule == "window":
-            pid = SEQ_WINDOW
+        sel = cfg.selector()
+        pid = sel.id
         self.slot_policy_host[slot] = pid
         self.slot_vanilla_host[slot] = (
-            cfg.policy == "topk" and bool(self.layers) and cfg.budget == self.layers[0].model_k)
+            sel.spec.model_rule and bool(self.layers) and cfg.budget == self.layers[0].model_k)
         self.policy[slot] = pid
         values = slot_values(cfg)
         assert cfg.cap is not None  # request configs are resolved
@@ -217,21 +214,15 @@ class RoutingState:
 
     def graph_policies(self) -> frozenset[int]:
         """Policy ids a step may hold when the host cannot say which (CUDA graphs): the server's
-        own and those per-request overrides may ask for (``base.allowed``; None: every policy);
-        seqtopk with either rule, as a request may override its rule."""
+        own and those per-request overrides may ask for (``base.allowed``; None: every policy),
+        each with all its bodies, as a request may pick another variant (seqtopk's rule)."""
         names = POLICIES if self.base.allowed is None else self.base.allowed
-        ids = {POLICY_ID[n] for n in names} | {self.slot_policy_host[self.max_slots]}
-        if POLICY_ID["seqtopk"] in ids:
-            ids.add(SEQ_WINDOW)
-        return frozenset(ids)
+        return registry.selectors_of(names) | {self.slot_policy_host[self.max_slots]}
 
     def _native_serves(self, policies: AbstractSet[int]) -> bool:
-        """The native CPU body serves the policies it knows (``NATIVE_IDS``: not the window rule,
-        not a policy declared without it), with bounded ledgers; the torch body serves the rest."""
-        from vllm_seqroute import kernels
-
-        return (policies <= NATIVE_IDS and self.base.pool == "bounded"
-                and kernels.native_available(self.device))
+        """The native CPU body serves the selectors that declare a branch of it, with bounded
+        ledgers (``routing.dispatch.native_serves``); the torch body serves the rest."""
+        return dispatch.native_serves(policies, self.base.pool, self.device)
 
     def clear_step(self) -> None:
         """Dummy / profile runs: every token is padding with the server's policy."""

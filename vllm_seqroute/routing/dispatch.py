@@ -1,0 +1,122 @@
+"""Which body serves a call, decided here only, from the declarations (``policies.base.Body``):
+
+- candidates: the Triton kernel on CUDA where it loads (one ranking-bias row at most), the
+  torch twin elsewhere; a group-limited router's own candidates are sorted by the twin.
+- a policy's selection: its declared Triton kernel on CUDA where Triton loads (``SEQROUTE_NO_
+  TRITON=1``: never) and, for a policy that reads a ledger, the ledger keeps the bounded pool
+  (the kernels read pool bins); otherwise its torch twin, on any device.
+- a whole serving step on the CPU: the native C body when every selector of the step declares
+  a native branch, the ledgers keep the bounded pool and the library is built
+  (``SEQROUTE_NO_NATIVE=1``: never); otherwise the torch path below.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Set
+
+import torch
+
+from vllm_seqroute import kernels
+from vllm_seqroute.policies import registry
+from vllm_seqroute.policies.base import Candidates, Selection, TokenParams
+from vllm_seqroute.policies.candidates import build_candidates, candidates_at, sorted_candidates
+from vllm_seqroute.policies.layout import BatchLayout
+from vllm_seqroute.policies.ledger import CausalLedger
+from vllm_seqroute.policies.registry import Selector
+
+
+def needs(present: Set[int]) -> dict[str, bool]:
+    """The candidate summaries the selectors ``present`` read (``candidates``' keywords)."""
+    sels = registry.selectors()
+    want = {n for i in present for n in sels[i].spec.needs}
+    return {"with_mass": "mass" in want, "with_entropy": "entropy" in want}
+
+
+def candidates(scores: torch.Tensor, width: int, bias: torch.Tensor | None = None,
+               group_ids: torch.Tensor | None = None, *, with_mass: bool,
+               with_entropy: bool) -> Candidates:
+    """Each token's best ``width`` experts by ``scores + bias`` (ties: lower id), weights from
+    ``scores`` (float32); ``group_ids [N, width]``: a group-limited router's candidates
+    (``-1`` padding; see ``policies.candidates.candidates_at``). ``bias``: ``[E]`` or ``[N, E]``."""
+    if group_ids is not None:
+        rank = scores if bias is None else scores + bias.to(torch.float32)
+        ids = sorted_candidates(rank, group_ids.to(torch.int64))
+        return candidates_at(scores, rank, ids, with_mass=with_mass, with_entropy=with_entropy)
+    if kernels.triton_available(scores.device) and (bias is None or bias.dim() == 1):
+        return kernels.run_candidates(scores, width, bias, with_mass=with_mass, with_entropy=with_entropy)
+    return build_candidates(scores, width, bias, with_mass=with_mass, with_entropy=with_entropy)
+
+
+def _select_one(sel: Selector, cand: Candidates, layout: BatchLayout, params: TokenParams,
+                ledger: CausalLedger | None, row: torch.Tensor | None) -> Selection:
+    if "history" not in sel.spec.needs:
+        ledger = row = None
+    elif ledger is None or row is None:
+        ledger = row = None
+    tri = sel.body.triton
+    if tri is not None and kernels.triton_available(cand.ids.device) and (
+            ledger is None or ledger.pool == "bounded"):
+        return kernels.run_select(tri, cand, layout, params, ledger, row)
+    return sel.body.fn(cand, layout, params, ledger.history_of(row) if ledger is not None and
+                       row is not None else None)
+
+
+def select(cand: Candidates, layout: BatchLayout, params: TokenParams, present: Set[int],
+           selector: torch.Tensor | None, ledger: CausalLedger | None, row: torch.Tensor | None,
+           ) -> Selection:
+    """Each selector in ``present`` (ids of ``registry.selectors()``) over the batch through
+    its body (above), merged per token by ``selector [N]`` (``None``: one selector). The ledger
+    (``row [N]``: each token's) is read by history policies, never committed here."""
+    sels = registry.selectors()
+    if len(present) == 1 or selector is None:
+        if len(present) != 1:
+            raise ValueError("selector: per-token selector ids are needed when more than one runs")
+        (only,) = present
+        return _select_one(sels[only], cand, layout, params, ledger, row)
+    count = charged = torch.zeros(cand.ids.shape[0], dtype=torch.int64, device=cand.ids.device)
+    for sid in sorted(present):  # each vectorised over the batch
+        sel = _select_one(sels[sid], cand, layout, params, ledger, row)
+        mine = selector == sid
+        count = torch.where(mine, sel.count, count)
+        charged = torch.where(mine, sel.charged, charged)
+    return Selection(count, charged)
+
+
+def native_serves(present: Set[int], pool: str, device: torch.device) -> bool:
+    """The native CPU body serves a step of these selectors (module docstring)."""
+    sels = registry.selectors()
+    return (all(sels[i].body.native is not None for i in present) and pool == "bounded"
+            and kernels.native_available(device))
+
+
+@functools.cache
+def native_branches() -> kernels.cpu_native.Branches:
+    """Per selector id: its C branch, the policy its counters book, the model's own rule."""
+    sels = registry.selectors()
+    return kernels.cpu_native.Branches(
+        [-1 if s.body.native is None else s.body.native for s in sels],
+        [s.spec.order for s in sels], [s.spec.model_rule for s in sels])
+
+
+def native_step(policy: torch.Tensor, params: TokenParams, row: torch.Tensor, real: torch.Tensor,
+                rec: torch.Tensor | None) -> kernels.cpu_native.StepInputs:
+    """The native body's per-step inputs (every layer of the step shares them)."""
+    return kernels.cpu_native.StepInputs(native_branches(), policy, params, row, real, rec)
+
+
+native_select = kernels.native_select
+
+
+def model_rule_ids() -> frozenset[int]:
+    """Selectors whose policy at the model's K is the model's own routing."""
+    return frozenset(s.id for s in registry.selectors() if s.spec.model_rule)
+
+
+def counted_policy(device: torch.device) -> torch.Tensor:
+    """``[selectors]`` the policy id each selector's tokens are counted under."""
+    return torch.tensor([s.spec.order for s in registry.selectors()], dtype=torch.int64, device=device)
+
+
+__all__ = ["candidates", "counted_policy", "model_rule_ids", "native_branches",
+           "native_select", "native_serves", "native_step", "needs", "select"]

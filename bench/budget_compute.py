@@ -13,9 +13,11 @@ the step). Configurations, at the model's K:
 Prints output tok/s, mean TTFT and TPOT, each ratio to vanilla, and experts per token: selected
 by the policy and computed by the expert kernels (from the plugin's stats, reset before each
 run). ``--rounds 2`` runs the cycle twice in alternating order (servers restarted) and reports
-the median.
+the median. ``--configs`` runs some of them only (``vanilla topk@K seqtopk@K seqtopk@K/2
+ideal@K/2``; the ratios need ``vanilla``).
 
     .venv/bin/python bench/budget_compute.py [--models seqtopk-moe expert-heavy] [--rounds 1]
+        [--configs vanilla seqtopk@K/2 ideal@K/2]
 """
 
 from __future__ import annotations
@@ -107,21 +109,25 @@ def run_client(model: Path, port: int, prompts: int, out_dir: Path, name: str) -
     return json.loads(result.read_text())
 
 
-def configs(model: Path, k: int, work: Path) -> list[tuple[str, Path, list[str]]]:
+CONFIGS = ("vanilla", "topk@K", "seqtopk@K", "seqtopk@K/2", "ideal@K/2")  # --configs names
+
+
+def configs(model: Path, k: int, work: Path, chosen: list[str]) -> list[tuple[str, Path, list[str]]]:
     half = max(1, k // 2)
-    return [
-        ("vanilla", model, []),
-        (f"topk@{k}", model, ["--routing", "topk"]),
-        (f"seqtopk@{k}", model, ["--routing", "seqtopk"]),
-        (f"seqtopk@{half}", model, ["--routing", "seqtopk", "--routing-budget", str(half)]),
-        (f"ideal topk@{half}", with_k(model, half, work / f"k{half}"), []),
-    ]
+    every = {
+        "vanilla": ("vanilla", model, []),
+        "topk@K": (f"topk@{k}", model, ["--routing", "topk"]),
+        "seqtopk@K": (f"seqtopk@{k}", model, ["--routing", "seqtopk"]),
+        "seqtopk@K/2": (f"seqtopk@{half}", model, ["--routing", "seqtopk", "--routing-budget", str(half)]),
+        "ideal@K/2": (f"ideal topk@{half}", with_k(model, half, work / f"k{half}"), []),
+    }
+    return [every[c] for c in CONFIGS if c in chosen]
 
 
 def bench_model(label: str, model: Path, prompts: int, rounds: int, work: Path, port: int,
-                reuse: bool) -> None:
+                reuse: bool, chosen: list[str]) -> None:
     k = json.loads((model / "config.json").read_text())["num_experts_per_tok"]
-    cfgs = configs(model, k, work)
+    cfgs = configs(model, k, work, chosen)
     runs: dict[str, list[dict]] = {name: [] for name, _, _ in cfgs}
     for r in range(rounds):
         for name, path, flags in (cfgs if r % 2 == 0 else cfgs[::-1]):  # alternate the order
@@ -143,7 +149,7 @@ def bench_model(label: str, model: Path, prompts: int, rounds: int, work: Path, 
                 server.stop()
     flags_of = {name: flags for name, _, flags in cfgs}
     paths_of = {name: path for name, path, _ in cfgs}
-    base = statistics.median(x["output_throughput"] for x in runs["vanilla"])
+    base = statistics.median(x["output_throughput"] for x in runs["vanilla"]) if "vanilla" in runs else None
     print(f"\n### {label}: {model} (K={k}), {prompts} prompts x 128 in / 32 out, {rounds} round(s), "
           f"{os.cpu_count()} CPU cores\n")
     print("| server | output tok/s | vs vanilla | mean TTFT ms | mean TPOT ms | experts/token selected "
@@ -164,7 +170,8 @@ def bench_model(label: str, model: Path, prompts: int, rounds: int, work: Path, 
             sel = f"{sum(s['pairs_by_policy']) / tok:.2f}" if tok else "-"
             if s.get("pairs_computed") is not None and s.get("tokens_computed"):
                 comp = f"{s['pairs_computed'] / s['tokens_computed']:.2f}"
-        print(f"| {name} | {tput:.0f} | {tput / base:.3f} | {ttft:.0f} | {tpot:.1f} | {sel} | {comp} |")
+        ratio = f"{tput / base:.3f}" if base else "-"
+        print(f"| {name} | {tput:.0f} | {ratio} | {ttft:.0f} | {tpot:.1f} | {sel} | {comp} |")
     print(flush=True)
 
 
@@ -172,6 +179,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=["seqtopk-moe", "expert-heavy"])
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS),
+                    help="the configurations to run (default: all)")
     ap.add_argument("--prompts", type=int, default=256, help="seqtopk-moe prompts")
     ap.add_argument("--heavy-prompts", type=int, default=64, help="expert-heavy prompts")
     ap.add_argument("--port", type=int, default=8391)
@@ -187,10 +196,10 @@ def main() -> None:
             if not SHARED.exists():
                 print("skipping seqtopk-moe: ../shared/models/seqtopk-moe is absent")
                 continue
-            bench_model(label, SHARED, args.prompts, args.rounds, work, args.port, args.reuse)
+            bench_model(label, SHARED, args.prompts, args.rounds, work, args.port, args.reuse, args.configs)
         elif label == "expert-heavy":
             bench_model(label, expert_heavy(work / "expert-heavy"), args.heavy_prompts, args.rounds,
-                        work, args.port, args.reuse)
+                        work, args.port, args.reuse, args.configs)
         else:
             raise SystemExit(f"--models: unknown {label!r} (seqtopk-moe, expert-heavy)")
     if args.work is None:

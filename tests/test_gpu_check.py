@@ -426,3 +426,23 @@ def test_timing_case_on_cpu(on_cpu: Any) -> None:
     check, times, note = gc.timing_case({"kg": on_cpu}, sh, timer)
     assert check == "ok" and set(times) == {"torch_topk", *gc.OP_COLUMNS}
     assert all(v > 0 for v in times.values()) and note.startswith("all allowed runs seqtopk")
+
+
+def test_direct_kernel_checks_are_the_gpu_tests() -> None:
+    """Without pytest the kernels stage calls run_kernel_checks with the arguments the GPU tests
+    pass (read from tests/test_kernels_gpu.py), and every plan binds to its signature."""
+    import ast
+    import inspect
+
+    from vllm_seqroute.kernels import checks
+
+    tree = ast.parse((ROOT / "tests" / "test_kernels_gpu.py").read_text())
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+             and n.func.attr == "run_kernel_checks"]
+    in_tests = [{k.arg: eval(compile(ast.Expression(k.value), "<kw>", "eval"), {"range": range})
+                 for k in c.keywords if k.arg != "seed_base"} for c in calls]
+    assert in_tests == list(gc.KERNEL_CHECKS.values())
+    sig = inspect.signature(checks.run_kernel_checks)
+    for plan in (gc.KERNEL_CHECKS, gc.KERNEL_CHECKS_QUICK, gc.KERNEL_CHECKS_TINY):
+        for kw in plan.values():
+            sig.bind("cuda", seed_base=0, **kw)

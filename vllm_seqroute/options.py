@@ -56,6 +56,7 @@ ALLOWED_KEY = "routing_allowed"
 _KEY_OF_FIELD = {field: key for key, (field, _) in FIELDS.items()} | {"allowed": ALLOWED_KEY} | {
     name: p.key for name, p in registry.options().items()}  # server-wide ones too (pool)
 _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(RoutingConfig))
+_DEFAULT_POLICY = next(f.default for f in dataclasses.fields(RoutingConfig) if f.name == "policy")
 
 
 def flag(key: str) -> str:
@@ -184,7 +185,7 @@ def _check_pairs(fields: dict[str, Any], sent: set[str]) -> None:
 
 def config_from_options(options: dict[str, Any]) -> RoutingConfig:
     """A validated :class:`RoutingConfig` from option keys (``routing``, ``routing_budget``, ...,
-    ``routing_pool``; the policy defaults to ``topk``). ``ValueError`` names the key."""
+    ``routing_pool``; the policy defaults to ``RoutingConfig``'s). ``ValueError`` names the key."""
     opts = dict(options)
     pool = opts.pop("pool", opts.pop("routing_pool", "bounded"))
     allowed = opts.pop(ALLOWED_KEY, None)
@@ -192,7 +193,7 @@ def config_from_options(options: dict[str, Any]) -> RoutingConfig:
     if unknown:
         raise ValueError(f"{shown_key(unknown[0])}: unknown routing option; known: {', '.join(FIELDS)}")
     kw = {FIELDS[k][0]: coerce(k, v) for k, v in opts.items()}
-    kw.setdefault("policy", "topk")
+    kw.setdefault("policy", _DEFAULT_POLICY)
     try:
         _check_fields_alone(kw["policy"], kw)
         _check_pairs({**_fields(RoutingConfig(policy=kw["policy"])), **kw}, set(kw))

@@ -16,6 +16,8 @@ Semantics (``../shared/design.md`` "Policies", ``RoutingConfig``, ``policies/seq
   ``p``, clamped to ``[floor, cap]``.
 - ``entropy``: ``k = round_half_up(k_min + H/ln E * (k_max - k_min))`` (``H/ln E = 0`` for
   ``E = 1``), clamped to ``[k_min, k_max]`` and then ``[floor, cap]``.
+- ``threshold``: best-first candidates while their probability (score / sum of all E scores) is
+  ``>= tau`` (none when the scores sum to 0), clamped to ``[floor, cap]``.
 - ``seqtopk``/``window``: the segment's pairs of this call compete; the best
   ``(seen + T) * budget - used`` are taken.
 - ``seqtopk``/``causal``: token t (1-based over the whole request) takes candidate j (0-based)
@@ -156,6 +158,23 @@ def _topp_count(score: list[float], cand: list[int], p: float) -> tuple[int, int
     return smallest(pf - Fraction(EPS)), smallest(pf + Fraction(EPS))
 
 
+def _threshold_count(score: list[float], cand: list[int], tau: float) -> tuple[int, int]:
+    """Exact (rational) best-first run of candidates with probability ``>= tau``; range over
+    ``tau +/- EPS`` (a higher threshold takes fewer)."""
+    mass = sum(Fraction(x) for x in score)
+    if mass == 0:
+        return 0, 0
+
+    def run(t: Fraction) -> int:
+        n = 0
+        while n < len(cand) and Fraction(score[cand[n]]) / mass >= t:
+            n += 1
+        return n
+
+    tf = Fraction(tau)
+    return run(tf + Fraction(EPS)), run(tf - Fraction(EPS))
+
+
 def _entropy_k(score: list[float], k_min: int, k_max: int) -> tuple[int, int]:
     e = len(score)
     mass = math.fsum(score)
@@ -183,6 +202,7 @@ def ref_route(
     p: float = 0.4,
     k_min: int = 1,
     k_max: int | None = None,
+    tau: float = 0.1,
     bias: torch.Tensor | None = None,
     ledger: RefLedger | None = None,
     slots: list[int] | None = None,
@@ -205,6 +225,11 @@ def ref_route(
     if policy == "topp":
         for (score, _), t in zip(rows, toks, strict=True):
             lo, hi = _topp_count(score, t.cand, p)
+            t.counts = tuple(sorted({clamp(k, floor, cap) for k in range(lo, hi + 1)}))
+        return toks
+    if policy == "threshold":
+        for (score, _), t in zip(rows, toks, strict=True):
+            lo, hi = _threshold_count(score, t.cand, tau)
             t.counts = tuple(sorted({clamp(k, floor, cap) for k in range(lo, hi + 1)}))
         return toks
     if policy == "entropy":

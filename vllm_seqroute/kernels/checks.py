@@ -19,11 +19,9 @@ import torch
 from vllm_seqroute.kernels import TRITON_MODULES
 from vllm_seqroute.policies import CausalLedger, registry
 from vllm_seqroute.policies import seqtopk as seq
-from vllm_seqroute.policies.base import Candidates, Selection, TokenParams
+from vllm_seqroute.policies.base import SUMMARIES, Candidates, Selection, TokenParams
 from vllm_seqroute.policies.candidates import build_candidates
-from vllm_seqroute.policies.config import RoutingConfig
 from vllm_seqroute.policies.layout import BatchLayout
-from vllm_seqroute.policies.params import token_params
 from vllm_seqroute.policies.registry import Selector
 
 
@@ -130,11 +128,12 @@ def random_case(
         cu = torch.tensor([0, *hl.cumsum(0).tolist()])
         m = int(cu[-1])
         hs = torch.softmax(torch.randn(m, e, generator=g) * 1.5, dim=-1)
-        cfg = RoutingConfig(policy="seqtopk", budget=budget, cap=u).resolve(e)
         hl_layout = BatchLayout.from_cu_seqlens(cu, m)
         h_cand = build_candidates(hs, u, b, with_mass=False, with_entropy=False)
         h_row = led.rows(hl_layout.token_slot)
-        h_params = token_params(cfg, m, torch.device("cpu"))
+        full = functools.partial(torch.full, (m,), dtype=torch.int64)
+        h_params = TokenParams(budget=full(budget), cap=full(u), floor=full(1),
+                               p=full(0.4, dtype=torch.float64), k_min=full(1), k_max=full(u))
         h_sel = seq.causal(h_cand, hl_layout, h_params, led.history_of(h_row))
         led.commit(h_row, h_cand.keys, torch.ones_like(h_cand.keys, dtype=torch.bool), h_sel.charged)
         row = led.rows(layout.token_slot)
@@ -176,7 +175,7 @@ def diff_candidates(a: Candidates, b: Candidates) -> list[str]:
             out.append(f)
     if not torch.equal(a.weights.cpu(), b.weights.cpu()):
         out.append("weights")
-    for f in ("mass", "entropy"):
+    for f in SUMMARIES:
         x, y = getattr(a, f), getattr(b, f)
         if (x is None) != (y is None):
             out.append(f + " presence")

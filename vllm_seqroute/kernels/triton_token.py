@@ -61,9 +61,9 @@ def token_select(pol: int, cand: Candidates, params: TokenParams) -> Selection:
         raise ValueError(f"token kernel: no policy with code {pol}")
     n, u = cand.ids.shape
     if pol == _TOPP and cand.mass is None:
-        raise ValueError("topp: candidates need the score mass (with_mass=True)")
+        raise ValueError(f"token kernel code {pol}: candidates need the score mass (with_mass=True)")
     if pol == _ENTROPY and cand.entropy is None:
-        raise ValueError("entropy: candidates need the entropy (with_entropy=True)")
+        raise ValueError(f"token kernel code {pol}: candidates need the entropy (with_entropy=True)")
     dev = cand.ids.device
     count = alloc((n,), torch.int64, dev)
     charged = alloc((n,), torch.int64, dev)

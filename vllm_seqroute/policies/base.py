@@ -204,6 +204,10 @@ class PolicySpec:
         return None if self.variant is None else self.params[self.variant].default
 
 
+# what a policy's candidates may carry besides ids/weights/keys (a :class:`Candidates` field each;
+# ``needs`` names them, and ``history``: a causal ledger)
+SUMMARIES = ("mass", "entropy")
+
 UNORDERED = -1  # an order the registry assigns (policies declared without one: after the others)
 
 
@@ -233,7 +237,7 @@ def register_policy(name: str, *, order: int = UNORDERED, params: tuple[Param, .
     ``min(E, 2*budget)`` (``E`` without a budget). ``order``: built-in policies fix theirs;
     a policy from another package leaves it out and the registry numbers it after the others
     (by name). Returns the function unchanged (typed as the policy interface)."""
-    unknown = set(needs) - {"mass", "entropy", "history"}
+    unknown = set(needs) - {*SUMMARIES, "history"}
     if unknown:
         raise ValueError(f"policy {name!r}: unknown needs {sorted(unknown)}")
     own = {p.field: p for p in params}

@@ -19,7 +19,7 @@ import torch
 
 from vllm_seqroute import kernels
 from vllm_seqroute.policies import registry
-from vllm_seqroute.policies.base import Candidates, Selection, TokenParams
+from vllm_seqroute.policies.base import SUMMARIES, Candidates, Selection, TokenParams
 from vllm_seqroute.policies.candidates import build_candidates, candidates_at, sorted_candidates
 from vllm_seqroute.policies.layout import BatchLayout
 from vllm_seqroute.policies.ledger import CausalLedger
@@ -30,7 +30,7 @@ def needs(present: Set[int]) -> dict[str, bool]:
     """The candidate summaries the selectors ``present`` read (``candidates``' keywords)."""
     sels = registry.selectors()
     want = {n for i in present for n in sels[i].spec.needs}
-    return {"with_mass": "mass" in want, "with_entropy": "entropy" in want}
+    return {f"with_{name}": name in want for name in SUMMARIES}
 
 
 def candidates(scores: torch.Tensor, width: int, bias: torch.Tensor | None = None,

@@ -29,7 +29,6 @@ from vllm_seqroute.policies.layout import BatchLayout
 from vllm_seqroute.policies.ledger import CausalLedger
 
 __all__ = [
-    "NativeStepInputs",
     "native_available",
     "native_select",
     "triton_available",
@@ -95,7 +94,6 @@ def native_available(device: torch.device | str) -> bool:
 
 
 native_select = cpu_native.select
-NativeStepInputs = cpu_native.StepInputs
 
 
 def run_candidates(scores: torch.Tensor, width: int, bias: torch.Tensor | None, *, with_mass: bool,

@@ -114,11 +114,6 @@ def token_fields() -> dict[str, torch.dtype]:
             for name, p in options().items() if p.per_token}
 
 
-def ids_needing(need: str) -> frozenset[int]:
-    """Ids of the policies that need ``mass``, ``entropy`` or ``history``."""
-    return frozenset(s.order for s in specs() if need in s.needs)
-
-
 @dataclass(frozen=True)
 class Selector:
     """One body of one policy, as the routing op numbers them: ``id`` is the policy's order for

@@ -108,6 +108,7 @@ def native_step(policy: torch.Tensor, params: TokenParams, row: torch.Tensor, re
 native_select = kernels.native_select
 
 
+@functools.cache
 def model_rule_ids() -> frozenset[int]:
     """Selectors whose policy at the model's K is the model's own routing."""
     return frozenset(s.id for s in registry.selectors() if s.spec.model_rule)

@@ -31,6 +31,8 @@ from urllib.parse import unquote
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from vllm_seqroute.vllm_glue import stages
+
 from . import dashboard, telemetry
 from .validation import (
     JsonXargsMiddleware,
@@ -132,7 +134,7 @@ class SeqrouteHTTP:
                                "routing options are checked for names and types only until they answer", e)
             self.info_known = False
             return
-        self.info = next((i for i in infos or [] if i), None)
+        self.info = stages.merge_info(infos or [])  # pipeline stages: every stage's layers
         self.server = ServerRouting.from_info(self.info)
         self.info_known = True
         if self.server is None:
@@ -149,7 +151,7 @@ class SeqrouteHTTP:
             self.engine_client.collective_rpc("seqroute_stats",
                                               kwargs={"reset": reset, "requests": requests}),
             _rpc_timeout())
-        return next((s for s in out or [] if s), None)
+        return stages.merge_stats(out or [])  # one answer per worker: stages merged, TP ranks once
 
     async def stats(self, *, reset: bool = False, requests: bool = True) -> dict[str, Any]:
         if self.engine_client is None:

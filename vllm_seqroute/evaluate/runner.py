@@ -21,6 +21,7 @@ from typing import Any
 
 from vllm_seqroute.options import FIELDS
 from vllm_seqroute.policies import registry
+from vllm_seqroute.vllm_glue import stages
 
 SPEC_KEYS = {k.removeprefix("routing_"): k for k in FIELDS if k != "routing"} | {
     p.field: p.key for p in registry.options().values() if not p.per_request}
@@ -117,10 +118,12 @@ def run_job(job: Job) -> dict[str, Any]:
     def stats(reset: bool) -> dict[str, Any] | None:
         if not routed:
             return None
-        return llm.collective_rpc("seqroute_stats", kwargs={"reset": reset, "requests": False})[0]
+        return stages.merge_stats(llm.collective_rpc("seqroute_stats",
+                                                     kwargs={"reset": reset, "requests": False}))
 
     def record(on: bool, max_tokens: int = 0) -> dict[str, Any] | None:
-        return llm.collective_rpc("seqroute_record", kwargs={"on": on, "max_tokens": max_tokens})[0]
+        return stages.merge_records(llm.collective_rpc("seqroute_record",
+                                                       kwargs={"on": on, "max_tokens": max_tokens}))
 
     recording = routed and bool(job.records_file)
     started: dict[str, Any] | None = None

@@ -205,6 +205,12 @@ _RAW: tuple[tuple, ...] = (
     ("vllm.v1.engine.llm_engine", "LLMEngine.engine_core", ()),
     ("vllm.benchmarks.serve", "add_cli_args", ("parser",)),
     ("vllm.benchmarks.serve", "main", ("args",)),
+    # --- pipeline stages (vllm_glue/stages.py): each worker names its stage ------------------------
+    ("vllm.distributed.parallel_state", "model_parallel_is_initialized", ()),
+    ("vllm.distributed.parallel_state", "get_pp_group", ()),
+    ("vllm.distributed.parallel_state", "get_tp_group", ()),
+    ("vllm.distributed.parallel_state", "GroupCoordinator.rank_in_group", ()),
+    ("vllm.distributed.parallel_state", "GroupCoordinator.world_size", ()),
 )
 
 CONTRACTS: tuple[Contract, ...] = tuple(Contract(*c) for c in _RAW)

@@ -82,13 +82,14 @@ def _patch_worker_rpc() -> None:
 
     def seqroute_stats(self: Any, reset: bool = False, requests: bool = True) -> dict[str, Any] | None:
         """Routing counters (``requests=False`` leaves out the per-request records)."""
-        from vllm_seqroute.vllm_glue import state, touched
+        from vllm_seqroute.vllm_glue import stages, state, touched
 
         if state.STATE is None:
             return None
         touched.on_step(state.STATE)  # the last step ran: count its experts touched
         out = state.STATE.stats(reset=reset)
         out.update(touched.stats(state.STATE, reset))
+        out["stage"] = stages.stage()  # merged over pipeline stages by the caller (stages.py)
         if not requests:
             out.pop("requests", None)
         return out
@@ -99,7 +100,7 @@ def _patch_worker_rpc() -> None:
         layer's (experts, K, width); None when routing is off or the model has no MoE layer."""
         import dataclasses
 
-        from vllm_seqroute.vllm_glue import state
+        from vllm_seqroute.vllm_glue import stages, state
 
         s = state.STATE
         if s is None or not s.layers:
@@ -113,28 +114,30 @@ def _patch_worker_rpc() -> None:
             "num_layers": len(s.layers),
             "layers": [[x.num_experts, x.model_k, x.width] for x in s.layers],
             "max_slots": s.max_slots,
+            "stage": stages.stage(),
         }
 
     def seqroute_record(self: Any, on: bool, max_tokens: int = 0) -> dict[str, Any] | None:
         """Evaluation only, opt-in and bounded: ``on`` starts recording the experts each token
         gets per layer (at most ``max_tokens`` tokens, CPU only); off stops and returns the
         records by request and position. None when routing is off."""
-        from vllm_seqroute.vllm_glue import state
+        from vllm_seqroute.vllm_glue import stages, state
 
         s = state.STATE
         if s is None or not s.layers:
             return None
-        return s.record(on, max_tokens)
+        return {**s.record(on, max_tokens), "stage": stages.stage()}
 
     def seqroute_prefix_state(self: Any) -> dict[str, Any] | None:
         """Which KV blocks carry routing records (``prefix_state``): the engine core shortens
         causal SeqTopK cache hits to them. None when routing is off or the model has no MoE."""
-        from vllm_seqroute.vllm_glue import state
+        from vllm_seqroute.vllm_glue import stages, state
 
         s = state.STATE
         if s is None or not s.layers:
             return None
-        return s.prefix.describe() if s.prefix is not None else {"blocks_with_state": 0}
+        out = s.prefix.describe() if s.prefix is not None else {"blocks_with_state": 0}
+        return {**out, "stage": stages.stage()}
 
     setattr(WorkerWrapperBase, "seqroute_prefix_state", seqroute_prefix_state)
     setattr(WorkerWrapperBase, "seqroute_stats", seqroute_stats)

@@ -26,6 +26,7 @@ from typing import Any
 from vllm_seqroute.options import FIELDS, overrides_from
 from vllm_seqroute.policies import registry
 from vllm_seqroute.policies.config import RoutingConfig
+from vllm_seqroute.vllm_glue import stages
 
 logger = logging.getLogger("vllm_seqroute")
 SALT_PREFIX = "seqroute:"
@@ -143,7 +144,8 @@ def on_engine_core(core: Any) -> None:
     kv = getattr(core.scheduler, "kv_cache_manager", None)
     if opts is None or kv is None or not core.vllm_config.cache_config.enable_prefix_caching:
         return
-    info = core.model_executor.collective_rpc("seqroute_prefix_state")[0]
+    # every stage's records must cover a hit (pipeline parallel: each stage restores its layers)
+    info = stages.merge_prefix_state(core.model_executor.collective_rpc("seqroute_prefix_state"))
     if info is None:  # no MoE layer: nothing routes
         return
     _wrap_lookup(core, kv, config_from_options(opts), int(info["blocks_with_state"]),

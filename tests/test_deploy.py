@@ -381,4 +381,6 @@ def test_tensor_parallel_2_ranks_route_identically(tmp_path: Path) -> None:
     ranks = [json.loads(s) for s in json.loads(lines[-1][len("STATS "):])]
     assert len(ranks) == 2
     assert ranks[0]["experts_per_token"] and sum(map(sum, ranks[0]["experts_per_token"])) > 0
+    # each rank names its place (the stats merge keeps one answer per pipeline stage)
+    assert [r.pop("stage") for r in ranks] == [{"pp_rank": 0, "pp_size": 1, "tp_rank": t} for t in (0, 1)]
     assert ranks[0] == ranks[1]

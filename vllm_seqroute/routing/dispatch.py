@@ -50,16 +50,14 @@ def candidates(scores: torch.Tensor, width: int, bias: torch.Tensor | None = Non
 
 def _select_one(sel: Selector, cand: Candidates, layout: BatchLayout, params: TokenParams,
                 ledger: CausalLedger | None, row: torch.Tensor | None) -> Selection:
-    if "history" not in sel.spec.needs:
-        ledger = row = None
-    elif ledger is None or row is None:
-        ledger = row = None
+    if "history" not in sel.spec.needs or ledger is None or row is None:
+        ledger = row = None  # read only by the policies that declare a history
     tri = sel.body.triton
     if tri is not None and kernels.triton_available(cand.ids.device) and (
-            ledger is None or ledger.pool == "bounded"):
+            ledger is None or ledger.pool == "bounded"):  # the kernels read pool bins
         return kernels.run_select(tri, cand, layout, params, ledger, row)
-    return sel.body.fn(cand, layout, params, ledger.history_of(row) if ledger is not None and
-                       row is not None else None)
+    history = ledger.history_of(row) if ledger is not None and row is not None else None
+    return sel.body.fn(cand, layout, params, history)
 
 
 def select(cand: Candidates, layout: BatchLayout, params: TokenParams, present: Set[int],

@@ -17,8 +17,9 @@ from tests.conftest import has_vllm
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not has_vllm(), reason="needs vLLM")]
 
 SPEC = "--routing: seqtopk does not support speculative decoding yet"
-PARALLEL = ("--routing: expert and data parallel are not supported yet (routing state lives per rank "
-            "and is untested there); use tensor parallel")
+PARALLEL = ("--routing: expert and data parallel are not supported yet (vLLM gathers every rank's "
+            "router logits into each MoE layer, so a rank would route other ranks' requests without their "
+            "options); use tensor or pipeline parallel, or replicas")
 RETURN_ROUTED = ("--routing: --enable-return-routed-experts assumes width top_k; not supported with "
                  "vllm-seqroute routing")
 NGRAM = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3, "prompt_lookup_min": 1}

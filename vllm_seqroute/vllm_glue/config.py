@@ -100,8 +100,10 @@ def apply_to_engine_args(engine_args: Any) -> None:
         # a causal ledger cannot take back the tokens a draft model proposed and vLLM rejected
         raise ValueError(f"--routing: {cfg.policy} does not support speculative decoding yet")
     if getattr(engine_args, "enable_expert_parallel", False) or (engine_args.data_parallel_size or 1) > 1:
-        raise ValueError("--routing: expert and data parallel are not supported yet (routing state "
-                         "lives per rank and is untested there); use tensor parallel")
+        # the naive DP dispatch all-gathers router logits (docs/CONTRACTS.md, Parallelism)
+        raise ValueError("--routing: expert and data parallel are not supported yet (vLLM gathers every "
+                         "rank's router logits into each MoE layer, so a rank would route other ranks' "
+                         "requests without their options); use tensor or pipeline parallel, or replicas")
     if getattr(engine_args, "enable_return_routed_experts", False):
         raise ValueError("--routing: --enable-return-routed-experts assumes width top_k; "
                          "not supported with vllm-seqroute routing")

@@ -280,7 +280,8 @@ def test_dashboard_parses_and_covers_routing_and_vllm() -> None:
     names = set().union(*(_metric_names(e) for e in _dashboard_exprs()))
     assert {"seqroute_experts_per_token_bucket", "seqroute_experts_per_token_sum",
             "seqroute_experts_per_token_count", "seqroute_budget_granted_total", "seqroute_expert_pairs_total",
-            "seqroute_tokens_total", "seqroute_expert_load_total", "vllm:num_requests_running"} <= names
+            "seqroute_tokens_total", "seqroute_expert_load_total", "seqroute_experts_touched_total",
+            "seqroute_routed_steps_total", "vllm:num_requests_running"} <= names
     assert all(n.startswith(("seqroute_", "vllm:")) for n in names), names
 
 

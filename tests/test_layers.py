@@ -70,8 +70,7 @@ def _strings(path: Path) -> list[tuple[int, str]]:
 # Where a policy's name may appear as a string outside the declarations, and why.
 ALLOWED = {
     "vllm_seqroute/demo": "the demo's example requests (documentation run live)",
-    "vllm_seqroute/evaluate/difficulty_report.py": "'entropy' is the eval's predictive-entropy column; "
-                                                   "'topk' labels the flat TopK baseline (evaluate's owner)",
+    "vllm_seqroute/evaluate/difficulty_report.py": "'entropy' is the eval's predictive-entropy column",
 }
 
 

@@ -39,12 +39,11 @@ def difficulty_views(res: dict[str, Any], dims: dict[str, Any], entropy: np.ndar
     return out
 
 
-def _is_topk(label: str) -> bool:
-    return label.startswith(("topk", "vanilla"))
-
-
 def flat_text(r: dict[str, Any], k: int, correlation: bool = True) -> str:
-    why = " (TopK: by construction)" if _is_topk(r["routing"]) else ""
+    # vLLM's own routing records nothing: its rows are flat by construction (difficulty_views);
+    # any other flat row was measured flat
+    made = any((r.get(part) or {}).get("by_construction") for part in ("difficulty", "positions"))
+    why = " (vLLM's own TopK: by construction)" if made else ""
     return f"flat: {k} experts for every token{why}" + ("; no correlation to compute" if correlation else "")
 
 

@@ -129,19 +129,21 @@ def test_an_id_without_a_c_branch_is_an_error() -> None:
     s.add_request("a", None, 0)
     s.set_step(["a"], [3])
     st.STATE = s
-    ctx = select_op._step_context(s, 3)
-    window = registry.selector_of("seqtopk", "window").id  # declared without a native body
-    bad = cpu_native.StepInputs(dispatch.native_branches(), torch.full((3,), window), ctx.params, ctx.row,
-                                ctx.real)
-    logits = torch.randn(3, 16)
-    van_w, van_ids = torch.topk(torch.softmax(logits, -1), 2)
+    s.policy[s.slot_of_req["a"]] = registry.selector_of("seqtopk", "window").id  # no native body
     counters = dict(tokens_by_policy=s.tokens_by_policy, pairs_by_policy=s.pairs_by_policy,
                     granted_by_policy=s.granted_by_policy, expert_load=s.expert_load[0],
                     per_token_hist=s.experts_per_token[0], selected=s.selected[0])
-    with pytest.raises(ValueError, match="has no branch in select_cpu.c"):
-        cpu_native.select(bad, torch.softmax(logits, -1), None, None, van_w, van_ids, 4, 2, s.layers[0].ledger,
-                          counters, renormalize=True, scale=1.0, skip_empty=True)
+    call = dispatch.native_layer(token_slot=s.token_slot, slot_policy=s.policy, slot_params=s.slot_params,
+                                 ledger=s.layers[0].ledger, counters=counters, num_experts=16, width=4,
+                                 model_k=2)
+    logits = torch.randn(3, 16)
+    van_w, van_ids = torch.topk(torch.softmax(logits, -1), 2)
+    for vanilla_only in (False, True):
+        with pytest.raises(ValueError, match="has no branch in select_cpu.c"):
+            call(torch.softmax(logits, -1), None, None, van_w, van_ids, renormalize=True, scale=1.0,
+                 skip_empty=True, vanilla_only=vanilla_only)
     assert int(s.layers[0].ledger.seen.sum()) == 0  # refused before touching any state
+    assert int(s.tokens_by_policy.sum()) == 0
 
 
 def test_a_policy_the_c_body_does_not_know_takes_the_torch_body() -> None:
@@ -169,3 +171,54 @@ def test_window_rule_keeps_the_torch_body() -> None:
     s.add_request("a", None, 0)
     s.set_step(["a"], [3])
     assert not s.step_native
+
+
+@pytest.mark.parametrize("skip_empty", [True, False])
+def test_all_vanilla_step_native_equals_torch(skip_empty: bool) -> None:
+    """A step where every request is topk at the model's K (and one padding token): the native
+    body's vanilla pass gives the torch path's outputs bit for bit, its ledger (seen/used, no pool
+    bins), counters and prefix-cache records."""
+    gen = torch.Generator().manual_seed(7)
+    e, k, width = 16, 2, 4
+    base = RoutingConfig(policy="topk", budget=k, cap=2 * k)
+    states = [_state(base, e, k, width), _state(base, e, k, width)]
+    reqs = ["a", "b", "c"]
+    steps = []
+    for sched in ([3, 5, 2], [1, 1, 1]):
+        n = sum(sched) + 1  # a padding token after the requests' tokens
+        logits = [torch.randn(n, e, generator=gen) for _ in range(2)]
+        van_w, van_ids = torch.topk(torch.softmax(logits[0], -1), k)
+        steps.append((reqs, sched, logits, van_w, van_ids.to(torch.int32), van_ids[:, :0]))
+    outs = []
+    for s, native in zip(states, (False, True), strict=True):
+        s.init_prefix_records(num_kv_blocks=4, block_size=16, max_bytes=None)
+        for r in reqs:
+            s.add_request(r, None, 0)
+        st.STATE = s
+        got = []
+        for i, (req_ids, sched, logits, van_w, van_ids, group) in enumerate(steps):
+            s.set_step(req_ids, sched)
+            assert s.step_all_vanilla and s.step_native
+            s.step_native = native
+            n = sum(sched) + 1
+            s.prefix.set_step(torch.arange(n) + 11 * i, n)
+            for layer in range(2):
+                got.append(select_op.select(logits[layer], group, van_w, van_ids, None, layer, 0, True, 1.0,
+                                            skip_empty))
+        outs.append(got)
+    for (ww, wi), (gw, gi) in zip(*outs, strict=True):
+        assert torch.equal(gi, wi) and torch.equal(gw, ww)
+    torch_state, native_state = states
+    for a, b in zip(native_state.layers, torch_state.layers, strict=True):
+        for name in ("seen", "used", "hist", "block"):
+            assert torch.equal(getattr(a.ledger, name), getattr(b.ledger, name)), name
+    for name in ("tokens_by_policy", "pairs_by_policy", "granted_by_policy"):
+        assert torch.equal(getattr(native_state, name), getattr(torch_state, name)), name
+    for name in ("expert_load", "experts_per_token", "selected"):
+        for a, b in zip(getattr(native_state, name), getattr(torch_state, name), strict=True):
+            assert torch.equal(a, b), name
+    for a, b in zip(native_state.prefix.layers, torch_state.prefix.layers, strict=True):
+        for name in ("bins", "count", "charged"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert int(torch_state.tokens_by_policy.sum()) == 2 * (10 + 3)
+    assert int(torch_state.layers[0].ledger.seen[native_state.max_slots]) == 2  # the padding tokens

@@ -30,7 +30,7 @@ from vllm_seqroute.policies.ledger import CausalLedger
 
 __all__ = [
     "native_available",
-    "native_select",
+    "NativeLayer",
     "triton_available",
     "run_candidates",
     "run_select",
@@ -93,7 +93,7 @@ def native_available(device: torch.device | str) -> bool:
     return cpu_native.available(torch.device(device))
 
 
-native_select = cpu_native.select
+NativeLayer = cpu_native.NativeLayer
 
 
 def run_candidates(scores: torch.Tensor, width: int, bias: torch.Tensor | None, *, with_mass: bool,

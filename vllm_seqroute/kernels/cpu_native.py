@@ -15,11 +15,11 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from vllm_seqroute.policies.base import TokenParams
 from vllm_seqroute.policies.ledger import BLOCK, NUM_BLOCKS, CausalLedger
 from vllm_seqroute.policies.ordering import NUM_BINS, POOL_BIN_PARAMS
 
@@ -34,16 +34,18 @@ class _Step(ctypes.Structure):
     """Mirror of ``Step`` in select_cpu.c (same order, same types)."""
 
     _fields_ = [
-        *((name, _I) for name in ("n", "e", "u", "k", "model_k", "num_selectors")),
-        *((name, _P) for name in ("scores", "bias", "group", "van_w", "van_ids", "body", "counted",
-                                  "model_rule", "policy", "cap",
-                                  "floor_", "k_min", "k_max", "row", "real", "budget", "p", "seen",
-                                  "used", "hist", "block")),
+        ("n", _I), ("k", _I),
+        *((name, _P) for name in ("scores", "bias", "group", "van_w", "van_ids", "out_w", "out_ids")),
+        ("renormalize", ctypes.c_int32), ("skip_empty", ctypes.c_int32),
+        ("vanilla_only", ctypes.c_int32), ("scale", ctypes.c_float),
+        *((name, _I) for name in ("e", "u", "model_k", "num_selectors", "sink")),
+        *((name, _P) for name in ("body", "counted", "model_rule", "token_slot", "policy", "cap",
+                                  "floor_", "k_min", "k_max", "budget", "p", "seen", "used", "hist",
+                                  "block")),
         *((name, _I) for name in ("nbins", "bs", "nblocks", "shift", "lo", "half")),
-        ("renormalize", ctypes.c_int32), ("skip_empty", ctypes.c_int32), ("scale", ctypes.c_float),
-        *((name, _P) for name in ("out_w", "out_ids", "tokens_by_policy", "pairs_by_policy",
-                                  "granted_by_policy", "expert_load", "per_token_hist", "selected",
-                                  "rec", "rec_bins", "rec_count", "rec_charged")),
+        *((name, _P) for name in ("tokens_by_policy", "pairs_by_policy", "granted_by_policy",
+                                  "expert_load", "per_token_hist", "selected", "rec", "rec_bins",
+                                  "rec_count", "rec_charged")),
     ]
 
 
@@ -113,90 +115,97 @@ class Branches:
         self.size = len(body)
 
 
-class StepInputs:
-    """What every layer of one step shares (per-token selector, parameters, ledger row), converted
-    once per step: the per-call Python overhead is the op's main cost at decode sizes."""
+class NativeLayer:
+    """One MoE layer's native routing call. Everything fixed for the routing state's life (the
+    token -> slot map, the per-slot tables, the branch tables, this layer's ledger, counters and
+    prefix-cache records: persistent tensors, only ever written in place) is pointed to once, here;
+    a call sets only its own arguments, so the per-layer cost is the C pass plus a few
+    microseconds (the per-step inputs are read by slot in C, nothing is converted per step).
+    Not reentrant: one worker runs its model's layers one at a time."""
 
-    def __init__(self, branches: Branches, policy: torch.Tensor, params: TokenParams,
-                 row: torch.Tensor, real: torch.Tensor, rec: torch.Tensor | None = None) -> None:
-        i64 = torch.int64
-        self.branches = branches  # kept alive: the template points into its tensors
-        # each token's prefix-cache record row (see vllm_glue/prefix_state.py), or None: no records
-        self.rec = rec.to(i64).contiguous() if rec is not None else None
-        self.tensors = [x.to(i64).contiguous() for x in (policy, params.cap, params.floor,
-                                                         params.k_min, params.k_max, row, real)]
-        # the budget as a double (seqtopk takes fractional budgets; the C body computes floor(t*B))
-        self.tensors += [x.to(torch.float64).contiguous() for x in (params.budget, params.p)]
-        names = ("policy", "cap", "floor_", "k_min", "k_max", "row", "real", "budget", "p")
+    def __init__(self, branches: Branches, *, token_slot: torch.Tensor, slot_policy: torch.Tensor,
+                 slot_params: Mapping[str, torch.Tensor], ledger: CausalLedger,
+                 counters: Mapping[str, torch.Tensor], num_experts: int, width: int, model_k: int,
+                 records: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                 token_rec: torch.Tensor | None = None) -> None:
+        lib = library()
+        if lib is None or ledger.pool != "bounded":
+            raise RuntimeError("native CPU routing needs the built library and a bounded ledger")
+        assert ledger.hist is not None and ledger.block is not None  # bounded pool (checked above)
+        i64, i32, f64, i16 = torch.int64, torch.int32, torch.float64, torch.int16
         shift, lo, half = POOL_BIN_PARAMS
-        body, counted, model_rule = (t.data_ptr() for t in branches.tensors)
-        self.template = _Step(n=policy.shape[0], num_selectors=branches.size, body=body,
-                              counted=counted, model_rule=model_rule,
-                              nbins=NUM_BINS, bs=BLOCK, nblocks=NUM_BLOCKS, shift=shift, lo=lo,
-                              half=half, **{k: t.data_ptr() for k, t in zip(names, self.tensors,
-                                                                             strict=True)})
-        if self.rec is not None:
-            self.template.rec = self.rec.data_ptr()
+        s = self.step = _Step(
+            e=num_experts, u=width, model_k=model_k, num_selectors=branches.size,
+            sink=slot_policy.shape[0] - 1, nbins=NUM_BINS, bs=BLOCK, nblocks=NUM_BLOCKS, shift=shift,
+            lo=lo, half=half, token_slot=_ptr(token_slot, i64), policy=_ptr(slot_policy, i64),
+            seen=_ptr(ledger.seen, i64), used=_ptr(ledger.used, i64), hist=_ptr(ledger.hist, i32),
+            block=_ptr(ledger.block, i32))
+        s.body, s.counted, s.model_rule = (t.data_ptr() for t in branches.tensors)
+        for field, name in (("cap", "cap"), ("floor_", "floor"), ("k_min", "k_min"), ("k_max", "k_max")):
+            setattr(s, field, _ptr(slot_params[name], i64))
+        s.budget, s.p = _ptr(slot_params["budget"], f64), _ptr(slot_params["p"], f64)
+        for name in ("tokens_by_policy", "pairs_by_policy", "granted_by_policy", "expert_load",
+                     "per_token_hist", "selected"):
+            setattr(s, name, _ptr(counters[name], i64))
+        if records is not None and token_rec is not None:
+            bins, count, charged = records
+            if bins.shape[1] != width:
+                raise ValueError(f"native CPU routing: records of width {bins.shape[1]}, op width {width}")
+            s.rec = _ptr(token_rec, i64)
+            s.rec_bins, s.rec_count, s.rec_charged = _ptr(bins, i16), _ptr(count, i16), _ptr(charged, i16)
+        # the struct points into these: keep them alive as long as it
+        self._keep = (branches, token_slot, slot_policy, dict(slot_params), ledger, dict(counters),
+                      records, token_rec)
+        self._max_tokens = token_slot.shape[0]
+        self._fn = lib.seqroute_select_cpu
+        self._ref = ctypes.byref(s)
 
+    def __call__(self, scores: torch.Tensor, bias: torch.Tensor | None, group_ids: torch.Tensor | None,
+                 van_w: torch.Tensor, van_ids: torch.Tensor, *, renormalize: bool, scale: float,
+                 skip_empty: bool, vanilla_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """One routing op call: ``(weights [N, width] float32, ids [N, width] int32)``.
 
-def select(step: StepInputs, scores: torch.Tensor, bias: torch.Tensor | None,
-           group_ids: torch.Tensor | None, van_w: torch.Tensor, van_ids: torch.Tensor, width: int,
-           model_k: int, ledger: CausalLedger, counters: dict[str, torch.Tensor], *,
-           renormalize: bool, scale: float, skip_empty: bool,
-           records: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One routing op call: ``(weights [N, width] float32, ids [N, width] int32)``.
-
-    Token by token in batch order: candidates (``group_ids`` given, or the best ``width`` by
-    ``scores + bias``), the token's policy (its selector's C branch, ``Branches``), causal SeqTopK
-    against its request's bounded-pool ledger row, the ledger commit of every token, the output
-    and the counters (``tokens_by_policy``, ``pairs_by_policy``, ``granted_by_policy``,
-    ``expert_load``, ``per_token_hist``, ``selected``), all updated in place. Selections and
-    ledger equal the torch policies'; weights up to float32 summation order. Tokens of the model's
-    own rule at ``model_k`` get the model's own ``van_w``/``van_ids``. ``records`` (int16 ``bins [rows+1,
-    width]``, ``count [rows+1]``, ``charged [rows+1]``): where the step has record rows
-    (``StepInputs.rec``), each token's pool bins and counts are written at its row."""
-    lib = library()
-    if lib is None or ledger.pool != "bounded":
-        raise RuntimeError("native CPU routing needs the built library and a bounded ledger")
-    n, e = scores.shape
-    out_w = torch.empty(n, width, dtype=torch.float32)
-    out_ids = torch.empty(n, width, dtype=torch.int32)
-    if n == 0:
+        Token by token in batch order: candidates (``group_ids`` given, or the best ``width`` by
+        ``scores + bias``), the token's policy (its slot's selector's C branch, ``Branches``),
+        causal SeqTopK against its request's bounded-pool ledger row, the ledger commit of every
+        token, the output and the counters (``tokens_by_policy``, ``pairs_by_policy``,
+        ``granted_by_policy``, ``expert_load``, ``per_token_hist``, ``selected``), all updated in
+        place; where records were given, each token's pool bins and counts at its record row.
+        Selections and ledger equal the torch policies'; weights up to float32 summation order.
+        Tokens of the model's own rule at ``model_k`` get the model's own ``van_w``/``van_ids``.
+        ``vanilla_only`` (every token is, host-known): only that, without candidates or pool bins
+        (``scores`` is not read), as the torch path's all-vanilla step."""
+        s = self.step
+        n, e = scores.shape
+        if n > self._max_tokens or e != s.e or not scores.is_cpu:
+            raise ValueError(f"native CPU routing: scores {tuple(scores.shape)} on {scores.device}, "
+                             f"built for at most {self._max_tokens} tokens of {s.e} experts on the CPU")
+        u = s.u
+        out_w = torch.empty((n, u), dtype=torch.float32)
+        out_ids = torch.empty((n, u), dtype=torch.int32)
+        if n == 0:
+            return out_w, out_ids
+        f32, i32 = torch.float32, torch.int32
+        # converted only where not already right (the usual case: no copy); kept alive to the call
+        if not vanilla_only and (scores.dtype != f32 or not scores.is_contiguous()):
+            scores = scores.to(f32).contiguous()
+        if van_w.dtype != f32 or not van_w.is_contiguous():
+            van_w = van_w.to(f32).contiguous()
+        if van_ids.dtype != i32 or not van_ids.is_contiguous():
+            van_ids = van_ids.to(i32).contiguous()
+        if bias is not None and (bias.dtype != f32 or not bias.is_contiguous()):
+            bias = bias.to(f32).contiguous()
+        if group_ids is not None and (group_ids.dtype != i32 or not group_ids.is_contiguous()):
+            group_ids = group_ids.to(i32).contiguous()
+        s.n, s.k = n, van_ids.shape[1]
+        s.scores, s.van_w, s.van_ids = scores.data_ptr(), van_w.data_ptr(), van_ids.data_ptr()
+        s.bias = bias.data_ptr() if bias is not None else None
+        s.group = group_ids.data_ptr() if group_ids is not None else None
+        s.out_w, s.out_ids = out_w.data_ptr(), out_ids.data_ptr()
+        s.renormalize, s.skip_empty, s.vanilla_only, s.scale = renormalize, skip_empty, vanilla_only, scale
+        rc = self._fn(self._ref)
+        if rc == 2:
+            raise ValueError("native CPU routing: a token's policy has no branch in select_cpu.c")
+        if rc != 0:
+            raise RuntimeError(f"native CPU routing: error {rc}")
         return out_w, out_ids
-    f32, i32, i64 = torch.float32, torch.int32, torch.int64
-    scores = scores.to(f32).contiguous()
-    van_w = van_w.to(f32).contiguous()
-    van_ids = van_ids.to(i32).contiguous()
-    bias = bias.to(f32).contiguous() if bias is not None else None
-    group_ids = group_ids.to(i32).contiguous() if group_ids is not None else None
-    s = _Step.from_buffer_copy(step.template)
-    s.e, s.u, s.k, s.model_k = e, width, van_ids.shape[1], model_k
-    s.scores, s.van_w, s.van_ids = _ptr(scores, f32), _ptr(van_w, f32), _ptr(van_ids, i32)
-    s.bias = _ptr(bias, f32) if bias is not None else None
-    s.group = _ptr(group_ids, i32) if group_ids is not None else None
-    s.seen, s.used = _ptr(ledger.seen, i64), _ptr(ledger.used, i64)
-    assert ledger.hist is not None and ledger.block is not None  # bounded pool (checked above)
-    s.hist, s.block = _ptr(ledger.hist, i32), _ptr(ledger.block, i32)
-    s.renormalize, s.skip_empty, s.scale = int(renormalize), int(skip_empty), scale
-    s.out_w, s.out_ids = out_w.data_ptr(), out_ids.data_ptr()
-    s.tokens_by_policy = _ptr(counters["tokens_by_policy"], i64)
-    s.pairs_by_policy = _ptr(counters["pairs_by_policy"], i64)
-    s.granted_by_policy = _ptr(counters["granted_by_policy"], i64)
-    s.expert_load = _ptr(counters["expert_load"], i64)
-    s.per_token_hist = _ptr(counters["per_token_hist"], i64)
-    s.selected = _ptr(counters["selected"], i64)
-    if step.rec is not None and records is not None:
-        i16 = torch.int16
-        bins, count, charged = records
-        if bins.shape[1] != width:
-            raise ValueError(f"native CPU routing: records of width {bins.shape[1]}, op width {width}")
-        s.rec_bins, s.rec_count, s.rec_charged = _ptr(bins, i16), _ptr(count, i16), _ptr(charged, i16)
-    else:
-        s.rec = None
-    rc = lib.seqroute_select_cpu(ctypes.byref(s))
-    if rc == 2:
-        raise ValueError("native CPU routing: a token's policy has no branch in select_cpu.c")
-    if rc != 0:
-        raise MemoryError("native CPU routing: out of memory")
-    return out_w, out_ids

@@ -15,35 +15,37 @@
  * enum and the cases of ``select_token`` against the declarations. */
 #include <math.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 enum { TOPK = 0, SEQTOPK = 1, TOPP = 2, ENTROPY = 3, NUM_BRANCHES = 4 };
 
 typedef struct {
-    /* sizes */
-    int64_t n, e, u, k, model_k, num_selectors;
-    /* router */
+    /* --- per call (the op's arguments) --- */
+    int64_t n, k;            /* tokens; the model's own experts per token */
     const float *scores;     /* [n, e] softmax / sigmoid scores */
     const float *bias;       /* [e] ranking-only bias, or NULL */
     const int32_t *group;    /* [n, u] group-limited candidate ids (-1 padding), or NULL */
     const float *van_w;      /* [n, k] the model's own routing */
     const int32_t *van_ids;  /* [n, k] */
+    float *out_w;            /* [n, u] */
+    int32_t *out_ids;        /* [n, u] */
+    int32_t renormalize, skip_empty;
+    int32_t vanilla_only;    /* every token is the model's own rule at model_k (host-known) */
+    float scale;
+    /* --- fixed for the layer's life (pointers into the state's persistent tensors) --- */
+    int64_t e, u, model_k, num_selectors;
+    int64_t sink;            /* the padding row of the per-slot tables and ledgers */
     /* per selector id: C branch (enum above, -1: none), counted policy id, model's own rule */
     const int64_t *body, *counted, *model_rule;
-    /* per token */
-    const int64_t *policy, *cap, *floor_, *k_min, *k_max, *row, *real;
+    const int64_t *token_slot; /* [>= n] each token's request slot, -1: padding (row sink) */
+    /* per slot row [sink + 1]: selector id and the per-token options */
+    const int64_t *policy, *cap, *floor_, *k_min, *k_max;
     const double *budget;    /* real > 0 (seqtopk may be fractional); topk's is integral */
     const double *p;
     /* ledger (bounded pool) */
     int64_t *seen, *used;
     int32_t *hist, *block;
     int64_t nbins, bs, nblocks, shift, lo, half;
-    /* output */
-    int32_t renormalize, skip_empty;
-    float scale;
-    float *out_w;            /* [n, u] */
-    int32_t *out_ids;        /* [n, u] */
     /* counters */
     int64_t *tokens_by_policy, *pairs_by_policy, *granted_by_policy; /* [policies] */
     int64_t *expert_load;    /* [e] */
@@ -52,7 +54,7 @@ typedef struct {
     /* prefix-cache records (vllm_glue/prefix_state.py), or rec == NULL: per token its record row
      * (a KV slot, or the sink row), and per row the pool bins (-1: not a pool member), the
      * experts taken and the experts charged, all that restoring a request's ledger needs */
-    const int64_t *rec;      /* [n] */
+    const int64_t *rec;      /* [>= n] */
     int16_t *rec_bins;       /* [rows + 1, u] */
     int16_t *rec_count, *rec_charged; /* [rows + 1] */
 } Step;
@@ -71,12 +73,20 @@ static inline int64_t pool_bin(int32_t key, const Step *s) {
     return k >= 0 ? s->half + 1 + c : s->half - 1 - c;
 }
 
-/* Pool entries of one request at or above bin b: whole blocks above b's block, then b's block. */
-static inline int64_t at_or_above(const int32_t *h, const int32_t *blk, int64_t b, const Step *s) {
-    int64_t kb = b / s->bs, sum = 0;
-    for (int64_t i = kb + 1; i < s->nblocks; ++i) sum += blk[i];
-    int64_t end = (kb + 1) * s->bs < s->nbins ? (kb + 1) * s->bs : s->nbins;
-    for (int64_t i = b; i < end; ++i) sum += h[i];
+/* Pool entries of one request in bins [lo, hi): partial blocks bin by bin, whole blocks by
+ * their block sums. */
+static inline int64_t count_between(const int32_t *h, const int32_t *blk, int64_t lo, int64_t hi,
+                                    const Step *s) {
+    if (hi <= lo) return 0;
+    const int64_t klo = lo / s->bs, khi = hi / s->bs;
+    int64_t sum = 0;
+    if (klo == khi) {
+        for (int64_t i = lo; i < hi; ++i) sum += h[i];
+        return sum;
+    }
+    for (int64_t i = lo; i < (klo + 1) * s->bs; ++i) sum += h[i];
+    for (int64_t i = klo + 1; i < khi; ++i) sum += blk[i];
+    for (int64_t i = khi * s->bs; i < hi; ++i) sum += h[i];
     return sum;
 }
 
@@ -118,6 +128,11 @@ static void candidates(const Step *s, int64_t t, int64_t *ids, int32_t *keys) {
     }
 }
 
+/* A token's row of the per-slot tables and ledgers: its request's slot, or the sink (padding). */
+static inline int64_t row_of(const Step *s, int64_t t) {
+    return s->token_slot[t] < 0 ? s->sink : s->token_slot[t];
+}
+
 static inline int64_t clamp64(int64_t x, int64_t lo, int64_t hi) {
     return x < lo ? lo : (x > hi ? hi : x);
 }
@@ -127,8 +142,8 @@ static inline int64_t clamp64(int64_t x, int64_t lo, int64_t hi) {
 static int select_token(const Step *s, int64_t t, int64_t code, const int64_t *ids, const int32_t *keys,
                         int64_t *bins, int64_t *count_out, int64_t *charged_out) {
     const float *sc = s->scores + t * s->e;
-    const int64_t u = s->u, e = s->e, r = s->row[t], fl = s->floor_[t];
-    const int64_t cap = s->cap[t] < u ? s->cap[t] : u;
+    const int64_t u = s->u, e = s->e, r = row_of(s, t), fl = s->floor_[r];
+    const int64_t cap = s->cap[r] < u ? s->cap[r] : u;
     int64_t want, count, charged;
     double mass = 0.0;
     switch (code) {
@@ -136,12 +151,18 @@ static int select_token(const Step *s, int64_t t, int64_t code, const int64_t *i
         const int32_t *h = s->hist + r * s->nbins, *blk = s->block + r * s->nblocks;
         /* t * B in double, as the torch policy computes it (exact for an integer B): a rank is
          * below it iff below its ceil; the ledger allows floor(t * B) */
-        const double tb = (double)(s->seen[r] + 1) * s->budget[t];
+        const double tb = (double)(s->seen[r] + 1) * s->budget[r];
         const int64_t allowed = (int64_t)floor(tb), below = (int64_t)ceil(tb);
-        int64_t taken = 0;
+        /* candidates come best first, so their bins descend: each count at or above a bin
+         * extends the previous one (an id -1 of a group router, ranked last, may not descend:
+         * counted afresh) */
+        int64_t taken = 0, prev = s->nbins, above = 0;
         for (int64_t j = 0; j < cap; ++j) {
             bins[j] = pool_bin(keys[j], s);
-            if (j + at_or_above(h, blk, bins[j], s) < below) ++taken;
+            if (bins[j] <= prev) above += count_between(h, blk, bins[j], prev, s);
+            else above = count_between(h, blk, bins[j], s->nbins, s);
+            prev = bins[j];
+            if (j + above < below) ++taken;
         }
         charged = (s->used[r] + taken < allowed ? s->used[r] + taken : allowed) - s->used[r];
         count = clamp64(charged, fl, cap);
@@ -150,7 +171,7 @@ static int select_token(const Step *s, int64_t t, int64_t code, const int64_t *i
         return 0;
     }
     case TOPK:
-        want = (int64_t)s->budget[t];
+        want = (int64_t)s->budget[r];
         break;
     case TOPP: {
         for (int64_t x = 0; x < e; ++x) mass += (double)sc[x];
@@ -158,7 +179,7 @@ static int select_token(const Step *s, int64_t t, int64_t code, const int64_t *i
         int64_t below = 0;
         for (int64_t j = 0; j < u; ++j) {
             cum += (double)sc[ids[j] < 0 ? 0 : ids[j]] / mass;
-            below += cum < s->p[t];
+            below += cum < s->p[r];
         }
         want = 1 + below;
         break;
@@ -171,8 +192,8 @@ static int select_token(const Step *s, int64_t t, int64_t code, const int64_t *i
             if (q > 0) hsum += q * log(q);
         }
         double ent = e > 1 ? -hsum / log((double)e) : 0.0;
-        double span = (double)(s->k_max[t] - s->k_min[t]);
-        want = clamp64((int64_t)floor((double)s->k_min[t] + ent * span + 0.5), s->k_min[t], s->k_max[t]);
+        double span = (double)(s->k_max[r] - s->k_min[r]);
+        want = clamp64((int64_t)floor((double)s->k_min[r] + ent * span + 0.5), s->k_min[r], s->k_max[r]);
         break;
     }
     default:
@@ -183,29 +204,63 @@ static int select_token(const Step *s, int64_t t, int64_t code, const int64_t *i
     return 0;
 }
 
+/* A step where every token is the model's own rule at model_k (the host knows it): the model's
+ * routing padded to u (padding ids: -1, or the token's first expert), no candidates and no pool
+ * bins (TopK never reads the pool), the ledger's seen/used and the counters as every step. */
+static void vanilla_step(Step *s) {
+    const int64_t u = s->u, k = s->k;
+    for (int64_t t = 0; t < s->n; ++t) {
+        const int64_t r = row_of(s, t), sid = s->policy[r];
+        float *w = s->out_w + t * u;
+        int32_t *oid = s->out_ids + t * u;
+        const float *vw = s->van_w + t * k;
+        const int32_t *vi = s->van_ids + t * k;
+        for (int64_t j = 0; j < u; ++j) {
+            w[j] = j < k ? vw[j] : 0.0f;
+            oid[j] = j < k ? vi[j] : (s->skip_empty ? -1 : vi[0]);
+        }
+        s->seen[r] += 1;
+        s->used[r] += k;
+        if (s->token_slot[t] >= 0) {
+            const int64_t counted = s->counted[sid];
+            s->tokens_by_policy[counted] += 1;
+            s->pairs_by_policy[counted] += k;
+            s->granted_by_policy[counted] += k;
+            for (int64_t j = 0; j < u; ++j)
+                if (w[j] > 0.0f && oid[j] >= 0) s->expert_load[oid[j]] += 1;
+            s->per_token_hist[k < u ? k : u] += 1;
+            s->selected[r] += k;
+        }
+        if (s->rec) {
+            const int64_t q = s->rec[t];
+            for (int64_t j = 0; j < u; ++j) s->rec_bins[q * u + j] = -1;
+            s->rec_count[q] = (int16_t)k;
+            s->rec_charged[q] = (int16_t)k;
+        }
+    }
+}
+
 int seqroute_select_cpu(Step *s) {
     const int64_t u = s->u;
     for (int64_t t = 0; t < s->n; ++t) { /* every token's selector has a branch: else route none */
-        const int64_t sid = s->policy[t];
+        const int64_t sid = s->policy[row_of(s, t)];
         if (sid < 0 || sid >= s->num_selectors || s->body[sid] < 0 || s->body[sid] >= NUM_BRANCHES)
             return 2;
     }
-    int64_t *ids = malloc(sizeof(int64_t) * u), *bins = malloc(sizeof(int64_t) * u);
-    int32_t *keys = malloc(sizeof(int32_t) * u);
-    if (!ids || !bins || !keys) {
-        free(ids); free(bins); free(keys);
-        return 1;
+    if (s->vanilla_only) {
+        vanilla_step(s);
+        return 0;
     }
+    int64_t ids[u], bins[u]; /* u: the op's width, a few dozen at most */
+    int32_t keys[u];
     for (int64_t t = 0; t < s->n; ++t) {
         const float *sc = s->scores + t * s->e;
-        const int64_t sid = s->policy[t], r = s->row[t];
-        const int64_t cap = s->cap[t] < u ? s->cap[t] : u;
+        const int64_t r = row_of(s, t), sid = s->policy[r];
+        const int64_t cap = s->cap[r] < u ? s->cap[r] : u;
         candidates(s, t, ids, keys);
         int64_t count, charged;
-        if (select_token(s, t, s->body[sid], ids, keys, bins, &count, &charged) != 0) {
-            free(ids); free(bins); free(keys);
+        if (select_token(s, t, s->body[sid], ids, keys, bins, &count, &charged) != 0)
             return 2; /* unreachable: checked above */
-        }
         /* the ledger: every token, whatever its policy */
         s->seen[r] += 1;
         s->used[r] += charged;
@@ -218,7 +273,7 @@ int seqroute_select_cpu(Step *s) {
         float *w = s->out_w + t * u;
         int32_t *oid = s->out_ids + t * u;
         int64_t n_used = 0;
-        const int vanilla = s->model_rule[sid] && s->budget[t] == (double)s->model_k;
+        const int vanilla = s->model_rule[sid] && s->budget[r] == (double)s->model_k;
         if (vanilla) { /* the model's own routing, bit for bit */
             for (int64_t j = 0; j < u; ++j) {
                 if (j < s->k) {
@@ -249,7 +304,7 @@ int seqroute_select_cpu(Step *s) {
                 for (int64_t j = 0; j < u; ++j) w[j] = w[j] * s->scale;
         }
         /* counters: requests' tokens only, never padding */
-        if (s->real[t]) {
+        if (s->token_slot[t] >= 0) {
             const int64_t counted = s->counted[sid];
             s->tokens_by_policy[counted] += 1;
             s->pairs_by_policy[counted] += n_used;
@@ -267,6 +322,5 @@ int seqroute_select_cpu(Step *s) {
             s->rec_charged[q] = (int16_t)charged;
         }
     }
-    free(ids); free(bins); free(keys);
     return 0;
 }

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Set
+from collections.abc import Mapping, Set
 
 import torch
 
@@ -97,13 +97,17 @@ def native_branches() -> kernels.cpu_native.Branches:
         [s.spec.order for s in sels], [s.spec.model_rule for s in sels])
 
 
-def native_step(policy: torch.Tensor, params: TokenParams, row: torch.Tensor, real: torch.Tensor,
-                rec: torch.Tensor | None) -> kernels.cpu_native.StepInputs:
-    """The native body's per-step inputs (every layer of the step shares them)."""
-    return kernels.cpu_native.StepInputs(native_branches(), policy, params, row, real, rec)
-
-
-native_select = kernels.native_select
+def native_layer(*, token_slot: torch.Tensor, slot_policy: torch.Tensor,
+                 slot_params: Mapping[str, torch.Tensor], ledger: CausalLedger,
+                 counters: Mapping[str, torch.Tensor], num_experts: int, width: int, model_k: int,
+                 records: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                 token_rec: torch.Tensor | None = None) -> kernels.NativeLayer:
+    """One MoE layer's native CPU call over the routing state's persistent tensors (built once per
+    layer; the C body reads each token's selector and options by its slot)."""
+    return kernels.NativeLayer(native_branches(), token_slot=token_slot, slot_policy=slot_policy,
+                               slot_params=slot_params, ledger=ledger, counters=counters,
+                               num_experts=num_experts, width=width, model_k=model_k,
+                               records=records, token_rec=token_rec)
 
 
 @functools.cache
@@ -118,4 +122,4 @@ def counted_policy(device: torch.device) -> torch.Tensor:
 
 
 __all__ = ["candidates", "counted_policy", "model_rule_ids", "native_branches",
-           "native_select", "native_serves", "native_step", "needs", "select"]
+           "native_layer", "native_serves", "needs", "select"]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_seqroute import routing
-from vllm_seqroute.kernels.cpu_native import StepInputs
+from vllm_seqroute.kernels.cpu_native import NativeLayer
 from vllm_seqroute.policies.base import TokenParams
 from vllm_seqroute.policies.layout import BatchLayout
 from vllm_seqroute.routing import dispatch
@@ -41,13 +41,13 @@ def _select(router_logits: torch.Tensor, group_ids: torch.Tensor, van_w: torch.T
             renormalize: bool, scale: float, skip_empty: bool) -> tuple[torch.Tensor, torch.Tensor]:
     state = st.STATE
     assert state is not None  # the op exists only in models whose routers built the state
+    if state.step_native:  # host-known (CPU): one native pass instead of ~150 torch ops
+        return _select_native(state, layer, router_logits, group_ids, van_w, van_ids, bias, scoring,
+                              renormalize, scale, skip_empty)
     info = state.layers[layer]
     n = router_logits.shape[0]
     if state.step_all_vanilla:  # host-known (CPU): the model's own routing, padded to width
         return _vanilla_only(state, layer, van_w, van_ids, info.width, skip_empty)
-    if state.step_native:  # host-known (CPU): one native pass instead of ~150 torch ops
-        return _select_native(state, layer, router_logits, group_ids, van_w, van_ids, bias, scoring,
-                              renormalize, scale, skip_empty)
     ctx = _step_context(state, n)
     out = routing.route_step(
         _scores(router_logits, scoring), info.width, ctx.layout, ctx.params, state.step_policies,
@@ -65,18 +65,26 @@ def _select_native(state: st.RoutingState, layer: int, router_logits: torch.Tens
                    group_ids: torch.Tensor, van_w: torch.Tensor, van_ids: torch.Tensor,
                    bias: torch.Tensor | None, scoring: int, renormalize: bool, scale: float,
                    skip_empty: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    call = state.native_layers.get(layer)
+    if call is None:  # once per layer for the state's life: it points at persistent tensors only
+        call = state.native_layers[layer] = _native_layer(state, layer)
+    # an all-vanilla step reads no scores: no softmax
+    vanilla_only = state.step_all_vanilla
+    return call(router_logits if vanilla_only else _scores(router_logits, scoring), bias,
+                group_ids if group_ids.shape[1] == call.step.u else None, van_w, van_ids,
+                renormalize=renormalize, scale=scale, skip_empty=skip_empty, vanilla_only=vanilla_only)
+
+
+def _native_layer(state: st.RoutingState, layer: int) -> NativeLayer:
     info = state.layers[layer]
-    ctx = _step_context(state, router_logits.shape[0])
-    if ctx.native is None:  # once per step: every layer shares it
-        ctx.native = dispatch.native_step(ctx.policy, ctx.params, ctx.row, ctx.real, ctx.rec)
     counters = dict(tokens_by_policy=state.tokens_by_policy, pairs_by_policy=state.pairs_by_policy,
                     granted_by_policy=state.granted_by_policy, expert_load=state.expert_load[layer],
                     per_token_hist=state.experts_per_token[layer], selected=state.selected[layer])
-    return dispatch.native_select(
-        ctx.native, _scores(router_logits, scoring), bias,
-        group_ids if group_ids.shape[1] == info.width else None, van_w, van_ids, info.width,
-        info.model_k, info.ledger, counters, renormalize=renormalize, scale=scale,
-        skip_empty=skip_empty, records=_native_records(state, layer))
+    return dispatch.native_layer(
+        token_slot=state.token_slot, slot_policy=state.policy, slot_params=state.slot_params,
+        ledger=info.ledger, counters=counters, num_experts=info.num_experts, width=info.width,
+        model_k=info.model_k, records=_native_records(state, layer),
+        token_rec=state.prefix.token_rec if state.prefix is not None else None)
 
 
 def _native_records(state: st.RoutingState,
@@ -120,7 +128,6 @@ class StepContext:
     real: torch.Tensor  # int64 1 for a request's token, 0 for padding
     layout: BatchLayout
     rec: torch.Tensor | None = None  # each token's prefix-cache record row (prefix_state)
-    native: StepInputs | None = None  # the native CPU body's copy, made on demand
 
 
 def _step_context(state: st.RoutingState, n: int) -> StepContext:

@@ -53,6 +53,9 @@ class RoutingState:
     step_all_vanilla: bool = False  # host-known: every request is topk at the model's K
     step_native: bool = False  # host-known: the native CPU body serves this step's policies
     step_cache: dict[int, Any] = field(default_factory=dict)  # select_op.StepContext by tokens
+    # per layer, its native CPU call (select_op: built once, points at this state's persistent
+    # tensors; cleared when a layer or the prefix records are added)
+    native_layers: dict[int, Any] = field(default_factory=dict)
     bad_options_seen: dict[str, int] = field(default_factory=dict)  # offline: message -> requests
     recorder: Any = None  # records.RoutingRecorder while an eval records (CPU, opt-in)
     prefix: Any = None  # prefix_state.PrefixRecords once the KV cache exists (V1 runner)
@@ -90,6 +93,7 @@ class RoutingState:
     # --- layers -------------------------------------------------------------------------
     def add_layer(self, num_experts: int, model_k: int, width: int) -> int:
         ledger = CausalLedger(self.max_slots, pool=self.base.pool, device=self.device)
+        self.native_layers.clear()
         self.layers.append(LayerInfo(num_experts, model_k, width, ledger))
         self.expert_load.append(torch.zeros(num_experts, dtype=torch.int64, device=self.device))
         self.experts_per_token.append(torch.zeros(width + 1, dtype=torch.int64, device=self.device))
@@ -111,6 +115,7 @@ class RoutingState:
         self.prefix = PrefixRecords([x.width for x in self.layers], num_kv_blocks=num_kv_blocks,
                                     block_size=block_size, max_tokens=self.max_tokens,
                                     max_bytes=max_bytes, device=self.device)
+        self.native_layers.clear()  # the native calls write the new records
 
     def add_request(self, req_id: str, extra_args: dict[str, Any] | None, num_computed: int,
                     block_ids: list[int] | None = None) -> None:

@@ -13,6 +13,7 @@ import torch
 from tests.conftest import has_vllm
 from tests.reference import outputs as ref_outputs
 from tests.reference import ref_route
+from tests.test_selection_matches_route import _hook_router_logits
 from vllm_seqroute.adapt import apply_routing
 from vllm_seqroute.adapt.select import select
 from vllm_seqroute.policies import RoutingConfig
@@ -434,26 +435,6 @@ def test_adapted_checkpoints_serve_with_their_options(adapted: dict[str, Path]) 
         assert config_from_options(vc.additional_config["seqroute"]) == cfg, name
 
 
-def _capture_router_logits(worker: Any) -> int:
-    """In the worker: store each MoE gate's output (the op's router logits) with the recorder's
-    tokens and keep the op's ids; returns the number of MoE layers."""
-    from vllm_seqroute.vllm_glue import state
-
-    rec = state.STATE.recorder
-    rec.selections = True
-    gates = [m for name, m in worker.model_runner.model.named_modules() if name.endswith("mlp.gate")]
-
-    def hook_for(layer: int) -> Any:
-        def hook(_mod: Any, _args: Any, out: Any) -> None:
-            if state.STATE.recorder is not None:
-                state.STATE.recorder.capture("router_logits", layer, out[0] if isinstance(out, tuple) else out)
-        return hook
-
-    for layer, gate in enumerate(gates):
-        gate.register_forward_hook(hook_for(layer))
-    return len(gates)
-
-
 def _threshold_counts(scores: torch.Tensor, tau: float, floor: int, cap: int) -> list[int]:
     """Plain loop (threshold's documented rule): best first, take each expert whose probability
     is >= tau, stopping at the first below; then clamp to [floor, cap]."""
@@ -487,7 +468,7 @@ def test_adapted_checkpoint_served_by_an_engine_routes_with_its_options(adapted:
     base = {k: info["base"][k] for k in ("policy", "budget", "cap", "tau", "floor", "rule", "pool")}
     assert base == {k: getattr(cfg, k) for k in base}
     assert llm.collective_rpc("seqroute_record", kwargs={"on": True, "max_tokens": 1024})[0]["recording"]
-    num_layers = llm.collective_rpc(_capture_router_logits)[0]
+    num_layers = llm.collective_rpc(_hook_router_logits)[0]
     new_tokens = 6
     prompt = "def add(a, b):\n    return a + b\n\nclass Server:\n    def __init__(self, port):\n"
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True),

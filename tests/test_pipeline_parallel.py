@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tests.conftest import has_vllm
+from tests.test_server_default_mode import _complete as complete
 from tests.test_server_live import KEY, MODEL, Server, running
 from vllm_seqroute.policies import RoutingConfig
 from vllm_seqroute.vllm_glue import stages
@@ -177,17 +178,7 @@ def _serve(model: Path, root: Path, name: str, routing: list[str]) -> Any:
 
 
 def _complete(srv: Server, xargs: dict[str, Any] | None) -> list[list[int]]:
-    from openai import OpenAI
-
-    client = OpenAI(base_url=srv.base + "/v1", api_key=KEY, max_retries=0, timeout=120)
-    extra: dict[str, Any] = {"ignore_eos": True, "return_token_ids": True}
-    if xargs:
-        extra["vllm_xargs"] = xargs
-    out = []
-    for p in PROMPTS:
-        r = client.completions.create(model=MODEL, prompt=p, max_tokens=10, temperature=0, extra_body=extra)
-        out.append(list(r.choices[0].token_ids))
-    return out
+    return complete(srv, xargs, PROMPTS, max_tokens=10)
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,9 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server,
         yield srv, model
 
 
-def _complete(srv: Server, xargs: dict[str, Any] | None) -> list[list[int]]:
+def _complete(srv: Server, xargs: dict[str, Any] | None, prompts: list[str] = PROMPTS,
+              max_tokens: int = 12) -> list[list[int]]:
+    """Greedy token ids of each prompt through the OpenAI client (``xargs``: routing options)."""
     from openai import OpenAI
 
     client = OpenAI(base_url=srv.base + "/v1", api_key=KEY, max_retries=0, timeout=120)
@@ -41,8 +43,9 @@ def _complete(srv: Server, xargs: dict[str, Any] | None) -> list[list[int]]:
     if xargs:
         extra["vllm_xargs"] = xargs
     out = []
-    for p in PROMPTS:
-        r = client.completions.create(model=MODEL, prompt=p, max_tokens=12, temperature=0, extra_body=extra)
+    for p in prompts:
+        r = client.completions.create(model=MODEL, prompt=p, max_tokens=max_tokens, temperature=0,
+                                      extra_body=extra)
         out.append(list(r.choices[0].token_ids))
     return out
 

@@ -40,13 +40,18 @@ def one_per_stage(answers: Sequence[dict[str, Any] | None]) -> list[dict[str, An
     return sorted(found, key=lambda a: a.get("stage", {}).get("pp_rank", 0))
 
 
+def _first(answers: Sequence[dict[str, Any] | None]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The stages' answers (:func:`one_per_stage`) and a copy of the first without its stage."""
+    stages = one_per_stage(answers)
+    first = {k: v for k, v in stages[0].items() if k != "stage"} if stages else {}
+    return stages, first
+
+
 def merge_stats(answers: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
     """One engine's routing stats from its workers' ``seqroute_stats`` answers."""
-    stages = one_per_stage(answers)
+    stages, out = _first(answers)
     if not stages:
         return None
-    out = dict(stages[0])
-    out.pop("stage", None)
     out["pipeline_stages"] = len(stages)
     if len(stages) == 1:
         return out
@@ -79,11 +84,9 @@ def merge_stats(answers: Sequence[dict[str, Any] | None]) -> dict[str, Any] | No
 def merge_info(answers: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
     """One engine's ``seqroute_info``: the first stage's server config and first layer, every
     stage's layers."""
-    stages = one_per_stage(answers)
+    stages, out = _first(answers)
     if not stages:
         return None
-    out = dict(stages[0])
-    out.pop("stage", None)
     out["pipeline_stages"] = len(stages)
     if len(stages) > 1:
         out["layers"] = [x for s in stages for x in s["layers"]]
@@ -93,11 +96,9 @@ def merge_info(answers: Sequence[dict[str, Any] | None]) -> dict[str, Any] | Non
 
 def merge_prefix_state(answers: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
     """Blocks with routing records on every stage (a hit needs each stage's layers restored)."""
-    stages = one_per_stage(answers)
+    stages, out = _first(answers)
     if not stages:
         return None
-    out = dict(stages[0])
-    out.pop("stage", None)
     out["blocks_with_state"] = min(int(s["blocks_with_state"]) for s in stages)
     return out
 
@@ -105,11 +106,9 @@ def merge_prefix_state(answers: Sequence[dict[str, Any] | None]) -> dict[str, An
 def merge_records(answers: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
     """One engine's ``seqroute_record`` answer (evaluation records): each position's per-layer
     lists end to end over the stages (every stage records the same requests and positions)."""
-    stages = one_per_stage(answers)
+    stages, out = _first(answers)
     if not stages:
         return None
-    out = dict(stages[0])
-    out.pop("stage", None)
     if len(stages) == 1 or "requests" not in out:
         return out
     out["num_layers"] = sum(int(s["num_layers"]) for s in stages)

@@ -184,9 +184,22 @@ def test_a_wrong_pair_is_detected(mutation: Callable[[dict[str, Any]], None]) ->
     assert gap(out, reference(layer, x, w, ids)) > 10 * GAP_REFERENCE[torch.float32]
 
 
+@pytest.fixture
+def vanilla_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real routing state whose step the host marked as all the model's own TopK."""
+    from vllm_seqroute.policies import RoutingConfig
+    from vllm_seqroute.vllm_glue import state as st
+
+    s = st.RoutingState(base=RoutingConfig(policy="topk"), max_slots=2, max_tokens=64,
+                        device=torch.device("cpu"))
+    s.step_all_vanilla = True
+    monkeypatch.setattr(st, "STATE", s)
+
+
 @pytest.mark.parametrize("count", [8, 5, 1])
-def test_same_count_everywhere_is_the_unchanged_call(count: int) -> None:
-    """TopK at any width: the kernel on the first ``count`` slots, bit for bit (no pair rows)."""
+def test_same_count_everywhere_is_the_unchanged_call(count: int, vanilla_step: None) -> None:
+    """A vanilla step (TopK at the model's K): the kernel on the first ``count`` slots, bit for
+    bit (no pair rows)."""
     layer = Layer(torch.bfloat16)
     n, width = 17, 8
     x, w, ids, _, _ = routing(n, width, torch.full((n,), count), torch.bfloat16)
@@ -194,6 +207,24 @@ def test_same_count_everywhere_is_the_unchanged_call(count: int) -> None:
     assert len(layer.calls) == 1 and layer.calls[0].shape == (n, count)
     assert torch.equal(out, layer.kernel(x, w[:, :count], ids[:, :count]))
     assert (wrap.pairs, wrap.tokens) == (n * count, n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_outside_vanilla_steps_a_token_is_computed_alike_in_any_batch(dtype: torch.dtype) -> None:
+    """A token's output depends on its own pairs only: alone, in a batch where every token took
+    as many experts, and in a mixed batch, bit for bit (a request answers the same however it
+    is batched, resent or recomputed); always one call of pair rows."""
+    layer = Layer(dtype)
+    n, width = 12, 4
+    counts = torch.tensor([2, 1, 4, 2, 0, 3, 2, 2, 4, 1, 2, 3])
+    x, w, ids, w0_ids, _ = routing(n, width, counts, dtype)
+    mixed, _ = layer.compact(x, w, ids)
+    same = counts == 2
+    uniform, _ = layer.compact(x[same], w[same], ids[same])
+    alone, _ = layer.compact(x[:1], w[:1], ids[:1])
+    assert torch.equal(uniform, mixed[same]) and torch.equal(alone, mixed[:1])
+    assert all(c.shape[1] == 1 for c in layer.calls) and len(layer.calls) == 3
+    assert gap(mixed, layer.kernel(x, w, w0_ids)) < (1e-6 if dtype == torch.float32 else 1.6e-2)
 
 
 def test_no_expert_anywhere_is_exact_zero_without_a_call() -> None:

@@ -5,18 +5,22 @@ slot it is given, weight 0 or not. So the routing op emits ``-1`` in empty slots
 slots come first) and this wrapper around one layer's experts ``apply`` hands the kernel only
 the selected (token, expert) pairs, in ONE call per layer whatever the mix of per-token counts:
 
-- every token took the same number ``c`` of experts (TopK at any width, one decode request):
-  the unchanged kernel on the first ``c`` slots, so TopK stays the model's own result, bit for
-  bit (``c = 0``: the output is 0);
-- mixed counts: each selected pair is a row of one top-1 call (the token's hidden row repeated,
-  the pair's expert and weight), and the per-pair outputs are summed per token in float32
-  (a segment sum) and cast once. The kernel groups its rows by expert, so each used expert's
-  weights are read once per layer call, as in the uniform case; the work is exactly the pairs.
+- a step in which every request routes as the model's own TopK (host-known, ``--routing topk``
+  at the model's K): the unchanged kernel on the first ``K`` slots, so TopK stays the model's
+  own result, bit for bit;
+- any other step, whatever its counts: each selected pair is a row of one top-1 call (the
+  token's hidden row repeated, the pair's expert and weight), and the per-pair outputs are
+  summed per token in float32 (a segment sum) and cast once. The kernel groups its rows by
+  expert, so each used expert's weights are read once per layer call; the work is exactly the
+  pairs. Tokens with no expert get an exact 0.
 
-The kernel itself accumulates a token's slots in float32 but from float32 per-slot outputs; here
-each per-pair output is first rounded to the model's dtype, so the mixed-count result differs
-from the kernel's weight-0 result by that rounding: under 1e-7 relative in float32, about one
-bfloat16 ulp of the output in bfloat16 (measured in ``tests/test_compact_experts.py``).
+The kernel itself accumulates a token's slots in float32 from float32 per-slot outputs; here
+each per-pair output is first rounded to the model's dtype, so the pair path differs from the
+kernel's weight-0 result by that rounding: under 1e-7 relative in float32, about one bfloat16
+ulp of the output in bfloat16 (measured in ``tests/test_compact_experts.py``). That is why the
+path is chosen per step and not by the counts: outside vanilla steps a token's result depends
+on its own pairs only, never on its batch (a request answers the same alone, batched, resent or
+recomputed after preemption), and a uniform-count shortcut would break that.
 
 On the CPU Dynamo traces the MoE layer, so the data-dependent pair layout runs inside an opaque
 custom op, ``torch.ops.vllm_seqroute.experts_on_selected``."""
@@ -27,6 +31,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from vllm_seqroute.vllm_glue import state as st
 
 LAYERS: list[ExpertsOnSelected] = []  # the op's handle on each wrapped layer
 
@@ -53,8 +59,9 @@ class ExpertsOnSelected:
             global_num_experts, apply_router_weight_on_input)
 
     def run(self, output: torch.Tensor, hidden_states: torch.Tensor, w1: torch.Tensor,
-            w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-            **kw: Any) -> None:
+            w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
+            vanilla_step: bool, **kw: Any) -> None:
+        """``vanilla_step``: every request of the step routes as the model's own TopK."""
         n, width = topk_ids.shape
         self.tokens += n
 
@@ -68,10 +75,10 @@ class ExpertsOnSelected:
         taken = topk_ids >= 0
         counts = taken.sum(1)
         lo, hi = int(counts.min()), int(counts.max())  # host ints (CPU tensors)
-        if lo == hi:  # every token took the same number: the unchanged call, no gather
-            if hi == 0:
-                output.zero_()
-                return None
+        if hi == 0:
+            output.zero_()
+            return None
+        if vanilla_step and lo == hi:  # the model's own routing: the unchanged call, no gather
             return kernel(output, hidden_states, topk_weights[:, :hi], topk_ids[:, :hi])
         # One top-1 row per selected pair (token-major, slot order), one kernel call.
         pair = taken.reshape(-1).nonzero().squeeze(1)
@@ -91,7 +98,9 @@ def _experts_on_selected(output: torch.Tensor, hidden_states: torch.Tensor, w1: 
                          apply_router_weight_on_input: bool) -> None:
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 
-    LAYERS[key].run(output, hidden_states, w1, w2, topk_weights, topk_ids,
+    # read at run time, not when Dynamo traces the layer: host-known per step (CPU)
+    vanilla_step = st.STATE is not None and st.STATE.step_all_vanilla
+    LAYERS[key].run(output, hidden_states, w1, w2, topk_weights, topk_ids, vanilla_step=vanilla_step,
                     activation=MoEActivation(activation), global_num_experts=global_num_experts,
                     expert_map=None, a1q_scale=None, a2_scale=None, workspace13=None, workspace2=None,
                     expert_tokens_meta=None, apply_router_weight_on_input=apply_router_weight_on_input)

@@ -11,7 +11,8 @@ the step). Configurations, at the model's K:
   speed-up a half budget should give.
 
 Prints output tok/s, mean TTFT and TPOT, each ratio to vanilla, and experts per token: selected
-by the policy and computed by the expert kernels (from the plugin's stats, reset before each
+by the policy and computed by the expert kernels, and the distinct experts a step touched per
+layer (weights read; mean over layers) (from the plugin's stats, reset before each
 run). ``--rounds 2`` runs the cycle twice in alternating order (servers restarted) and reports
 the median. ``--configs`` runs some of them only (``vanilla topk@K seqtopk@K seqtopk@K/2
 ideal@K/2``; the ratios need ``vanilla``).
@@ -153,14 +154,14 @@ def bench_model(label: str, model: Path, prompts: int, rounds: int, work: Path, 
     print(f"\n### {label}: {model} (K={k}), {prompts} prompts x 128 in / 32 out, {rounds} round(s), "
           f"{os.cpu_count()} CPU cores\n")
     print("| server | output tok/s | vs vanilla | mean TTFT ms | mean TPOT ms | experts/token selected "
-          "| experts/token computed |")
-    print("|---|---|---|---|---|---|---|")
+          "| experts/token computed | experts touched/step |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, _, _ in cfgs:
         rs = runs[name]
         tput = statistics.median(x["output_throughput"] for x in rs)
         ttft = statistics.median(x["mean_ttft_ms"] for x in rs)
         tpot = statistics.median(x["mean_tpot_ms"] for x in rs)
-        sel = comp = "-"
+        sel = comp = touched = "-"
         s = rs[-1].get("stats")
         if not flags_of[name]:  # vanilla vLLM: the model's own K, every slot computed
             own_k = json.loads((paths_of[name] / "config.json").read_text())["num_experts_per_tok"]
@@ -170,8 +171,13 @@ def bench_model(label: str, model: Path, prompts: int, rounds: int, work: Path, 
             sel = f"{sum(s['pairs_by_policy']) / tok:.2f}" if tok else "-"
             if s.get("pairs_computed") is not None and s.get("tokens_computed"):
                 comp = f"{s['pairs_computed'] / s['tokens_computed']:.2f}"
+            # distinct experts a step's batch used (weights read), mean over layers, of E
+            per_layer = [t / n for t, n in zip(s.get("experts_touched") or [], s.get("steps_routed") or [],
+                                               strict=True) if n]
+            if per_layer:
+                touched = f"{sum(per_layer) / len(per_layer):.1f} of {len(s['expert_load'][0])}"
         ratio = f"{tput / base:.3f}" if base else "-"
-        print(f"| {name} | {tput:.0f} | {ratio} | {ttft:.0f} | {tpot:.1f} | {sel} | {comp} |")
+        print(f"| {name} | {tput:.0f} | {ratio} | {ttft:.0f} | {tpot:.1f} | {sel} | {comp} | {touched} |")
     print(flush=True)
 
 

@@ -8,9 +8,12 @@ Steps: decode (64 and 256 requests x 1 token, each with 128 tokens of history), 
 native CPU pass (``kernels/select_cpu.c``, what a CPU server runs) and the torch body (the
 policies as torch ops, ``SEQROUTE_NO_NATIVE=1``), for seqtopk (causal), topp, entropy and topk
 at a width of 2K. A sample is one step of ``--layers`` MoE layers (the runner hook's host work
-before it untimed; the per-step context is built by the first layer and shared, as in serving);
-one thread, samples interleaved round-robin; median per layer call in ms, and the ratio to the
-TopK baseline of the same step.
+before it, ``set_step``, untimed; the torch body's per-step context is built by the first layer
+and shared, as in serving; the native body reads per-step inputs by slot and builds nothing per
+step); one thread, samples interleaved round-robin, so each setup's ledgers are mostly out of
+cache, as between a model's MoE layers; median per layer call in microseconds, and the ratio to
+the TopK baseline of the same step. Calls ``select_op.select`` directly: serving adds the custom
+op's dispatch (``torch.ops.vllm_seqroute.select``, about 4-5 us per call on this machine).
 """
 
 from __future__ import annotations
@@ -97,10 +100,10 @@ def main() -> None:
                 rows.append((name, f"{pol} ({'native' if native else 'torch'} body)", m, m / base))
     print(f"\nrouting op per MoE layer call (steps of {args.layers} layers), E={e}, K={k}, width 2K, "
           f"1 thread, median of {args.repeats}\n")
-    print("| step | routing | ms | x token TopK |")
+    print("| step | routing | us | x token TopK |")
     print("|---|---|---|---|")
     for name, what, m, r in rows:
-        print(f"| {name} | {what} | {m * 1e3:.3f} | {r:.1f} |")
+        print(f"| {name} | {what} | {m * 1e6:.1f} | {r:.2f} |")
 
 
 if __name__ == "__main__":

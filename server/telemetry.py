@@ -20,6 +20,10 @@ Series (low cardinality unless ``SEQROUTE_PER_EXPERT_METRICS=1``):
 - ``seqroute_stats_polls_total{outcome}``: poller reads, ``ok`` or ``error``.
 - ``seqroute_expert_load_total{layer,expert}`` (only with ``SEQROUTE_PER_EXPERT_METRICS=1``):
   (token, expert) pairs per MoE layer and expert.
+- gauges of the elastic budget controller (only while it runs, i.e. the stats carry a non-null
+  ``"elastic"``): ``seqroute_budget_current`` (the budget new requests get now),
+  ``seqroute_budget_ceiling`` (``--routing-budget``), ``seqroute_budget_min``
+  (``--routing-budget-min``) and ``seqroute_slo_tpot_ms`` (``--routing-slo-tpot-ms``).
 """
 
 from __future__ import annotations
@@ -37,10 +41,15 @@ POLLS = "seqroute_stats_polls_total"
 EXPERTS_TOUCHED = "seqroute_experts_touched_total"
 ROUTED_STEPS = "seqroute_routed_steps_total"
 EXPERT_LOAD = "seqroute_expert_load_total"
+BUDGET_CURRENT = "seqroute_budget_current"
+BUDGET_CEILING = "seqroute_budget_ceiling"
+BUDGET_MIN = "seqroute_budget_min"
+SLO_TPOT = "seqroute_slo_tpot_ms"
 
 # Every series family this module exports (histogram: also ``_bucket``, ``_sum``, ``_count``).
 METRIC_NAMES: tuple[str, ...] = (EXPERTS_PER_TOKEN, TOKENS, EXPERT_PAIRS, BUDGET_GRANTED, POLLS,
-                                 EXPERTS_TOUCHED, ROUTED_STEPS, EXPERT_LOAD)
+                                 EXPERTS_TOUCHED, ROUTED_STEPS, EXPERT_LOAD, BUDGET_CURRENT, BUDGET_CEILING,
+                                 BUDGET_MIN, SLO_TPOT)
 # name -> (Prometheus type, labels, help)
 METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     EXPERTS_PER_TOKEN: ("histogram", (), "Experts used per (token, MoE layer) routing decision"),
@@ -53,7 +62,14 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     ROUTED_STEPS: ("counter", ("layer",), "Steps that routed tokens in the MoE layer"),
     EXPERT_LOAD: ("counter", ("layer", "expert"),
                   "(token, expert) pairs per MoE layer and expert (SEQROUTE_PER_EXPERT_METRICS=1)"),
+    BUDGET_CURRENT: ("gauge", (), "Routing budget the elastic controller gives new requests now"),
+    BUDGET_CEILING: ("gauge", (), "Highest budget the elastic controller gives (--routing-budget)"),
+    BUDGET_MIN: ("gauge", (), "Lowest budget the elastic controller gives (--routing-budget-min)"),
+    SLO_TPOT: ("gauge", (), "Time per output token the elastic controller holds, ms (--routing-slo-tpot-ms)"),
 }
+# gauge name -> key of the stats' "elastic" object
+_ELASTIC_GAUGES = ((BUDGET_CURRENT, "budget"), (BUDGET_CEILING, "ceiling"), (BUDGET_MIN, "min"),
+                   (SLO_TPOT, "target_tpot_ms"))
 
 _FIELDS = ("tokens_by_policy", "pairs_by_policy", "granted_by_policy", "expert_load", "experts_per_token",
            "experts_touched", "steps_routed")
@@ -108,6 +124,7 @@ class Telemetry:
         self.totals: dict[str, list[list[int]]] = {}
         self._last: dict[str, list[list[int]]] | None = None
         self.polls = {"ok": 0, "error": 0}
+        self.elastic: dict[str, Any] | None = None  # the controller's last state; None: off
 
     def update(self, stats: dict[str, Any] | None, *, reset_after: bool = False) -> None:
         """Fold a snapshot in. ``reset_after``: the workers zeroed their counters right after
@@ -117,6 +134,8 @@ class Telemetry:
             return
         snap = _flat(stats)
         with self._lock:
+            if "elastic" in stats:  # the stats route may add it beside the workers' counters
+                self.elastic = dict(stats["elastic"]) if isinstance(stats["elastic"], dict) else None
             self.policies = list(stats.get("policies") or self.policies)
             last = self._last
             if last is not None and any(d < 0 for k in _FIELDS for r in _sub(snap[k], last.get(k))
@@ -126,6 +145,15 @@ class Telemetry:
                 delta = _sub(snap[k], None if last is None else last.get(k))
                 self.totals[k] = _add(self.totals.get(k), delta)
             self._last = None if reset_after else snap
+
+    def set_elastic(self, state: dict[str, Any] | None) -> None:
+        """The elastic controller's state (``None``: the controller is off)."""
+        with self._lock:
+            self.elastic = dict(state) if isinstance(state, dict) else None
+
+    def elastic_state(self) -> dict[str, Any] | None:
+        with self._lock:
+            return None if self.elastic is None else dict(self.elastic)
 
     def count_poll(self, ok: bool) -> None:
         with self._lock:
@@ -148,7 +176,7 @@ class RoutingCollector:
         return []  # unchecked collector: names are fixed and prefixed, no clash with vLLM's
 
     def collect(self) -> Iterable[Any]:
-        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
         policies, totals, polls = self.telemetry.snapshot()
 
@@ -194,6 +222,13 @@ class RoutingCollector:
                 for expert, v in enumerate(loads):
                     fam.add_metric([str(layer_i), str(expert)], float(v))
             yield fam
+
+        elastic = self.telemetry.elastic_state()
+        if elastic is not None:  # absent while the controller is off
+            for name, key in _ELASTIC_GAUGES:
+                value = elastic.get(key)
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    yield GaugeMetricFamily(name, METRICS[name][2], value=float(value))
 
 
 _REGISTERED: RoutingCollector | None = None

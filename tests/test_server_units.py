@@ -378,11 +378,16 @@ def test_telemetry_totals_survive_resets() -> None:
     assert totals["experts_touched"] == [[18]] and totals["steps_routed"] == [[8]]
 
 
-def _exposition(per_expert: bool) -> str:
+ELASTIC = {"budget": 2.5, "ceiling": 4.0, "min": 1.0, "target_tpot_ms": 40.0, "target_ttft_ms": None,
+           "reason": "tpot 52.0 ms > target 40.0 ms", "tpot_ms": 52.0, "running": 9, "waiting": 3,
+           "trace": [[1700000000.0, 4.0, None, 0, 0], [1700000001.0, 2.5, 52.0, 9, 3]]}
+
+
+def _exposition(per_expert: bool, elastic: dict[str, Any] | None = None) -> str:
     from prometheus_client import CollectorRegistry, generate_latest
 
     t = telemetry.Telemetry()
-    t.update(_snap(6, [[1, 2, 3], [6, 0, 0]], [[0, 1, 1, 1], [0, 0, 3, 0]]))
+    t.update({**_snap(6, [[1, 2, 3], [6, 0, 0]], [[0, 1, 1, 1], [0, 0, 3, 0]]), "elastic": elastic})
     t.count_poll(True)
     reg = CollectorRegistry()
     reg.register(telemetry.RoutingCollector(t, per_expert=per_expert))
@@ -411,13 +416,35 @@ def test_prometheus_series() -> None:
 def test_metric_names_cover_the_exposition() -> None:
     assert all(n.startswith("seqroute_") for n in METRIC_NAMES)
     assert set(METRIC_NAMES) == set(METRICS)
-    families = set(re.findall(r"^# TYPE (\S+) (\S+)", _exposition(per_expert=True), re.M))
+    families = set(re.findall(r"^# TYPE (\S+) (\S+)", _exposition(per_expert=True, elastic=ELASTIC), re.M))
     # counters: "# TYPE x_total counter" or "# TYPE x counter", depending on prometheus_client
     full = {(name if kind != "counter" or name.endswith("_total") else name + "_total"): kind
             for name, kind in families}
     assert set(full) == set(METRIC_NAMES)
     for name, kind in full.items():
         assert METRICS[name][0] == kind
+
+
+def test_elastic_gauges_follow_the_controller() -> None:
+    gauges = ("seqroute_budget_current", "seqroute_budget_ceiling", "seqroute_budget_min", "seqroute_slo_tpot_ms")
+    assert not any(g in _exposition(per_expert=False) for g in gauges)  # controller off: no series
+    text = _exposition(per_expert=False, elastic=ELASTIC)
+    for line in ("seqroute_budget_current 2.5", "seqroute_budget_ceiling 4.0", "seqroute_budget_min 1.0",
+                 "seqroute_slo_tpot_ms 40.0", "# TYPE seqroute_budget_current gauge"):
+        assert line in text, line
+    t = telemetry.Telemetry()
+    t.update({**_snap(1, [[1]], [[0, 1]]), "elastic": ELASTIC})
+    t.update(_snap(2, [[2]], [[0, 2]]))  # workers' counters alone: the controller's state stays
+    assert t.elastic_state() == ELASTIC
+    t.set_elastic({**ELASTIC, "budget": 4.0})  # the budget moves: the gauge follows at the next scrape
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    reg = CollectorRegistry()
+    reg.register(telemetry.RoutingCollector(t, per_expert=False))
+    assert "seqroute_budget_current 4.0" in generate_latest(reg).decode()
+    t.update({**_snap(3, [[3]], [[0, 3]]), "elastic": None})  # controller off: the gauges go
+    text = generate_latest(reg).decode()
+    assert t.elastic_state() is None and not any(g in text for g in gauges)
 
 
 def test_per_expert_flag_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:

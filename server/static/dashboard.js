@@ -154,7 +154,111 @@
     drawHistogram(v.experts_per_token);
     drawTouched(v);
     drawPolicies(v);
+    drawElastic(last.elastic);
     return tokens;
+  }
+
+  // ---- elastic budget -----------------------------------------------------------------
+  function num(x) { return typeof x === 'number' && isFinite(x); }
+  function fmt(x, digits) { return num(x) ? x.toFixed(digits) : '–'; }
+  function span(id, text) {
+    var s = document.createElement('span');
+    s.id = id;
+    s.textContent = text;
+    return s;
+  }
+
+  // The controller's state (null: off): the current budget and reason in words, and its trace
+  // [[unix s, budget, tpot ms | null, running, waiting], ...] as budget and TPOT against time.
+  function drawElastic(e) {
+    var on = !!e && typeof e === 'object';
+    var now = el('elastic-now');
+    el('elastic-panel').dataset.state = on ? 'on' : 'off';
+    el('elastic-wrap').hidden = !on;
+    el('elastic-legend').hidden = !on;
+    while (now.firstChild) { now.removeChild(now.firstChild); }
+    if (!on) {
+      now.textContent = 'controller off (with --routing-slo-tpot-ms the server lowers the budget of ' +
+        'requests that name none to hold that time per output token, and gives it back when load falls)';
+      el('elastic-note').textContent = '';
+      return;
+    }
+    now.appendChild(document.createTextNode('budget now '));
+    now.appendChild(span('elastic-budget', fmt(e.budget, 2)));
+    now.appendChild(document.createTextNode(' (min ' + fmt(e.min, 2) + ', ceiling ' + fmt(e.ceiling, 2) +
+      ') · TPOT ' + fmt(e.tpot_ms, 1) + ' ms, target ' + fmt(e.target_tpot_ms, 1) + ' ms' +
+      (num(e.target_ttft_ms) ? ' (TTFT target ' + fmt(e.target_ttft_ms, 0) + ' ms)' : '') +
+      ' · running ' + (num(e.running) ? e.running : '–') + ', waiting ' + (num(e.waiting) ? e.waiting : '–') +
+      ' · reason: '));
+    now.appendChild(span('elastic-reason', String(e.reason || '–')));
+    var trace = (Array.isArray(e.trace) ? e.trace : []).filter(function (p) {
+      return Array.isArray(p) && num(p[0]) && num(p[1]);
+    });
+    var root = el('elastic');
+    while (root.firstChild) { root.removeChild(root.firstChild); }
+    var W = Math.max(360, Math.min(900, el('elastic-panel').clientWidth - 32)), H = 220;
+    root.setAttribute('width', W);
+    root.setAttribute('height', H);
+    root.setAttribute('viewBox', '0 0 ' + W + ' ' + H);
+    var left = 44, right = 56, top = 14, bottom = 30, plotW = W - left - right, plotH = H - top - bottom;
+    var t0 = trace.length ? trace[0][0] : 0, t1 = trace.length ? trace[trace.length - 1][0] : 1;
+    var dt = Math.max(t1 - t0, 1);
+    var bTop = Math.max(num(e.ceiling) ? e.ceiling : 0, Math.max.apply(null, trace.map(function (p) { return p[1]; }).concat([1])));
+    var tpots = trace.filter(function (p) { return num(p[2]); }).map(function (p) { return p[2]; });
+    var target = num(e.target_tpot_ms) ? e.target_tpot_ms : 0;
+    var tTop = Math.max(target * 1.5, Math.max.apply(null, tpots.concat([1]))) * 1.05;
+    var x = function (t) { return left + plotW * (t - t0) / dt; };
+    var yb = function (b) { return top + plotH * (1 - b / bTop); };
+    var yt = function (ms) { return top + plotH * (1 - Math.min(ms, tTop) / tTop); };
+    root.appendChild(svg('line', { x1: left, y1: H - bottom, x2: W - right, y2: H - bottom, 'class': 'axis' }));
+    root.appendChild(svg('line', { x1: left, y1: top, x2: left, y2: H - bottom, 'class': 'axis' }));
+    root.appendChild(svg('line', { x1: W - right, y1: top, x2: W - right, y2: H - bottom, 'class': 'axis' }));
+    [['min', e.min], ['ceiling', e.ceiling]].forEach(function (g) {
+      if (!num(g[1])) { return; }
+      root.appendChild(svg('line', { x1: left, y1: yb(g[1]), x2: W - right, y2: yb(g[1]), 'class': 'grid' }));
+      root.appendChild(svg('text', { x: left - 4, y: yb(g[1]) + 4, 'text-anchor': 'end' }, fmt(g[1], 1)));
+    });
+    root.appendChild(svg('text', { x: left - 4, y: H - bottom + 4, 'text-anchor': 'end' }, '0'));
+    root.appendChild(svg('text', { x: 4, y: H - 4 }, 'budget'));
+    if (target) {
+      root.appendChild(svg('line', { x1: left, y1: yt(target), x2: W - right, y2: yt(target), 'class': 'target' }));
+      root.appendChild(svg('text', { x: W - right + 4, y: yt(target) + 4 }, fmt(target, 0) + ' ms'));
+    }
+    root.appendChild(svg('text', { x: W - right + 4, y: top + 8 }, fmt(tTop, 0) + ' ms'));
+    root.appendChild(svg('text', { x: W - 4, y: H - 4, 'text-anchor': 'end' }, 'TPOT'));
+    if (trace.length) {
+      root.appendChild(svg('text', { x: left, y: H - bottom + 14 }, new Date(t0 * 1000).toLocaleTimeString()));
+      root.appendChild(svg('text', { x: W - right, y: H - bottom + 14, 'text-anchor': 'end' },
+                           new Date(t1 * 1000).toLocaleTimeString()));
+    }
+    // the budget holds from one trace point to the next: a step line
+    var pts = [];
+    trace.forEach(function (p, i) {
+      if (i) { pts.push(x(p[0]).toFixed(1) + ',' + yb(trace[i - 1][1]).toFixed(1)); }
+      pts.push(x(p[0]).toFixed(1) + ',' + yb(p[1]).toFixed(1));
+    });
+    if (pts.length) {
+      var line = svg('polyline', { points: pts.join(' '), 'class': 'budget' });
+      line.appendChild(svg('title', {}, 'budget: ' + trace.map(function (p) { return fmt(p[1], 2); }).join(' → ')));
+      root.appendChild(line);
+    }
+    // TPOT: one line per run of measured points (null: no decode step to measure)
+    var run = [];
+    var flush = function () {
+      if (run.length === 1) { root.appendChild(svg('circle', { cx: run[0][0], cy: run[0][1], r: 2, 'class': 'tpot' })); }
+      if (run.length > 1) {
+        root.appendChild(svg('polyline', { points: run.map(function (q) { return q[0].toFixed(1) + ',' + q[1].toFixed(1); }).join(' '),
+                                           'class': 'tpot' }));
+      }
+      run = [];
+    };
+    trace.forEach(function (p) { if (num(p[2])) { run.push([x(p[0]), yt(p[2])]); } else { flush(); } });
+    flush();
+    root.dataset.points = String(trace.length);
+    root.dataset.tpotPoints = String(tpots.length);
+    root.dataset.budget = num(e.budget) ? String(e.budget) : '';
+    el('elastic-note').textContent = trace.length ? '(' + trace.length + ' point' + (trace.length === 1 ? '' : 's') +
+      ' over ' + Math.round(t1 - t0) + ' s)' : '(no trace yet)';
   }
 
   function syncLayerSelect(n) {

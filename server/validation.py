@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vllm_seqroute.options import FIELDS, overrides_from, request_config, shown, shown_key
+from vllm_seqroute.policies import registry
 from vllm_seqroute.policies.config import RoutingConfig
 
 PARAM_PREFIX = "vllm_xargs."
@@ -43,6 +44,8 @@ class ServerRouting:
     model_k: int
     width: int
     num_layers: int
+    learned: frozenset[str] = frozenset()  # the learned tensors the workers loaded
+    learned_why: str = registry.NO_LEARNED  # why others are absent
 
     @classmethod
     def from_info(cls, info: dict[str, Any] | None) -> ServerRouting | None:
@@ -50,7 +53,9 @@ class ServerRouting:
             return None
         return cls(base=RoutingConfig(**info["base"]), num_experts=int(info["num_experts"]),
                    model_k=int(info["model_k"]), width=int(info["width"]),
-                   num_layers=int(info.get("num_layers", 0)))
+                   num_layers=int(info.get("num_layers", 0)),
+                   learned=frozenset(info.get("learned") or ()),
+                   learned_why=str(info.get("learned_why") or registry.NO_LEARNED))
 
 
 class RoutingOptionError(ValueError):
@@ -125,8 +130,11 @@ def validate_xargs(xargs: Any, server: ServerRouting | None, *, info_known: bool
         return
     try:
         if server is not None:
-            request_config(server.base, xargs, num_experts=server.num_experts, model_k=server.model_k,
-                           width=server.width)
+            cfg = request_config(server.base, xargs, num_experts=server.num_experts,
+                                 model_k=server.model_k, width=server.width)
+            problem = registry.learned_problem(cfg.policy, server.learned, server.learned_why)
+            if problem is not None:  # the checkpoint lacks the policy's learned tensors
+                raise ValueError(f"routing: {problem}")
             return
         overrides = overrides_from(xargs)
         if overrides and not info_known:

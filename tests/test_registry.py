@@ -211,4 +211,4 @@ def test_a_broken_entry_point_is_skipped_with_one_line(tmp_path: Path):
     assert "ERROR vllm_seqroute: routing policy entry point 'broken' (broken_mod) skipped: RuntimeError: boom" \
         in lines
     assert any("'newopt'" in x and "declares option 'alpha'" in x for x in lines), lines
-    assert res.stdout.strip().endswith(",threshold,good")
+    assert res.stdout.strip().endswith(",threshold,topany,good")

@@ -28,6 +28,7 @@ class Candidates:
     keys: torch.Tensor  # [N, U] int32 ordered ranking keys (scores + bias, if any)
     mass: torch.Tensor | None = None  # [N] float64 sum of all E scores (topp, threshold)
     entropy: torch.Tensor | None = None  # [N] float64 normalised entropy H / ln E (entropy)
+    margin: torch.Tensor | None = None  # [N, U] float32 a learned scorer's margin (> 0: passes)
 
     @property
     def width(self) -> int:
@@ -127,6 +128,16 @@ class Param:
 
 DefaultCap = Callable[[Mapping[str, Any], int], int]
 
+# A learned scorer: ``(logits [N, E] float32, x_norm [N] float32, learned {name: [E] float32},
+# width) -> Candidates`` (best first, ``margin`` set). ``logits`` are the model's raw router
+# logits x.w_e, ``x_norm`` the router input's norm |x|, ``learned`` the layer's row of each
+# tensor the policy declared.
+Scorer = Callable[[torch.Tensor, torch.Tensor, Mapping[str, torch.Tensor], int], Candidates]
+
+# The checkpoint file (beside config.json) that holds every policy's learned tensors, each
+# ``[MoE layers, E]`` float32 under the name the policy declares (``learned``).
+LEARNED_FILE = "seqroute_learned.safetensors"
+
 
 @dataclass(frozen=True, slots=True)
 class Triton:
@@ -188,6 +199,9 @@ class PolicySpec:
     model_rule: bool = False
     model_k: Callable[[Any], int] | None = None
     derived: Mapping[str, tuple[DefaultCap, tuple[str, ...]]] = field(default_factory=dict)
+    learned: tuple[str, ...] = ()
+    scorer: Scorer | None = None
+    always_renormalize: bool = False
     doc: str = ""
     module: str = ""  # where it was declared (messages; built-in or an entry point's)
 
@@ -232,6 +246,8 @@ def register_policy(name: str, *, order: int = UNORDERED, params: tuple[Param, .
                     variant: str | None = None, variants: Mapping[str, Body] | None = None,
                     model_rule: bool = False, model_k: Callable[[Any], int] | None = None,
                     derived: Mapping[str, tuple[DefaultCap, tuple[str, ...]]] | None = None,
+                    learned: tuple[str, ...] = (), scorer: Scorer | None = None,
+                    always_renormalize: bool = False,
                     ) -> Callable[[Callable[..., Selection]], RoutingPolicy]:
     """Declare a policy (see :class:`PolicySpec`); ``default_cap`` defaults to
     ``min(E, 2*budget)`` (``E`` without a budget). ``order``: built-in policies fix theirs;
@@ -249,6 +265,10 @@ def register_policy(name: str, *, order: int = UNORDERED, params: tuple[Param, .
                              f"whose choices are its default and the variants {sorted(variants or {})}")
     elif variants:
         raise ValueError(f"policy {name!r}: variants need a variant option")
+    if bool(learned) != (scorer is not None):
+        raise ValueError(f"policy {name!r}: learned tensors and a scorer go together")
+    if scorer is not None and (native is not None or triton is not None or variants):
+        raise ValueError(f"policy {name!r}: a learned scorer runs its torch twin only")
 
     def deco(fn: Callable[..., Selection]) -> RoutingPolicy:
         if name in REGISTRY or (order != UNORDERED and any(s.order == order for s in REGISTRY.values())):
@@ -258,7 +278,8 @@ def register_policy(name: str, *, order: int = UNORDERED, params: tuple[Param, .
             needs=frozenset(needs), default_cap=default_cap or twice_budget, cap_from=cap_from,
             rules=rules, min_cap=min_cap, dial=dial, budget_required=budget_required, triton=triton,
             native=native, variant=variant, variants=dict(variants or {}), model_rule=model_rule,
-            model_k=model_k, derived=dict(derived or {}),
+            model_k=model_k, derived=dict(derived or {}), learned=tuple(learned), scorer=scorer,
+            always_renormalize=always_renormalize,
             doc=(fn.__doc__ or "").strip().split("\n")[0], module=fn.__module__)
         return fn
 

@@ -16,13 +16,14 @@ import importlib
 import logging
 import pkgutil
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from importlib import metadata
 from types import ModuleType
 
 import torch
 
-from vllm_seqroute.policies.base import REAL, REGISTRY, UNORDERED, Body, Param, PolicySpec
+from vllm_seqroute.policies.base import LEARNED_FILE, REAL, REGISTRY, UNORDERED, Body, Param, PolicySpec
 
 ENTRY_POINT_GROUP = "vllm_seqroute.policies"
 _INFRASTRUCTURE = {"base", "candidates", "config", "layout", "ledger", "ordering", "params", "registry"}
@@ -154,3 +155,21 @@ def selectors_of(policies: Iterable[str]) -> frozenset[int]:
     """Ids of every body of these policies (a request may pick any variant)."""
     want = set(policies)
     return frozenset(x.id for x in selectors() if x.spec.name in want)
+
+
+def learned_names() -> tuple[str, ...]:
+    """Every learned tensor a policy declares (names in the checkpoint's learned file)."""
+    return tuple(dict.fromkeys(n for s in specs() for n in s.learned))
+
+
+NO_LEARNED = "this checkpoint has none"
+
+
+def learned_problem(policy: str, loaded: AbstractSet[str], why: str = NO_LEARNED) -> str | None:
+    """Why ``policy`` cannot route where only the learned tensors ``loaded`` are at hand (one
+    line, no key prefix), or None. ``why``: what the server knows of their absence."""
+    missing = [n for n in spec(policy).learned if n not in loaded]
+    if not missing:
+        return None
+    return (f"{policy!r} needs learned per-layer tensors ({', '.join(missing)} in {LEARNED_FILE}), "
+            f"and {why} (make them with: vllm-seqroute adapt --routing {policy})")

@@ -10,7 +10,7 @@ import torch
 from vllm_seqroute.policies.base import Candidates
 
 
-def assemble(cand: Candidates, count: torch.Tensor, *, renormalize: bool, scale: float = 1.0,
+def assemble(cand: Candidates, count: torch.Tensor, *, renormalize: bool | torch.Tensor, scale: float = 1.0,
              skip_empty: bool = True, valid: torch.Tensor | None = None,
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each token keeps its first ``count`` candidates (and, with ``valid [N, U]``, only real
@@ -18,14 +18,17 @@ def assemble(cand: Candidates, count: torch.Tensor, *, renormalize: bool, scale:
 
     Returns ``ids [N, U] int64`` (kept experts best first; empty slots ``-1`` when
     ``skip_empty``, else the unused candidate itself, with weight 0), ``weights [N, U] float32``
-    (the candidates' scores, renormalised over the kept ones when asked, times ``scale``) and
-    ``n_used [N]`` (kept slots)."""
+    (the candidates' scores, renormalised over the kept ones where ``renormalize``, a bool or
+    per token ``[N]``; times ``scale``) and ``n_used [N]`` (kept slots)."""
     j = torch.arange(cand.width, device=cand.ids.device)
     keep = j[None, :] < count[:, None]
     if valid is not None:
         keep = keep & valid
     w = torch.where(keep, cand.weights, 0.0).to(torch.float32)
-    if renormalize:
+    if isinstance(renormalize, torch.Tensor):  # per token [N] bool (a mixed batch)
+        total = w.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        w = torch.where(renormalize[:, None], w / total, w)
+    elif renormalize:
         w = w / w.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     if scale != 1.0:
         w = w * scale

@@ -1,7 +1,10 @@
 """Which body serves a call, decided here only, from the declarations (``policies.base.Body``):
 
 - candidates: the Triton kernel on CUDA where it loads (one ranking-bias row at most), the
-  torch twin elsewhere; a group-limited router's own candidates are sorted by the twin.
+  torch twin elsewhere; a group-limited router's own candidates are sorted by the twin. A
+  policy with a learned scorer (``PolicySpec.scorer``, torch only) builds its own from the raw
+  router logits, the router input's norm and its learned tensors; in a mixed batch each token
+  keeps the candidates of its own selector (one ``torch.where`` per field).
 - a policy's selection: its declared Triton kernel on CUDA where Triton loads (``SEQROUTE_NO_
   TRITON=1``: never) and, for a policy that reads a ledger, the ledger keeps the bounded pool
   (the kernels read pool bins); otherwise its torch twin, on any device.
@@ -31,6 +34,52 @@ def needs(present: Set[int]) -> dict[str, bool]:
     sels = registry.selectors()
     want = {n for i in present for n in sels[i].spec.needs}
     return {f"with_{name}": name in want for name in SUMMARIES}
+
+
+def scored(present: Set[int]) -> frozenset[int]:
+    """The selectors of ``present`` whose policy builds its candidates with a learned scorer."""
+    sels = registry.selectors()
+    return frozenset(i for i in present if sels[i].spec.scorer is not None)
+
+
+def step_candidates(scores: torch.Tensor, width: int, present: Set[int], selector: torch.Tensor | None,
+                    bias: torch.Tensor | None = None, group_ids: torch.Tensor | None = None, *,
+                    logits: torch.Tensor | None = None, x_norm: torch.Tensor | None = None,
+                    learned: Mapping[str, torch.Tensor] | None = None) -> Candidates:
+    """The candidates of a call whose tokens route with the selectors ``present`` (``selector
+    [N]``: each token's; ``None``: the one present): the model's scores' (:func:`candidates`)
+    for the plain policies, each learned scorer's for its own tokens. ``logits`` (raw,
+    float32), ``x_norm [N]`` and ``learned`` (the layer's tensors) are read by the scorers only."""
+    learn = scored(present)
+    plain = set(present) - learn
+    sels = registry.selectors()
+    cand = candidates(scores, width, bias, group_ids, **needs(plain)) if plain else None
+    for sid in sorted(learn):  # each vectorised over the batch
+        scorer = sels[sid].spec.scorer
+        if logits is None or x_norm is None or learned is None:
+            raise ValueError(f"{sels[sid].label}: routing needs the raw router logits, the router "
+                             "input's norm and the policy's learned tensors")
+        assert scorer is not None
+        own = scorer(logits, x_norm, learned, width)
+        if cand is None:
+            cand = own
+            continue
+        if selector is None:
+            raise ValueError("selector: per-token selector ids are needed when more than one runs")
+        cand = _merge(cand, own, (selector == sid)[:, None])
+    assert cand is not None  # present is never empty
+    return cand
+
+
+def _merge(cand: Candidates, own: Candidates, mine: torch.Tensor) -> Candidates:
+    """``own``'s rows where ``mine [N, 1]``, ``cand``'s elsewhere (summaries: ``cand``'s, read
+    only by the policies that declared them; margin: ``own``'s, 0 where no scorer set one)."""
+    assert own.margin is not None  # a scorer sets it
+    margin = torch.where(mine, own.margin, 0.0 if cand.margin is None else cand.margin)
+    return Candidates(ids=torch.where(mine, own.ids, cand.ids),
+                      weights=torch.where(mine, own.weights, cand.weights),
+                      keys=torch.where(mine, own.keys, cand.keys), mass=cand.mass,
+                      entropy=cand.entropy, margin=margin)
 
 
 def candidates(scores: torch.Tensor, width: int, bias: torch.Tensor | None = None,
@@ -121,5 +170,11 @@ def counted_policy(device: torch.device) -> torch.Tensor:
     return torch.tensor([s.spec.order for s in registry.selectors()], dtype=torch.int64, device=device)
 
 
-__all__ = ["candidates", "counted_policy", "model_rule_ids", "native_branches",
-           "native_layer", "native_serves", "needs", "select"]
+def always_renormalized(present: Set[int]) -> frozenset[int]:
+    """The selectors of ``present`` whose weights are renormalised whatever the model's rule."""
+    sels = registry.selectors()
+    return frozenset(i for i in present if sels[i].spec.always_renormalize)
+
+
+__all__ = ["always_renormalized", "candidates", "counted_policy", "model_rule_ids", "native_branches",
+           "native_layer", "native_serves", "needs", "scored", "select", "step_candidates"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from vllm_seqroute.policies.config import RoutingConfig
@@ -29,6 +31,21 @@ def _check_inputs(scores: torch.Tensor, cu_seqlens: torch.Tensor, bias: torch.Te
         )
 
 
+def _check_learned(names: tuple[str, ...], n: int, e: int, x_norm: torch.Tensor | None,
+                   learned: Mapping[str, torch.Tensor] | None) -> None:
+    if x_norm is None or tuple(x_norm.shape) != (n,):
+        raise ValueError(f"x_norm: this policy needs the router input's norm [N]={n}, got "
+                         f"{None if x_norm is None else tuple(x_norm.shape)}")
+    missing = [k for k in names if learned is None or k not in learned]
+    if missing:
+        raise ValueError(f"learned: this policy needs the learned tensors {names}, missing {missing}")
+    assert learned is not None
+    bad = [k for k in names if tuple(learned[k].shape) != (e,)]
+    if bad:
+        raise ValueError(f"learned: {bad[0]} must be one layer's [E]=({e},), "
+                         f"got {tuple(learned[bad[0]].shape)}")
+
+
 def route(
     scores: torch.Tensor,
     cu_seqlens: torch.Tensor,
@@ -37,6 +54,8 @@ def route(
     ledger: CausalLedger | None = None,
     slots: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    x_norm: torch.Tensor | None = None,
+    learned: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Route ``scores [N, E]`` (router probabilities) of ``S`` segments (``cu_seqlens [S+1]``).
 
@@ -44,7 +63,8 @@ def route(
     on CUDA (where it loads), its torch twin elsewhere.
 
     Args:
-        scores: ``[N, E]`` router probabilities (softmax or sigmoid), any float dtype.
+        scores: ``[N, E]`` router probabilities (softmax or sigmoid), any float dtype; for a
+            policy with a learned scorer (``topany``): the raw router logits ``x.w_e``.
         cu_seqlens: ``[S+1]`` integer segment offsets, rising from 0 to ``N``.
         cfg: the routing config; resolved here against ``E``.
         ledger: the causal state carried across calls (history policies only); ``None``: each
@@ -53,7 +73,12 @@ def route(
             kept); ignored without a ledger.
         bias: ``[E]``, or per token ``[N, E]``, added to ``scores`` to rank candidates only (the
             weights stay ``scores``). ``-inf`` ranks a candidate last but does not by itself
-            keep a policy from taking it (``adapt.select.select`` masks those).
+            keep a policy from taking it (``adapt.select.select`` masks those). Not read by a
+            learned scorer.
+        x_norm: ``[N]`` the norm ``|x|`` of each token's router input (learned scorers only).
+        learned: a learned policy's tensors by the names it declares (``PolicySpec.learned``;
+            topany: ``topany.threshold`` and ``topany.router_norm``), ``[E]`` each: one MoE
+            layer's row of the checkpoint's ``[L, E]`` tensors.
 
     Returns:
         ``ids [N, cap] int32`` (taken experts best first, ``-1`` in empty slots) and
@@ -67,6 +92,9 @@ def route(
     assert cap is not None  # resolve() sets it
     selector = cfg.selector()
     present = {selector.id}
+    learned_policy = bool(selector.spec.learned)
+    if learned_policy:
+        _check_learned(selector.spec.learned, n, e, x_norm, learned)
     if n == 0:
         empty = torch.zeros(0, cap, dtype=torch.int32, device=scores.device)
         return empty, torch.zeros(0, cap, dtype=torch.float32, device=scores.device)
@@ -90,5 +118,6 @@ def route(
         row = ledger.rows(layout.token_slot)
     out = route_step(scores.to(torch.float32), cap, layout, params, present, None, ledger, row,
                      bias=None if bias is None else bias.to(torch.float32),
-                     renormalize=cfg.renormalize)
+                     renormalize=cfg.renormalize, logits=scores.to(torch.float32) if learned_policy else None,
+                     x_norm=x_norm if learned_policy else None, learned=learned if learned_policy else None)
     return out.ids.to(torch.int32), out.weights

@@ -12,6 +12,8 @@ from vllm_seqroute.options import config_from_options as options_config
 from vllm_seqroute.options import options_from_args as routing_options_from_args
 from vllm_seqroute.policies import registry
 from vllm_seqroute.policies.config import RoutingConfig
+from vllm_seqroute.vllm_glue import elastic
+from vllm_seqroute.vllm_glue import learned
 
 logger = logging.getLogger("vllm_seqroute")
 KEY = "seqroute"
@@ -27,7 +29,15 @@ _SERVER_FLAG_HELP = {
     PREFIX_STATE_KEY: "Prefix caching: memory for the routing state kept with cached KV "
                       "blocks, in MiB (default: enough for every block; causal SeqTopK "
                       "cache hits shorten to the blocks that have it)",
+    elastic.TPOT_KEY: "Elastic budget: a TPOT target in ms (p90 of the engine's step times); the "
+                      "budget of requests that name none is lowered under load to hold it and "
+                      "raised back when load falls, --routing-budget (or the model's K) the "
+                      "ceiling; policies whose routing a budget sets (default: off)",
+    elastic.TTFT_KEY: "Elastic budget: a TTFT target in ms beside the TPOT one (p90 of arrival to "
+                      "first token; default: none)",
+    elastic.MIN_KEY: "Elastic budget: the lowest budget it sets (default: --routing-floor, 1)",
 }
+_ELASTIC_FLAGS = (elastic.TPOT_KEY, elastic.TTFT_KEY, elastic.MIN_KEY)
 
 
 def add_routing_args(parser: Any) -> Any:
@@ -39,15 +49,16 @@ def add_routing_args(parser: Any) -> Any:
     add_routing_flags(group, policy_help=POLICY_HELP)
     group.add_argument(flag(ALLOWED_KEY), dest=FLAG_DEST + ALLOWED_KEY, default=None,
                        help=_SERVER_FLAG_HELP[ALLOWED_KEY])
-    group.add_argument(flag(PREFIX_STATE_KEY), dest=FLAG_DEST + PREFIX_STATE_KEY, type=float,
-                       default=None, help=_SERVER_FLAG_HELP[PREFIX_STATE_KEY])
+    for key in (PREFIX_STATE_KEY, *_ELASTIC_FLAGS):
+        group.add_argument(flag(key), dest=FLAG_DEST + key, type=float, default=None,
+                           help=_SERVER_FLAG_HELP[key])
     return parser
 
 
 def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The ``--routing*`` values a user gave (others omitted)."""
     out = routing_options_from_args(args)
-    for key in (ALLOWED_KEY, PREFIX_STATE_KEY):
+    for key in (ALLOWED_KEY, PREFIX_STATE_KEY, *_ELASTIC_FLAGS):
         v = getattr(args, FLAG_DEST + key, None)
         if v is not None:
             out[key] = v
@@ -58,6 +69,8 @@ def config_from_options(options: dict[str, Any]) -> RoutingConfig:
     """Validated server config; ``ValueError`` names the flag (``--routing-budget: ...``)."""
     options = dict(options)
     cap = options.pop(PREFIX_STATE_KEY, None)
+    for key in elastic.KEYS:  # server-wide (checked by apply_to_engine_args), not routing options
+        options.pop(key, None)
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap >= 0):
         raise ValueError(f"{flag(PREFIX_STATE_KEY)}: must be a number of MiB >= 0, got {cap!r}")
     try:
@@ -96,6 +109,7 @@ def apply_to_engine_args(engine_args: Any) -> None:
     if not isinstance(opts, dict):
         raise ValueError(f"--additional-config: {KEY} must be a JSON object, got {opts!r}")
     cfg = config_from_options(opts)
+    elastic.check_options(opts, cfg)
     if getattr(engine_args, "speculative_config", None) and "history" in registry.spec(cfg.policy).needs:
         # a causal ledger cannot take back the tokens a draft model proposed and vLLM rejected
         raise ValueError(f"--routing: {cfg.policy} does not support speculative decoding yet")
@@ -104,9 +118,21 @@ def apply_to_engine_args(engine_args: Any) -> None:
         raise ValueError("--routing: expert and data parallel are not supported yet (vLLM gathers every "
                          "rank's router logits into each MoE layer, so a rank would route other ranks' "
                          "requests without their options); use tensor or pipeline parallel, or replicas")
+    learned_refusal(cfg.policy, engine_args.model, "--routing")
+    if registry.spec(cfg.policy).learned and (engine_args.pipeline_parallel_size or 1) > 1:
+        # a stage numbers its own MoE layers from 0; the learned file's rows are the model's
+        raise ValueError(f"--routing: {cfg.policy} (learned tensors) is not served with pipeline "
+                         "parallel yet; use tensor parallel or replicas")
     if getattr(engine_args, "enable_return_routed_experts", False):
         raise ValueError("--routing: --enable-return-routed-experts assumes width top_k; "
                          "not supported with vllm-seqroute routing")
+
+
+def learned_refusal(policy: str, model: str, origin: str) -> None:
+    """Refuse at startup, in one line, a policy whose learned tensors the checkpoint lacks."""
+    problem = learned.problem(policy, model)
+    if problem is not None:
+        raise ValueError(f"{origin}: {problem}")
 
 
 def adopt_checkpoint_routing(vllm_config: Any) -> None:
@@ -118,6 +144,7 @@ def adopt_checkpoint_routing(vllm_config: Any) -> None:
     if not isinstance(recorded, dict):
         return
     cfg = config_from_options(recorded)
+    learned_refusal(cfg.policy, vllm_config.model_config.model, "config.json seqroute")
     vllm_config.additional_config = {**(vllm_config.additional_config or {}), KEY: dict(recorded)}
     logger.info("vllm_seqroute: serving with the routing recorded in the checkpoint: %s (%s)",
                 recorded, cfg.policy)

@@ -114,6 +114,8 @@ def _patch_worker_rpc() -> None:
             "num_layers": len(s.layers),
             "layers": [[x.num_experts, x.model_k, x.width] for x in s.layers],
             "max_slots": s.max_slots,
+            "learned": sorted(s.learned),  # learned tensors loaded (policies that need others: refused)
+            "learned_why": s.learned_why,
             "stage": stages.stage(),
         }
 

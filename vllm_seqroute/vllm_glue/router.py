@@ -19,6 +19,8 @@ from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
 from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
 
 from vllm_seqroute.options import server_width
+from vllm_seqroute.policies import registry
+from vllm_seqroute.vllm_glue import learned as learned_file
 from vllm_seqroute.vllm_glue import state as st
 from vllm_seqroute.vllm_glue.select_op import SIGMOID, SOFTMAX
 
@@ -67,6 +69,9 @@ class SeqRouteRouter(BaseRouter):
         # a reference: weight loading fills this parameter later
         self.e_score_correction_bias = kw.get("e_score_correction_bias")
         self.skip_empty = False  # set per layer by the empty-slot probe, never guessed
+        # a learned scorer (topany) reads |x| of the router input; fixed at startup so that the
+        # model's other routing stays as vLLM runs it (and a compiled graph has no branch)
+        self.input_norm = st.STATE is not None and st.STATE.input_norm_needed()
 
     @property
     def routing_method_type(self) -> RoutingMethodType:
@@ -92,9 +97,12 @@ class SeqRouteRouter(BaseRouter):
                                                          input_ids=input_ids)
         else:
             group_ids = van_ids[:, :0]
+        # hidden_states is what the gate multiplied (docs/CONTRACTS.md): |x| of the cosine
+        x_norm = torch.linalg.vector_norm(hidden_states, dim=-1, dtype=torch.float32) \
+            if self.input_norm else None
         return torch.ops.vllm_seqroute.select(
             router_logits, group_ids, van_w, van_ids, self.e_score_correction_bias, self.layer,
-            self.scoring, self.renormalize, self.scale, self.skip_empty)
+            self.scoring, self.renormalize, self.scale, self.skip_empty, x_norm)
 
 
 ROUTERS: list[SeqRouteRouter] = []
@@ -126,7 +134,9 @@ def make_router_factory(original: Any) -> Any:
                         e, computed)
         width = server_width(base, num_experts=e, model_k=k)
         if st.STATE is None:
+            learned, why = _learned_tensors(vllm_config)
             st.STATE = st.RoutingState(
+                learned=learned, learned_why=why,
                 base=base, max_slots=vllm_config.scheduler_config.max_num_seqs,
                 max_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
                 device=torch.device(vllm_config.device_config.device_type
@@ -148,6 +158,20 @@ def make_router_factory(original: Any) -> Any:
 
     setattr(create_fused_moe_router, "__wrapped__", original)
     return create_fused_moe_router
+
+
+def _learned_tensors(vllm_config: Any) -> tuple[dict[str, torch.Tensor], str]:
+    """The checkpoint's learned tensors and, where they are not served, why (``learned_why``)."""
+    tensors = learned_file.read(vllm_config.model_config.model)
+    if tensors and vllm_config.parallel_config.pipeline_parallel_size > 1:
+        # a stage numbers its own MoE layers from 0; the file's rows are the model's
+        logger.warning("vllm_seqroute: the checkpoint's learned routing tensors are not served with "
+                       "pipeline parallel yet")
+        return {}, "they are not served with pipeline parallel yet"
+    if tensors:
+        logger.info("vllm_seqroute: learned routing tensors loaded: %s",
+                    ", ".join(f"{n} {list(t.shape)}" for n, t in tensors.items()))
+    return tensors, registry.NO_LEARNED
 
 
 def make_direct_factory(original: Any) -> Any:
@@ -179,6 +203,11 @@ def note_runner(runner: Any) -> None:
     """After vLLM built an MoE layer (``MoERunner.__init__``): name it in the log when it keeps
     the model's routing while the plugin routes."""
     router = getattr(runner, "router", None)
+    if isinstance(router, SeqRouteRouter) and router.input_norm and \
+            getattr(runner, "routed_input_transform", None) is not None:
+        # a latent MoE hands the router its projected input, not what the gate multiplied
+        raise ValueError(f"vllm_seqroute: MoE layer {getattr(runner, 'layer_name', '?')} transforms its "
+                         "input before routing, so learned routing (|x| of the gate's input) cannot serve it")
     if router is None or isinstance(router, SeqRouteRouter):
         return
     from vllm_seqroute.vllm_glue.config import server_config

@@ -192,5 +192,6 @@ def _log_after_load(orig: Callable) -> Callable:
             from vllm_seqroute.vllm_glue import empty_slots
 
             st.STATE.empty_slot_modes, st.STATE.experts_computed = empty_slots.configure(self.get_model())
+            st.STATE.check_learned_layers()
         return out
     return f

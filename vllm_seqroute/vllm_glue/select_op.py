@@ -27,9 +27,11 @@ def _scores(logits: torch.Tensor, scoring: int) -> torch.Tensor:
 
 def select(router_logits: torch.Tensor, group_ids: torch.Tensor, van_w: torch.Tensor,
            van_ids: torch.Tensor, bias: torch.Tensor | None, layer: int, scoring: int,
-           renormalize: bool, scale: float, skip_empty: bool) -> tuple[torch.Tensor, torch.Tensor]:
+           renormalize: bool, scale: float, skip_empty: bool,
+           x_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x_norm [N]``: the router input's norm, given where a learned scorer may route."""
     w, ids = _select(router_logits, group_ids, van_w, van_ids, bias, layer, scoring, renormalize,
-                     scale, skip_empty)
+                     scale, skip_empty, x_norm)
     recorder = st.STATE.recorder if st.STATE is not None else None
     if recorder is not None:  # opt-in eval records (CPU only): read the outputs afterwards
         recorder.on_layer(layer, w, ids)
@@ -38,7 +40,8 @@ def select(router_logits: torch.Tensor, group_ids: torch.Tensor, van_w: torch.Te
 
 def _select(router_logits: torch.Tensor, group_ids: torch.Tensor, van_w: torch.Tensor,
             van_ids: torch.Tensor, bias: torch.Tensor | None, layer: int, scoring: int,
-            renormalize: bool, scale: float, skip_empty: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            renormalize: bool, scale: float, skip_empty: bool,
+            x_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     state = st.STATE
     assert state is not None  # the op exists only in models whose routers built the state
     if state.step_native:  # host-known (CPU): one native pass instead of ~150 torch ops
@@ -54,7 +57,8 @@ def _select(router_logits: torch.Tensor, group_ids: torch.Tensor, van_w: torch.T
         ctx.policy, info.ledger, ctx.row, bias=bias,
         group_ids=group_ids if group_ids.shape[1] == info.width else None,
         renormalize=renormalize, scale=scale, skip_empty=skip_empty,
-        vanilla=routing.Vanilla(van_w, van_ids, info.model_k), with_bins=ctx.rec is not None)
+        vanilla=routing.Vanilla(van_w, van_ids, info.model_k), with_bins=ctx.rec is not None,
+        logits=router_logits, x_norm=x_norm, learned=info.learned)  # read by learned scorers only
     _count(state, layer, ctx, out.ids, out.weights, out.n_used, out.charged)
     if ctx.rec is not None and out.bins is not None:  # what a later prefix-cache hit needs
         state.prefix.write(layer, ctx.rec, out.bins, out.n_used, out.charged)
@@ -169,7 +173,8 @@ def _count(state: st.RoutingState, layer: int, ctx: StepContext, ids: torch.Tens
 
 def select_fake(router_logits: torch.Tensor, group_ids: torch.Tensor, van_w: torch.Tensor,
                 van_ids: torch.Tensor, bias: torch.Tensor | None, layer: int, scoring: int,
-                renormalize: bool, scale: float, skip_empty: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                renormalize: bool, scale: float, skip_empty: bool,
+                x_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     n = router_logits.shape[0]
     u = st.STATE.layers[layer].width if st.STATE is not None else van_ids.shape[1]
     return (router_logits.new_empty((n, u), dtype=torch.float32),

@@ -29,6 +29,7 @@ class LayerInfo:
     model_k: int
     width: int
     ledger: CausalLedger
+    learned: dict[str, torch.Tensor] = field(default_factory=dict)  # this layer's rows ([E] each)
 
 
 @dataclass
@@ -61,8 +62,16 @@ class RoutingState:
     prefix: Any = None  # prefix_state.PrefixRecords once the KV cache exists (V1 runner)
     prefix_restored: int = 0  # requests whose cached prefix's ledger was rebuilt from records
     prefix_unrestored: int = 0  # cache hits without records: routed as neutral history
+    # the checkpoint's learned tensors ([MoE layers, E] each, on the device; learned.read) and
+    # why a policy that needs others cannot route (registry.learned_problem's ``why``)
+    learned: dict[str, torch.Tensor] = field(default_factory=dict)
+    learned_why: str = registry.NO_LEARNED
 
     def __post_init__(self) -> None:
+        problem = self.learned_problem(self.base.policy)
+        if problem is not None:
+            raise ValueError(f"vllm_seqroute: --routing: {problem}")
+        self.learned = {k: v.to(self.device, torch.float32) for k, v in self.learned.items()}
         s, dev = self.max_slots + 1, self.device  # last row: padding / unknown tokens
         self.token_slot = torch.full((self.max_tokens,), -1, dtype=torch.int64, device=dev)
         i64: dict[str, Any] = dict(dtype=torch.int64, device=dev)
@@ -90,11 +99,36 @@ class RoutingState:
                         "requests may ask for%s)", ", ".join(names),
                         "; --routing-allowed limits them" if self.base.allowed is None else "")
 
+    # --- learned tensors ----------------------------------------------------------------
+    def learned_problem(self, policy: str) -> str | None:
+        """Why ``policy`` cannot route here for want of learned tensors (one line), or None."""
+        return registry.learned_problem(policy, self.learned.keys(), self.learned_why)
+
+    def input_norm_needed(self) -> bool:
+        """A policy with a learned scorer can route on this server (its tensors are loaded and
+        requests may ask for it): the routers then hand the op their input's norm."""
+        names = POLICIES if self.base.allowed is None else self.base.allowed
+        return any(registry.spec(n).scorer is not None and self.learned_problem(n) is None for n in names)
+
+    def check_learned_layers(self) -> None:
+        """Once the model is built: the learned tensors have one row per routed MoE layer."""
+        rows = {t.shape[0] for t in self.learned.values()}
+        if rows and rows != {len(self.layers)}:
+            raise ValueError(f"vllm_seqroute: the learned tensors have {rows.pop()} rows, the model "
+                             f"{len(self.layers)} MoE layers")
+
     # --- layers -------------------------------------------------------------------------
     def add_layer(self, num_experts: int, model_k: int, width: int) -> int:
         ledger = CausalLedger(self.max_slots, pool=self.base.pool, device=self.device)
         self.native_layers.clear()
-        self.layers.append(LayerInfo(num_experts, model_k, width, ledger))
+        i = len(self.layers)
+        for name, t in self.learned.items():
+            if i >= t.shape[0] or t.shape[1] != num_experts:
+                raise ValueError(f"vllm_seqroute: learned tensor {name} has shape {tuple(t.shape)}, but "
+                                 f"MoE layer {i} has {num_experts} experts (one row per MoE layer, in "
+                                 "model order)")
+        rows = {name: t[i].clone() for name, t in self.learned.items()}
+        self.layers.append(LayerInfo(num_experts, model_k, width, ledger, rows))
         self.expert_load.append(torch.zeros(num_experts, dtype=torch.int64, device=self.device))
         self.experts_per_token.append(torch.zeros(width + 1, dtype=torch.int64, device=self.device))
         self.selected.append(torch.zeros(self.max_slots + 1, dtype=torch.int64, device=self.device))
@@ -105,8 +139,12 @@ class RoutingState:
     # --- requests -----------------------------------------------------------------------
     def request_config(self, extra_args: dict[str, Any] | None) -> RoutingConfig:
         info = self.layers[0]
-        return request_config(self.base, extra_args, num_experts=info.num_experts,
-                              model_k=info.model_k, width=info.width)
+        cfg = request_config(self.base, extra_args, num_experts=info.num_experts,
+                             model_k=info.model_k, width=info.width)
+        problem = self.learned_problem(cfg.policy)
+        if problem is not None:
+            raise ValueError(f"routing: {problem}")
+        return cfg
 
     def init_prefix_records(self, num_kv_blocks: int, block_size: int, max_bytes: int | None) -> None:
         """Keep routing records with the KV cache's blocks (``prefix_state``)."""
@@ -137,8 +175,9 @@ class RoutingState:
         self.slot_of_req[req_id] = slot
         self._write_slot(slot, cfg)
         idx = torch.tensor([slot], device=self.device)
+        pooled = "history" in cfg.selector().spec.needs  # no pool kept for a policy that never reads it
         for layer, sel in zip(self.layers, self.selected, strict=True):
-            layer.ledger.reset(idx)
+            layer.ledger.reset(idx, pooled=pooled)
             sel[slot] = 0
         rows = self.prefix.rows_of(block_ids, num_computed) if num_computed and self.prefix else None
         if rows is not None:  # prefix-cache hit: the ledger its tokens left, from their records
@@ -222,6 +261,7 @@ class RoutingState:
         own and those per-request overrides may ask for (``base.allowed``; None: every policy),
         each with all its bodies, as a request may pick another variant (seqtopk's rule)."""
         names = POLICIES if self.base.allowed is None else self.base.allowed
+        names = tuple(n for n in names if self.learned_problem(n) is None)  # the others are refused
         return registry.selectors_of(names) | {self.slot_policy_host[self.max_slots]}
 
     def _native_serves(self, policies: AbstractSet[int]) -> bool:

@@ -239,6 +239,45 @@ def test_reset_forgets_only_given_slots(pool):
     assert int(ledger.seen.sum()) == 20
 
 
+@pytest.mark.parametrize("pool", POOLS)
+def test_a_slot_without_pool_commits_seen_and_used_only(pool):
+    """A slot reset with ``pooled=False`` (a request whose policy never reads the pool) counts its
+    tokens and charges but keeps an empty pool, from commits and from records alike; the other
+    slots of the same steps keep theirs, and a later ``reset`` gives the slot a pool again."""
+    from vllm_seqroute.policies.ordering import ordered_int, pool_bin
+
+    g = torch.Generator().manual_seed(5)
+    keys = ordered_int(torch.rand(12, 4, generator=g)).to(torch.int32)
+    valid = torch.rand(12, 4, generator=g) > 0.2
+    charged = torch.randint(0, 4, (12,), generator=g)
+    row = torch.tensor([0, 1, 2] * 4)
+    ledger = CausalLedger(3, pool=pool)
+    ledger.reset(torch.tensor([1]), pooled=False)
+    for lo in (0, 6):
+        ledger.commit(row[lo:lo + 6], keys[lo:lo + 6], valid[lo:lo + 6], charged[lo:lo + 6])
+    pools: dict[int, list[int]] = {0: [], 1: [], 2: []}  # plain lists: what each slot's pool holds
+    for t in range(12):
+        if int(row[t]) != 1:
+            pools[int(row[t])] += [int(keys[t, j]) for j in range(4) if valid[t, j]]
+    q = ordered_int(torch.rand(3, 4, generator=g)).to(torch.int32)
+    got = ledger.past_counts(torch.tensor([0, 1, 2]), q)
+    for r in range(3):
+        assert int(ledger.seen[r]) == 4 and int(ledger.used[r]) == int(charged[row == r].sum())
+        if pool == "exact":  # the bounded pool counts by bin: its rows are checked below
+            assert got[r].tolist() == [sum(x >= int(k) for x in pools[r]) for k in q[r]]
+    assert int(got[1].sum()) == 0 and int(got[0].sum()) > 0
+    if pool == "bounded":
+        assert ledger.hist is not None and ledger.block is not None
+        assert int(ledger.hist[1].sum()) == int(ledger.block[1].sum()) == 0
+        assert int(ledger.hist[0].sum()) == int(valid[row == 0].sum())
+        bins = torch.where(valid, pool_bin(keys), -1).to(torch.int16)
+        ledger.load(1, bins[row == 0], charged[row == 0].to(torch.int16))  # records of a cache hit
+        assert int(ledger.hist[1].sum()) == 0 and int(ledger.seen[1]) == 4
+        ledger.reset(torch.tensor([1]))
+        ledger.load(1, bins[row == 0], charged[row == 0].to(torch.int16))
+        assert torch.equal(ledger.hist[1], ledger.hist[0]) and torch.equal(ledger.block[1], ledger.block[0])
+
+
 def test_bounded_pool_memory_is_constant_per_slot():
     ledger = CausalLedger(4, pool="bounded")
     before = ledger.nbytes_per_slot()

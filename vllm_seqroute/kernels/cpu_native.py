@@ -41,7 +41,7 @@ class _Step(ctypes.Structure):
         *((name, _I) for name in ("e", "u", "model_k", "num_selectors", "sink")),
         *((name, _P) for name in ("body", "counted", "model_rule", "token_slot", "policy", "cap",
                                   "floor_", "k_min", "k_max", "budget", "p", "seen", "used", "hist",
-                                  "block")),
+                                  "block", "pooled")),
         *((name, _I) for name in ("nbins", "bs", "nblocks", "shift", "lo", "half")),
         *((name, _P) for name in ("tokens_by_policy", "pairs_by_policy", "granted_by_policy",
                                   "expert_load", "per_token_hist", "selected", "rec", "rec_bins",
@@ -139,7 +139,7 @@ class NativeLayer:
             sink=slot_policy.shape[0] - 1, nbins=NUM_BINS, bs=BLOCK, nblocks=NUM_BLOCKS, shift=shift,
             lo=lo, half=half, token_slot=_ptr(token_slot, i64), policy=_ptr(slot_policy, i64),
             seen=_ptr(ledger.seen, i64), used=_ptr(ledger.used, i64), hist=_ptr(ledger.hist, i32),
-            block=_ptr(ledger.block, i32))
+            block=_ptr(ledger.block, i32), pooled=_ptr(ledger.pooled, torch.bool))
         s.body, s.counted, s.model_rule = (t.data_ptr() for t in branches.tensors)
         for field, name in (("cap", "cap"), ("floor_", "floor"), ("k_min", "k_min"), ("k_max", "k_max")):
             setattr(s, field, _ptr(slot_params[name], i64))
@@ -168,9 +168,10 @@ class NativeLayer:
         Token by token in batch order: candidates (``group_ids`` given, or the best ``width`` by
         ``scores + bias``), the token's policy (its slot's selector's C branch, ``Branches``),
         causal SeqTopK against its request's bounded-pool ledger row, the ledger commit of every
-        token, the output and the counters (``tokens_by_policy``, ``pairs_by_policy``,
-        ``granted_by_policy``, ``expert_load``, ``per_token_hist``, ``selected``), all updated in
-        place; where records were given, each token's pool bins and counts at its record row.
+        token (pool bins only to the rows that keep a pool, ``CausalLedger.reset``), the output
+        and the counters (``tokens_by_policy``, ``pairs_by_policy``, ``granted_by_policy``,
+        ``expert_load``, ``per_token_hist``, ``selected``), all updated in place; where records
+        were given, each token's pool bins and counts at its record row.
         Selections and ledger equal the torch policies'; weights up to float32 summation order.
         Tokens of the model's own rule at ``model_k`` get the model's own ``van_w``/``van_ids``.
         ``vanilla_only`` (every token is, host-known): only that, without candidates or pool bins

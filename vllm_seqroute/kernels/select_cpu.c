@@ -42,9 +42,11 @@ typedef struct {
     const int64_t *policy, *cap, *floor_, *k_min, *k_max;
     const double *budget;    /* real > 0 (seqtopk may be fractional); topk's is integral */
     const double *p;
-    /* ledger (bounded pool) */
+    /* ledger (bounded pool); pooled[row]: the row's request reads its pool (a history policy),
+     * else its tokens commit seen/used only and its pool stays empty */
     int64_t *seen, *used;
     int32_t *hist, *block;
+    const uint8_t *pooled;
     int64_t nbins, bs, nblocks, shift, lo, half;
     /* counters */
     int64_t *tokens_by_policy, *pairs_by_policy, *granted_by_policy; /* [policies] */
@@ -261,10 +263,11 @@ int seqroute_select_cpu(Step *s) {
         int64_t count, charged;
         if (select_token(s, t, s->body[sid], ids, keys, bins, &count, &charged) != 0)
             return 2; /* unreachable: checked above */
-        /* the ledger: every token, whatever its policy */
+        /* the ledger: every token, whatever its policy; the pool only where it is read (a
+         * cold row costs ~0.7 us per token and layer: kernels/NOTES.md) */
         s->seen[r] += 1;
         s->used[r] += charged;
-        for (int64_t j = 0; j < cap; ++j) {
+        for (int64_t j = 0; j < cap && s->pooled[r]; ++j) {
             if (ids[j] < 0) continue;
             s->hist[r * s->nbins + bins[j]] += 1;
             s->block[r * s->nblocks + bins[j] / s->bs] += 1;

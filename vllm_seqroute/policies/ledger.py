@@ -3,6 +3,9 @@ request's candidate-score pool. One ledger serves one MoE layer for ``num_slots`
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+
 import torch
 
 from vllm_seqroute.policies.base import History
@@ -12,6 +15,33 @@ from vllm_seqroute.policies.ordering import NUM_BINS, pool_bin
 # read one block's bins plus the block totals instead of a suffix sum over every bin.
 BLOCK = 64
 NUM_BLOCKS = -(-NUM_BINS // BLOCK)
+HUGE_PAGE = 2 << 20
+
+
+def _zeros_huge(*shapes: tuple[int, ...], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Zeroed CPU tensors of ``shapes`` in one anonymous mapping, 2 MiB-aligned and advised for
+    transparent huge pages where the OS offers them. Between two calls of one MoE layer the model
+    reads its other layers, so the ledger rows a call touches (a few lines per token, each on its
+    own 4 KiB page of a 24 KiB row) are out of cache and out of the TLB; with 2 MiB pages the
+    page walks go (``kernels/NOTES.md``). Elsewhere: ``torch.zeros``."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    counts = [int(torch.Size(sh).numel()) for sh in shapes]
+    # each tensor starts on a cache line
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + -(-c * size // 64) * 64)
+    total = -(-starts[-1] // HUGE_PAGE) * HUGE_PAGE
+    if not hasattr(mmap, "MADV_HUGEPAGE") or total == 0:
+        return [torch.zeros(sh, dtype=dtype) for sh in shapes]
+    # private anonymous (mmap's default, -1 shared, is shmem: no huge pages): zero-filled, backed
+    # on first touch
+    buf = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    skip = -address % HUGE_PAGE
+    buf.madvise(mmap.MADV_HUGEPAGE, skip, total)  # skip: a multiple of the page size
+    # torch.frombuffer holds a reference to ``buf``: the mapping lives as long as a tensor does
+    return [torch.frombuffer(buf, dtype=dtype, count=c, offset=skip + a).view(sh)
+            for sh, c, a in zip(shapes, counts, starts, strict=False)]
 
 
 class CausalLedger:
@@ -30,19 +60,23 @@ class CausalLedger:
         rows = num_slots + 1
         self.seen = torch.zeros(rows, dtype=torch.int64, device=device)
         self.used = torch.zeros(rows, dtype=torch.int64, device=device)
-        self.hist = (
-            torch.zeros(rows, NUM_BINS, dtype=torch.int32, device=device) if pool == "bounded" else None
-        )
-        self.block = (
-            torch.zeros(rows, NUM_BLOCKS, dtype=torch.int32, device=device) if pool == "bounded" else None
-        )
+        # per row: its request's policy reads the pool (a history policy); the others' tokens
+        # commit seen/used only, their pool stays empty (``reset``)
+        self.pooled = torch.ones(rows, dtype=torch.bool, device=device)
+        self.hist: torch.Tensor | None = None
+        self.block: torch.Tensor | None = None
+        if pool == "bounded" and torch.device(device).type == "cpu":
+            self.hist, self.block = _zeros_huge((rows, NUM_BINS), (rows, NUM_BLOCKS), dtype=torch.int32)
+        elif pool == "bounded":
+            self.hist = torch.zeros(rows, NUM_BINS, dtype=torch.int32, device=device)
+            self.block = torch.zeros(rows, NUM_BLOCKS, dtype=torch.int32, device=device)
         self.history: list[torch.Tensor] = (
             [torch.empty(0, dtype=torch.int64, device=device) for _ in range(rows)] if pool == "exact" else []
         )
 
     def nbytes_per_slot(self) -> int:
         """Memory of one slot's state (bounded pool: constant)."""
-        n = self.seen.element_size() + self.used.element_size()
+        n = self.seen.element_size() + self.used.element_size() + self.pooled.element_size()
         if self.hist is not None and self.block is not None:
             n += self.hist[0].nbytes + self.block[0].nbytes
         return n
@@ -51,13 +85,17 @@ class CausalLedger:
         """Ledger row of each slot id (padding ``-1`` -> sink row)."""
         return torch.where(slot < 0, self.num_slots, slot)
 
-    def reset(self, slots: torch.Tensor | None = None) -> None:
-        """Forget the given slots (all when ``None``): a new request starts with no history."""
+    def reset(self, slots: torch.Tensor | None = None, *, pooled: bool = True) -> None:
+        """Forget the given slots (all when ``None``): a new request starts with no history.
+        ``pooled=False``: the slots' requests route with a policy that never reads the pool (no
+        ``history`` in its ``needs``; a request's policy is fixed for its life), so their tokens
+        add nothing to it (``commit``, ``load``): less memory traffic per token."""
         if slots is None:
             slots = torch.arange(self.num_slots, device=self.seen.device)
         r = self.rows(slots.to(self.seen.device, torch.int64))
         self.seen[r] = 0
         self.used[r] = 0
+        self.pooled[r] = pooled
         if self.hist is not None and self.block is not None:
             self.hist[r] = 0
             self.block[r] = 0
@@ -111,6 +149,8 @@ class CausalLedger:
         committing those tokens one by one leaves (bounded pool only; a prefix-cache hit)."""
         if self.hist is None or self.block is None:
             raise ValueError("load: only the bounded pool can be rebuilt from pool bins")
+        if not bool(self.pooled[slot]):  # a request that never reads its pool keeps none
+            bins = torch.full_like(bins, -1)
         b = bins.to(torch.int64).flatten()
         counts = torch.zeros(NUM_BINS + 1, dtype=torch.int32, device=self.hist.device)
         counts.index_add_(0, torch.where(b >= 0, b, NUM_BINS), torch.ones_like(b, dtype=torch.int32))
@@ -123,10 +163,12 @@ class CausalLedger:
     def commit(
         self, row: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, n_budget: torch.Tensor
     ) -> None:
-        """Add a step's tokens: ``keys [N, U]`` candidate keys (``valid`` marks pool members),
-        ``n_budget [N]`` experts charged to the budget. Integer updates only (deterministic)."""
+        """Add a step's tokens: ``keys [N, U]`` candidate keys (``valid`` marks pool members;
+        none for a row that keeps no pool, ``reset``), ``n_budget [N]`` experts charged to the
+        budget. Integer updates only (deterministic)."""
         self.seen.index_add_(0, row, torch.ones_like(row))
         self.used.index_add_(0, row, n_budget.to(torch.int64))
+        valid = valid & self.pooled[row][:, None]
         if self.hist is not None and self.block is not None:
             b = pool_bin(keys)
             v = valid.flatten().to(torch.int32)

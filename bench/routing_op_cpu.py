@@ -52,14 +52,24 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=32)
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--policies", default="seqtopk,topp,entropy,topk",
+                    help="comma-separated, of seqtopk, topp, entropy, topk")
+    ap.add_argument("--bodies", default="native,torch", help="comma-separated, of native, torch")
+    ap.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated, of {', '.join(STEPS)}")
+    ap.add_argument("--evict-mib", type=int, default=0,
+                    help="MiB written before each sample, untimed (a model's weights and KV between two "
+                         "calls of one layer; the router's outputs are then read again, as fresh); 0: only "
+                         "the other setups' samples evict")
     args = ap.parse_args()
     torch.set_num_threads(1)
     e, k = args.experts, args.k
     g = torch.Generator().manual_seed(0)
-    policies = ("seqtopk", "topp", "entropy", "topk")
+    policies = args.policies.split(",")
+    bodies = [{"native": True, "torch": False}[b] for b in args.bodies.split(",")]
+    steps = {name: STEPS[name] for name in args.steps.split(",")}
     setups = {}
     for pol in policies:
-        for native in (True, False):
+        for native in bodies:
             s, reqs = make_state(pol, e, k, 256, args.layers)
             st.STATE = s
             logits = torch.randn(16 * 256, e, generator=g)
@@ -70,19 +80,24 @@ def main() -> None:
                 select_op.select(logits, i[:, :0], w, i.to(torch.int32), None, 0, 0, True, 1.0, False)
             setups[(pol, native)] = (s, reqs)
     rows = []
-    for name, sched in STEPS.items():
+    for name, sched in steps.items():
         n = sum(sched)
         logits = torch.randn(n, e, generator=g) * 1.5
         van_w, van_ids = torch.topk(torch.softmax(logits, -1), k)
         van_ids = van_ids.to(torch.int32)
         times: dict[object, list[float]] = {key: [] for key in [*setups, "token topk"]}
+        evict = torch.zeros(args.evict_mib << 18, dtype=torch.int32)
         for _ in range(args.repeats):
             for key in times:
+                evict.add_(1)
+                for x in (logits, van_w, van_ids):  # the router's outputs, just written: warm
+                    x.sum()
                 if key == "token topk":
                     t = time.perf_counter()
                     for _ in range(args.layers):
                         torch.topk(torch.softmax(logits, -1), k)
                 else:
+                    assert isinstance(key, tuple)
                     s, reqs = setups[key]
                     st.STATE = s
                     s.set_step(reqs[:len(sched)], sched)  # host work of the runner hook, untimed
@@ -95,7 +110,7 @@ def main() -> None:
         base = statistics.median(times["token topk"])
         rows.append((name, "token TopK (softmax + topk)", base, 1.0))
         for pol in policies:
-            for native in (True, False):
+            for native in bodies:
                 m = statistics.median(times[(pol, native)])
                 rows.append((name, f"{pol} ({'native' if native else 'torch'} body)", m, m / base))
     print(f"\nrouting op per MoE layer call (steps of {args.layers} layers), E={e}, K={k}, width 2K, "

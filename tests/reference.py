@@ -309,3 +309,36 @@ def outputs(tok: RefToken, count: int, width: int, renormalize: bool = True) -> 
         total = math.fsum(w)
         w = [x / total if total > 0 else 0.0 for x in w]
     return ids, w + [0.0] * (width - count)
+
+
+# --- topany (learned per-expert thresholds; /work/notes/TOPANY.md) ---------------------------
+TOPANY_NORM_EPS = 1e-6
+
+
+def _f32(x: float) -> float:
+    """``x`` rounded to float32 (a float32 op's result: the double-precision result of +-*/ on
+    float32 inputs, rounded once, is the correctly rounded float32 one)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def ref_topany_logits(logits: torch.Tensor, x_norm: torch.Tensor, router_norm: torch.Tensor,
+                      threshold: torch.Tensor, *, floor: int, cap: int) -> list[RefToken]:
+    """Top-Any's decision per token from what the router sees (the serving op's inputs): cosine
+    ``c_e = logit_e / (max(|x|, eps) * max(|w_e|, eps))`` (float32, as served), expert e passes
+    when ``c_e - G_e > 0``; candidates ordered by that margin (higher first, ties: lower id),
+    ``count = #passing`` clamped to ``[floor, cap]``; weights ``sigmoid(c_e)`` (``outputs``
+    renormalises them over the taken ones)."""
+    rows, xs = logits.to(torch.float32).tolist(), x_norm.to(torch.float32).tolist()
+    rn, g = router_norm.to(torch.float32).tolist(), threshold.to(torch.float32).tolist()
+    eps = _f32(TOPANY_NORM_EPS)
+    out = []
+    for row, xn in zip(rows, xs, strict=True):
+        xn = max(xn, eps)
+        cos = [_f32(row[e] / _f32(xn * max(rn[e], eps))) for e in range(len(row))]
+        margin = [_f32(cos[e] - g[e]) for e in range(len(row))]
+        order = sorted(range(len(row)), key=lambda e: (-margin[e], e))[:cap]
+        passing = sum(1 for m in margin if m > 0)
+        count = clamp(passing, floor, cap)
+        out.append(RefToken(cand=order, rank=[margin[e] for e in order],
+                            weight=[1.0 / (1.0 + math.exp(-cos[e])) for e in order], counts=(count,)))
+    return out

@@ -46,8 +46,9 @@ def _selector(extra: dict[str, Any] | None) -> registry.Selector:
 
 
 def test_the_requests_cover_every_builtin_body() -> None:
-    """A built-in policy (or variant) added without a request here fails: every body is judged."""
-    builtin = {x.id for x in registry.selectors() if x.spec.module.startswith(BUILTIN)}
+    """A built-in policy (or variant) added without a request here fails: every body is judged
+    (a learned policy's needs the checkpoint's tensors: tests/test_topany.py judges it)."""
+    builtin = {x.id for x in registry.selectors() if x.spec.module.startswith(BUILTIN) and not x.spec.learned}
     assert {_selector(r).id for r in REQUESTS} == builtin
 
 

@@ -8,8 +8,10 @@ an OpenAI server that serves a checkpoint's recorded topany)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -335,3 +337,228 @@ def test_server_flag_refused_at_startup_in_one_line(tmp_path: Path) -> None:
                          timeout=300, env={**os.environ, "VLLM_PLUGINS": "seqroute"})
     assert res.returncode != 0
     assert res.stderr.strip().splitlines()[-1] == "vllm-seqroute: --routing: " + MESSAGE, res.stderr[-2000:]
+
+
+# --- through real vLLM engines -----------------------------------------------------------------
+ENGINE_SERVER = {"routing": "topk", "routing_cap": 16}  # the model's TopK, width 16 (every expert)
+ENGINE_REQUESTS: list[dict[str, Any] | None] = [
+    None,  # topk at the model's K: its own routing
+    {"routing": "topk", "routing_budget": 2},
+    {"routing": TOPANY},
+    {"routing": TOPANY, "routing_floor": 2, "routing_cap": 3},
+]
+ENGINE_PROMPTS = ["def add(a, b):\n    return a + b\n\nclass Server:\n    def __init__(self, port):\n",
+                  "import numpy as np\nx = np.zeros((3, 4))\nfor i in range(10):\n    print(i, x[i])",
+                  "the model expert token router layer " * 4,
+                  "while True:\n    line = input()\n    if not line:\n        break\n"]
+MAX_TOKENS = 8
+PROBE = "with open('data.txt') as f:\n    for line in f:\n        print(line)"
+# filled by the in-process engine test, read by the server test: the experts the reference gives
+# each MoE layer of PROBE's prompt tokens under topany (cap 16, floor 1), summed over the tokens
+PROBE_EXPECTED: dict[str, list[int]] = {}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(model_dir: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, Any]]:
+    """(a tiny Qwen3-MoE with a learned file, the same recording ``routing: topany`` in its
+    config.json, the learned tensors): router norms from the checkpoint's gate weights,
+    thresholds spread over the cosines' range so that counts vary."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("topany")
+    plain = shutil.copytree(model_dir("qwen3_moe"), root / "learned")
+    with safe_open(str(plain / "model.safetensors"), "pt") as f:
+        gates = sorted((k for k in f.keys() if k.endswith("mlp.gate.weight")),
+                       key=lambda k: int(k.split(".")[2]))
+        rn = torch.stack([torch.linalg.vector_norm(f.get_tensor(k).float(), dim=-1) for k in gates])
+    g = torch.Generator().manual_seed(0)
+    e = rn.shape[1]
+    thr = torch.stack([torch.linspace(-0.05, 0.2, e)[torch.randperm(e, generator=g)] for _ in gates])
+    tensors = _learned(rn.contiguous(), thr.contiguous())
+    save_file(tensors, str(plain / LEARNED_FILE))
+    recorded = shutil.copytree(plain, root / "recorded")
+    cfg = json.loads((recorded / "config.json").read_text())
+    cfg["seqroute"] = {"routing": TOPANY}
+    (recorded / "config.json").write_text(json.dumps(cfg))
+    return plain, recorded, tensors
+
+
+def _capture(worker: Any) -> int:
+    """In the worker: the recorder keeps, for its tokens, the op's router logits and |x| (as the
+    op received them), the norm of each MoE gate's input, and the op's ids and weights."""
+    from vllm_seqroute.vllm_glue import select_op, state
+
+    state.STATE.recorder.selections = True
+    body = getattr(select_op, "_seqroute_test_body", select_op._select)
+    select_op._seqroute_test_body = body  # type: ignore[attr-defined]
+
+    def capturing(router_logits: torch.Tensor, group_ids: torch.Tensor, van_w: torch.Tensor,
+                  van_ids: torch.Tensor, bias: torch.Tensor | None, layer: int, *rest: Any) -> Any:
+        rec = state.STATE.recorder
+        if rec is not None:
+            rec.capture("router_logits", layer, router_logits)
+            rec.capture("x_norm", layer, rest[-1][:, None])
+        return body(router_logits, group_ids, van_w, van_ids, bias, layer, *rest)
+
+    select_op._select = capturing
+    gates = [m for name, m in worker.model_runner.model.named_modules() if name.endswith("mlp.gate")]
+    for layer, gate in enumerate(gates):  # built in layer order, as the plugin numbers its layers
+        def hook(_mod: Any, args: Any, layer: int = layer) -> None:
+            if state.STATE.recorder is not None:
+                x = args[0]
+                state.STATE.recorder.capture("gate_input_norm", layer,
+                                             torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)[:, None])
+        gate.register_forward_pre_hook(hook)
+    assert len(gates) == len(state.STATE.layers)
+    return len(gates)
+
+
+def _selections(worker: Any) -> None:
+    from vllm_seqroute.vllm_glue import state
+
+    state.STATE.recorder.selections = True
+
+
+def _release(worker: Any) -> None:
+    """Undo :func:`_capture`'s op wrapper (this process serves on after the test)."""
+    from vllm_seqroute.vllm_glue import select_op
+
+    select_op._select = getattr(select_op, "_seqroute_test_body", select_op._select)
+
+
+def _expected(rec: dict[str, Any], layers: int, tensors: dict[str, torch.Tensor], cfg: RoutingConfig,
+              where: str) -> list[int]:
+    """Check one request's recorded op outputs against the reference on the op's own inputs;
+    returns the experts per layer summed over its tokens."""
+    cap = 16
+    got = []
+    for layer in range(layers):
+        col = rec["captured"]
+        logits = torch.tensor([p[layer] for p in col["router_logits"]], dtype=torch.float32)
+        x_norm = torch.tensor([p[layer][0] for p in col["x_norm"]], dtype=torch.float32)
+        gate_norm = torch.tensor([p[layer][0] for p in col["gate_input_norm"]], dtype=torch.float32)
+        # the router's input is what the gate multiplied (docs/CONTRACTS.md)
+        torch.testing.assert_close(x_norm, gate_norm, rtol=1e-6, atol=0, msg=where)
+        op_ids = torch.tensor([p[layer] for p in col["ids"]])
+        op_w = torch.tensor([p[layer] for p in col["weights"]], dtype=torch.float32)
+        if cfg.policy == TOPANY:
+            toks = ref_topany_logits(logits, x_norm, tensors[ROUTER_NORM_KEY][layer], tensors[THRESHOLD_KEY][layer],
+                                     floor=cfg.floor, cap=cfg.cap)
+        else:
+            toks = ref_route(torch.softmax(logits, -1), [0, logits.shape[0]], policy=cfg.policy, cap=cfg.cap,
+                             budget=cfg.budget, floor=cfg.floor)
+        counts = (op_ids >= 0).sum(1)
+        for t, tok in enumerate(toks):
+            assert int(counts[t]) == tok.counts[0], (where, layer, t)
+            want_ids, want_w = ref_outputs(tok, int(counts[t]), cap)
+            assert op_ids[t].tolist() == want_ids, (where, layer, t)
+            torch.testing.assert_close(op_w[t], torch.tensor(want_w), rtol=1e-5, atol=1e-6, msg=where)
+        if cfg.policy == TOPANY and cfg.cap > cfg.floor:
+            assert len(set(counts.tolist())) >= 2, (where, layer)  # learned thresholds vary the count
+        got.append(int(counts.sum()))
+    return got
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not has_vllm(), reason="needs vLLM")
+def test_engine_per_request_topany_matches_reference(checkpoints: Any, engine: Any) -> None:
+    """An in-process engine on the checkpoint with learned tensors, the model's TopK by default:
+    requests topk (own K and 2) and topany (two option sets) share chunked-prefill and decode
+    steps; every token's ids and weights equal the reference on the router logits and |x| the
+    op received, |x| equals the norm of the gate's own input, and the counters book topany's
+    tokens and pairs. Then PROBE alone under topany: the server test's expected counts."""
+    from seqroute_server.validation import ServerRouting, validate_xargs
+    from vllm import SamplingParams
+
+    from vllm_seqroute.evaluate.records import external_id
+
+    plain, _, tensors = checkpoints
+    llm = engine(plain, ENGINE_SERVER, max_num_batched_tokens=32, enable_chunked_prefill=True)
+    info = llm.collective_rpc("seqroute_info")[0]
+    assert info["learned"] == sorted(tensors) and info["width"] == 16
+    validate_xargs({"routing": TOPANY, "routing_cap": 3}, ServerRouting.from_info(info))  # accepted
+    assert llm.collective_rpc("seqroute_record", kwargs={"on": True, "max_tokens": 4096})[0]["recording"]
+    layers = llm.collective_rpc(_capture)[0]
+    try:
+        params = [SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, extra_args=x)
+                  for x in ENGINE_REQUESTS]
+        outs = llm.generate(ENGINE_PROMPTS, params, use_tqdm=False)
+        recs = llm.collective_rpc("seqroute_record", kwargs={"on": False})[0]
+        stats = llm.collective_rpc("seqroute_stats")[0]
+        assert recs["dropped"] == 0
+        by_id = {external_id(k): v for k, v in recs["requests"].items()}
+        pol = stats["policies"].index(TOPANY)
+        tokens = pairs = 0
+        for out, extra in zip(outs, ENGINE_REQUESTS, strict=True):
+            rec = by_id[out.request_id]
+            n = len(out.prompt_token_ids) + MAX_TOKENS - 1  # the last sampled token is never routed
+            assert rec["positions"] == list(range(n))
+            if extra is None:  # the model's own TopK: four experts each, ids from vLLM's own router
+                assert all(c == [4] * layers for c in rec["experts"])
+                continue
+            opts = {k.removeprefix("routing_"): v for k, v in extra.items() if k != "routing"}
+            cfg = RoutingConfig(policy=extra["routing"], **opts).resolve(16, default_budget=4)
+            cfg = dataclasses.replace(cfg, cap=min(cfg.cap or 16, 16))
+            got = _expected(rec, layers, tensors, cfg, f"request {extra}")
+            if cfg.policy == TOPANY:
+                tokens += n * layers
+                pairs += sum(got)
+        assert stats["tokens_by_policy"][pol] == tokens and stats["pairs_by_policy"][pol] == pairs
+        assert llm.collective_rpc("seqroute_record", kwargs={"on": True, "max_tokens": 256})[0]["recording"]
+        llm.collective_rpc(_selections)
+        probe = llm.generate([PROBE], SamplingParams(temperature=0, max_tokens=1, extra_args={"routing": TOPANY}),
+                             use_tqdm=False)[0]
+        rec = llm.collective_rpc("seqroute_record", kwargs={"on": False})[0]["requests"]
+        (only,) = rec.values()
+        assert only["positions"] == list(range(len(probe.prompt_token_ids)))
+        PROBE_EXPECTED["selected"] = _expected(only, layers, tensors, RoutingConfig(policy=TOPANY, cap=16), "probe")
+    finally:
+        llm.collective_rpc(_release)
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not has_vllm(), reason="needs vLLM")
+def test_openai_server_serves_recorded_topany(checkpoints: Any, tmp_path: Path) -> None:
+    """``vllm-seqroute serve CHECKPOINT`` (no routing flag) serves the topany its config.json
+    records, through the OpenAI API: default requests route with topany, per-request topk and
+    topany with options too; the stats and the workers' info say so, and PROBE's experts per
+    layer are those the reference gave on the in-process engine."""
+    from openai import OpenAI
+
+    from tests.test_server_live import KEY, running
+
+    _, recorded, tensors = checkpoints
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    env.update(VLLM_PLUGINS="seqroute,seqroute_http", VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false")
+    args = [str(recorded), "--served-model-name", "tiny", "--api-key", KEY, "--enforce-eager", "--dtype",
+            "bfloat16", "--max-model-len", "256", "--max-num-seqs", "8", "--seed", "0",
+            "--distributed-executor-backend", "uni", "--disable-uvicorn-access-log"]
+    with running(args, env, tmp_path / "server.log") as srv:
+        client = OpenAI(base_url=srv.base + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+        def complete(prompt: str, xargs: dict[str, Any] | None, max_tokens: int = 6) -> str:
+            extra: dict[str, Any] = {"ignore_eos": True, **({"vllm_xargs": xargs} if xargs else {})}
+            r = client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                          extra_body=extra)
+            return r.choices[0].text
+
+        stats = srv.stats()
+        assert stats["info"]["base"]["policy"] == TOPANY and stats["info"]["learned"] == sorted(tensors)
+        assert PROBE_EXPECTED, "needs test_engine_per_request_topany_matches_reference (run with it)"
+        complete(PROBE, None, max_tokens=1)  # alone: the server's default, topany
+        (probe,) = srv.stats(reset="true")["requests"].values()
+        assert probe["policy"] == TOPANY and probe["selected"] == PROBE_EXPECTED["selected"]
+        for xargs in (None, {"routing": "topk"}, {"routing": TOPANY, "routing_cap": 2}):
+            complete(ENGINE_PROMPTS[0], xargs)
+        stats = srv.stats()
+        by_policy = dict(zip(stats["policies"], stats["tokens_by_policy"], strict=True))
+        assert by_policy[TOPANY] > 0 and by_policy["topk"] > 0
+        recs = sorted(stats["requests"].values(), key=lambda r: r["policy"])
+        assert [r["policy"] for r in recs] == ["topany", "topany", "topk"]
+        capped = min(recs[:2], key=lambda r: sum(r["selected"]))
+        assert all(r["seen"][i] <= s <= 2 * r["seen"][i] for r in (capped,) for i, s in enumerate(r["selected"]))
+        assert recs[2]["selected"] == [4 * s for s in recs[2]["seen"]]
+        status, body = srv.json("POST", "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 1,
+                                                            "vllm_xargs": {"routing": TOPANY, "routing_cap": 99}})
+        assert status == 400 and body["error"]["param"] == "vllm_xargs.routing_cap"

@@ -135,8 +135,11 @@ DefaultCap = Callable[[Mapping[str, Any], int], int]
 Scorer = Callable[[torch.Tensor, torch.Tensor, Mapping[str, torch.Tensor], int], Candidates]
 
 # The checkpoint file (beside config.json) that holds every policy's learned tensors, each
-# ``[MoE layers, E]`` float32 under the name the policy declares (``learned``).
-LEARNED_FILE = "seqroute_learned.safetensors"
+# ``[MoE layers, E]`` float32 under the name the policy declares (``learned``); safetensors
+# format. Not ``*.safetensors``: vLLM's loader takes every ``*.safetensors`` file of a folder
+# without an index as a weight shard (``default_loader._prepare_weights``) and would refuse the
+# checkpoint, with the plugin or without it.
+LEARNED_FILE = "seqroute_learned.st"
 
 
 @dataclass(frozen=True, slots=True)

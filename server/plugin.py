@@ -170,6 +170,16 @@ class SeqrouteHTTP:
         }
         if raw is not None:
             out.update(raw)
+        out["elastic"] = await self.elastic() if raw is not None else None
+        return out
+
+    async def elastic(self) -> dict[str, Any] | None:
+        """The elastic budget's state from the engine core (None: off). An engine-core utility
+        call, as vLLM's own (``EngineCore.seqroute_elastic``, see docs/elastic.md)."""
+        call = getattr(getattr(self.engine_client, "engine_core", None), "call_utility_async", None)
+        if call is None:  # an engine client without an engine-core client: no controller to ask
+            return None
+        out: dict[str, Any] | None = await asyncio.wait_for(call("seqroute_elastic"), _rpc_timeout())
         return out
 
     async def poll_once(self) -> None:

@@ -12,8 +12,7 @@ from vllm_seqroute.options import config_from_options as options_config
 from vllm_seqroute.options import options_from_args as routing_options_from_args
 from vllm_seqroute.policies import registry
 from vllm_seqroute.policies.config import RoutingConfig
-from vllm_seqroute.vllm_glue import elastic
-from vllm_seqroute.vllm_glue import learned
+from vllm_seqroute.vllm_glue import elastic, learned
 
 logger = logging.getLogger("vllm_seqroute")
 KEY = "seqroute"

@@ -17,16 +17,18 @@ Two rules keep every cache hit exact:
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import json
 import logging
+import time
 from typing import Any
 
 from vllm_seqroute.options import FIELDS, overrides_from
 from vllm_seqroute.policies import registry
 from vllm_seqroute.policies.config import RoutingConfig
-from vllm_seqroute.vllm_glue import stages
+from vllm_seqroute.vllm_glue import elastic, stages
 
 logger = logging.getLogger("vllm_seqroute")
 SALT_PREFIX = "seqroute:"
@@ -137,19 +139,44 @@ def _wrap_lookup(core: Any, kv: Any, base: RoutingConfig, blocks_with_state: int
 
 
 def on_engine_core(core: Any) -> None:
-    """After vLLM built an engine core (KV cache and scheduler): shorten lookups as above."""
+    """Once vLLM built an engine core (KV cache and scheduler): the elastic budget's controller
+    (``elastic``, with a TPOT target), and cache lookups shortened as above. Runs once per core
+    (:func:`ready`)."""
     from vllm_seqroute.vllm_glue.config import KEY, config_from_options
 
     opts = (core.vllm_config.additional_config or {}).get(KEY)
+    if opts is None:
+        return
+    cfg = config_from_options(opts)
+    if opts.get(elastic.TPOT_KEY) is not None:
+        info = stages.merge_info(core.model_executor.collective_rpc("seqroute_info"))
+        if info is not None:  # no MoE layer: nothing routes, no budget to set
+            elastic.on_engine_core(core, opts, cfg, info)
     kv = getattr(core.scheduler, "kv_cache_manager", None)
-    if opts is None or kv is None or not core.vllm_config.cache_config.enable_prefix_caching:
+    if kv is None or not core.vllm_config.cache_config.enable_prefix_caching:
         return
     # every stage's records must cover a hit (pipeline parallel: each stage restores its layers)
     info = stages.merge_prefix_state(core.model_executor.collective_rpc("seqroute_prefix_state"))
     if info is None:  # no MoE layer: nothing routes
         return
-    _wrap_lookup(core, kv, config_from_options(opts), int(info["blocks_with_state"]),
-                 int(info.get("block_size", 1)))
+    _wrap_lookup(core, kv, cfg, int(info["blocks_with_state"]), int(info.get("block_size", 1)))
+
+
+def ready(core: Any) -> None:
+    """:func:`on_engine_core` once per engine core: after ``__init__`` where the plugin was
+    loaded before the core was built (in-process engines, forked processes), else at its first
+    step or utility call: a spawned engine-core process loads the plugins inside
+    ``EngineCore.__init__``, too late to wrap that call, but its steps run the patched methods."""
+    if not core.__dict__.get("_seqroute_ready", False):
+        core._seqroute_ready = True
+        on_engine_core(core)
+
+
+def seqroute_elastic(core: Any) -> dict[str, Any] | None:
+    """The engine-core utility the HTTP layer calls (``call_utility_async``, as vLLM's own):
+    the elastic budget's state, None when it is off."""
+    ready(core)
+    return elastic.state(core)
 
 
 def install() -> None:
@@ -166,16 +193,45 @@ def install() -> None:
     @functools.wraps(request_init)
     def init_request(self: Any, *a: Any, **k: Any) -> None:
         bound = sig.bind(self, *a, **k)
-        extra = getattr(bound.arguments.get("sampling_params"), "extra_args", None)
+        params = bound.arguments.get("sampling_params")
+        extra = getattr(params, "extra_args", None)
+        budget = None
+        if params is not None and elastic.ACTIVE is not None:
+            # the elastic budget, fixed for the request's life and part of its cache key; on a
+            # copy (an in-process LLM passes one SamplingParams for many prompts)
+            new, budget = elastic.admit(extra)
+            if new is not None:
+                params = bound.arguments["sampling_params"] = copy.copy(params)
+                params.extra_args = extra = new
         if routing_salt(extra) is not None:
             bound.arguments["cache_salt"] = salted(bound.arguments.get("cache_salt"), extra)
         request_init(*bound.args, **bound.kwargs)
+        if elastic.ACTIVE is not None:
+            self._seqroute_budget = budget  # the running requests' mean budget: the controller's
+            elastic.note_arrival(self.request_id)
 
     @functools.wraps(core_init)
     def init_core(self: Any, *a: Any, **k: Any) -> None:
         core_init(self, *a, **k)
-        on_engine_core(self)
+        ready(self)
+
+    def timed(step: Any) -> Any:
+        @functools.wraps(step)
+        def run(self: Any) -> Any:
+            ready(self)
+            timer = self.__dict__.get("_seqroute_timer")
+            if timer is None:
+                return step(self)
+            start = time.monotonic()
+            out = step(self)
+            timer.after(start, time.monotonic(), out[0])
+            return out
+        return run
 
     setattr(init_request, "_seqroute", True)
     setattr(Request, "__init__", init_request)
     setattr(EngineCore, "__init__", init_core)
+    # self.step_fn binds one of these at the end of __init__: plugins are loaded by then
+    setattr(EngineCore, "step", timed(EngineCore.step))
+    setattr(EngineCore, "step_with_batch_queue", timed(EngineCore.step_with_batch_queue))
+    setattr(EngineCore, "seqroute_elastic", seqroute_elastic)

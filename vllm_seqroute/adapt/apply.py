@@ -16,9 +16,11 @@ from typing import Any
 
 import torch
 
-from vllm_seqroute.adapt import grouped_router, softmax_router
+from vllm_seqroute.adapt import grouped_router, softmax_router, topany_router
 from vllm_seqroute.adapt.segments import Segments, row_segments, segments_from_inputs
-from vllm_seqroute.policies import RoutingConfig
+from vllm_seqroute.adapt.topany_router import TopAnyState, TopAnyTraining
+from vllm_seqroute.policies import RoutingConfig, registry
+from vllm_seqroute.policies.topany import THRESHOLD_KEY
 
 FAMILIES = {**{name: softmax_router for name in softmax_router.ROUTERS},
             **{name: grouped_router for name in grouped_router.ROUTERS}}
@@ -63,6 +65,7 @@ class _LayerPatch:
     experts: Any
     num_experts: int
     hidden: int
+    name: str = ""  # the router's module name in the model
     call: _CallSegments = field(default_factory=_CallSegments)
     rows: int = 1
     hist: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
@@ -91,11 +94,16 @@ class _LayerPatch:
         return row_segments(num_tokens, self.rows, device)
 
     def finish(self, ids: torch.Tensor, keep: torch.Tensor, segs: Segments | None = None) -> torch.Tensor:
-        if self.hist.numel() != ids.shape[1] + 1 or self.hist.device != ids.device:
-            self.hist = torch.zeros(ids.shape[1] + 1, dtype=torch.int64, device=ids.device)
+        """Count the call's experts per token; the ids to return (empty slots marked where the
+        experts skip them). ``ids`` may be narrower than the cap (Top-Any trims to the call's
+        largest count)."""
+        assert self.cfg.cap is not None  # resolved
+        bins = self.cfg.cap + 1
+        if self.hist.numel() != bins or self.hist.device != ids.device:
+            self.hist = torch.zeros(bins, dtype=torch.int64, device=ids.device)
         if not _in_backward():
             counted = keep if segs is None or segs.kept is None else keep[segs.kept]
-            self.hist += torch.bincount(counted.sum(dim=1), minlength=ids.shape[1] + 1)
+            self.hist += torch.bincount(counted.sum(dim=1), minlength=bins)
         if self.empty_id_ok():
             return torch.where(keep, ids, self.num_experts)
         return ids
@@ -111,6 +119,7 @@ class RoutingHandle:
         self.layers: list[_LayerPatch] = []
         self._hooks: list[Any] = []
         self._resolved: RoutingConfig | None = None  # kept after remove(), for record_routing
+        self.topany: TopAnyState | None = None  # learned thresholds (Top-Any), else None
 
     @property
     def config_resolved(self) -> RoutingConfig:
@@ -131,12 +140,31 @@ class RoutingHandle:
         for p in self.layers:
             p.hist.zero_()
 
+    def thresholds(self) -> list[torch.Tensor]:
+        """Top-Any: each layer's learned ``G [E]`` (the live parameters), in layer order."""
+        if self.topany is None:
+            return []
+        return [getattr(p.router, topany_router.THRESHOLD_ATTR) for p in self.layers]
+
+    def extra_loss(self) -> torch.Tensor | None:
+        """The routing's own training loss for the forward passes since the last call (Top-Any:
+        the compute penalty, :meth:`TopAnyState.penalty`), or ``None``; add it to the model's
+        loss before ``backward()``."""
+        return None if self.topany is None else self.topany.penalty()
+
+    def calibrate(self, batch: dict[str, torch.Tensor]) -> None:
+        """Top-Any: initialise the thresholds from one forward of ``batch`` under the model's
+        own routing (:func:`topany_router.calibrate`); a no-op for other policies."""
+        if self.topany is not None:
+            topany_router.calibrate(self.model, self.topany, batch)
+
     def remove(self) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
         for p in self.layers:
             p.router.__dict__.pop("forward", None)
+            topany_router.remove_threshold(p.router)
         self.layers.clear()
 
     def __enter__(self) -> RoutingHandle:
@@ -163,9 +191,17 @@ def _decoder(model: Any) -> Any:
     return dec if isinstance(dec, torch.nn.Module) else model
 
 
-def apply_routing(model: Any, cfg: RoutingConfig) -> RoutingHandle:
+def learns_thresholds(cfg: RoutingConfig) -> bool:
+    """Does ``cfg``'s policy route by learned per-expert thresholds (Top-Any's declaration)?"""
+    return THRESHOLD_KEY in registry.spec(cfg.policy).learned
+
+
+def apply_routing(model: Any, cfg: RoutingConfig, topany: TopAnyTraining | None = None) -> RoutingHandle:
     """Route every MoE layer of a transformers model with ``cfg`` (any policy of the policies
-    API: topk, seqtopk causal/window, topp, entropy). Works under ``torch.no_grad`` (evaluation)
+    API: topk, seqtopk causal/window, topp, entropy, topany). A policy with learned thresholds
+    (topany) registers ``G`` on each router as a parameter (zeros: call ``handle.calibrate(batch)``
+    or load them), trains it with ``topany``'s options, and asks for ``handle.extra_loss()`` to be
+    added to the loss (:mod:`vllm_seqroute.adapt.topany_router`). Works under ``torch.no_grad`` (evaluation)
     and in training, with gradient checkpointing, DDP and peft. Each batch row is one sequence
     (segment); rows packed with several documents (``position_ids`` restarting at 0 per
     document, no ``attention_mask``) route each document as its own segment, and tokens with
@@ -178,6 +214,7 @@ def apply_routing(model: Any, cfg: RoutingConfig) -> RoutingHandle:
         kinds = sorted({type(m).__name__ for m in model.modules() if "router" in type(m).__name__.lower()})
         raise ValueError(f"model: no supported MoE router (supported: {sorted(FAMILIES)}; found {kinds})")
     handle = RoutingHandle(model, cfg)
+    learned = learns_thresholds(cfg)
     call = _CallSegments()
     decoder = _decoder(model)
 
@@ -196,19 +233,29 @@ def apply_routing(model: Any, cfg: RoutingConfig) -> RoutingHandle:
     for _, router, _block in found:
         if "forward" in router.__dict__:
             raise ValueError("model: routing is already applied; remove() the other handle first")
-    for _, router, block in found:
+    for name, router, block in found:
         family = FAMILIES[type(router).__name__]
         info = family.describe(router)
         resolved = cfg.resolve(info["num_experts"], default_budget=info["top_k"])
         patch = _LayerPatch(cfg=resolved, router=router, experts=getattr(block, "experts", None),
-                            num_experts=info["num_experts"], hidden=int(router.hidden_dim), call=call)
+                            num_experts=info["num_experts"], hidden=int(router.hidden_dim), call=call,
+                            name=name)
 
         def pre_hook(module: Any, args: tuple, kwargs: dict, patch: _LayerPatch = patch) -> None:
             h = args[0] if args else next(iter(kwargs.values()))
             patch.rows = int(h.shape[0]) if h.dim() == 3 else 1
 
         handle._hooks.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
-        router.forward = family.make_forward(router, patch)
+        if learned:
+            opts = topany or TopAnyTraining()
+            if handle.topany is None:
+                handle.topany = TopAnyState(opts, float(opts.target or info["top_k"]))
+            topany_router.add_threshold(router, info["num_experts"])
+            router.forward = topany_router.make_forward(router, patch, handle.topany, info,
+                                                        float32_logits=family is grouped_router,
+                                                        cast=family.casts(router))
+        else:
+            router.forward = family.make_forward(router, patch)
         handle.layers.append(patch)
     handle._resolved = handle.layers[0].cfg
     return handle

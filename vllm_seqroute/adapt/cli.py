@@ -19,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+from vllm_seqroute.adapt.topany_router import TopAnyTraining
 from vllm_seqroute.options import add_routing_flags, config_from_options, flag, options_from_args
 from vllm_seqroute.policies import RoutingConfig
 
@@ -60,6 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision)")
     t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     t.add_argument("--no-aux-loss", action="store_true", help="drop the model's load-balancing loss")
+    ta = p.add_argument_group("Top-Any training (--routing topany: learned per-expert thresholds; "
+                              "training only, not recorded)")
+    ta.add_argument("--topany-target", type=float,
+                    help="experts per token the compute penalty aims at (default: the model's K)")
+    ta.add_argument("--topany-coef", type=float, default=TopAnyTraining.coef,
+                    help="weight of the compute penalty coef*(experts per token - target)^2 "
+                         f"(0: none; thresholds then drift down; default {TopAnyTraining.coef})")
+    ta.add_argument("--topany-temperature", type=float, default=TopAnyTraining.temperature,
+                    help="temperature (cosine units) of the soft mask whose gradient the "
+                         f"straight-through estimator uses (default {TopAnyTraining.temperature})")
     t.add_argument("--keep-model-k", action="store_true",
                    help="keep num_experts_per_tok (default: what the policy declares for its budget, "
                         "e.g. topk's budget, seqtopk's budget rounded up)")
@@ -110,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         key, _, rest = str(e).partition(":")
         print(f"vllm-seqroute adapt: {flag(key)}:{rest}", file=sys.stderr)
         return 2
+    try:
+        topany = TopAnyTraining(target=ns.topany_target, coef=ns.topany_coef,
+                                temperature=ns.topany_temperature)
+    except ValueError as e:
+        print(f"vllm-seqroute adapt: --{e}", file=sys.stderr)
+        return 2
     if not (Path(ns.model) / "config.json").is_file():
         print(f"vllm-seqroute adapt: --model: {ns.model} is not a checkpoint folder (no config.json)",
               file=sys.stderr)
@@ -130,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         lora_r=ns.lora_r, lora_alpha=ns.lora_alpha, lora_dropout=ns.lora_dropout,
         lora_targets=tuple(t for t in ns.lora_targets.split(",") if t), fsdp=ns.fsdp,
         fsdp_config=ns.fsdp_config, deepspeed=ns.deepspeed, torch_compile=ns.torch_compile,
+        topany=topany,
     )
     try:
         summary = adapt(args, progress=not ns.no_progress)

@@ -37,6 +37,11 @@ def rank_offset(router: Any, scores: torch.Tensor) -> torch.Tensor:
     return torch.where(allowed, bias.expand_as(choice), float("-inf"))
 
 
+def casts(router: Any) -> bool:
+    """Its weights stay float32 (the logits are float32)."""
+    return False
+
+
 def make_forward(router: Any, patch: Any) -> Any:
     info = describe(router)
 

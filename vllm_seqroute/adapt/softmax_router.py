@@ -30,6 +30,11 @@ def describe(router: Any) -> dict[str, Any]:
             "scale": 1.0}
 
 
+def casts(router: Any) -> bool:
+    """Does the router return its weights in the logits' dtype?"""
+    return ROUTERS[type(router).__name__][1]
+
+
 def make_forward(router: Any, patch: Any) -> Any:
     """The routed ``forward`` of ``router``; ``patch`` holds the config and the batch shape."""
     _, cast = ROUTERS[type(router).__name__]

@@ -22,9 +22,12 @@ import torch
 from vllm_seqroute.adapt.apply import RoutingHandle, apply_routing
 from vllm_seqroute.adapt.data import TEXT_SUFFIXES, TokenRows, documents, pack, pad_rows
 from vllm_seqroute.adapt.record import record_routing, recorded_options
+from vllm_seqroute.adapt.topany_router import THRESHOLD_ATTR, TopAnyTraining, learned_tensors
 from vllm_seqroute.policies import RoutingConfig
+from vllm_seqroute.policies.topany import LEARNED_FILE
 
 TRAINABLE_EXTRA = "seqroute_trainable.safetensors"  # LoRA runs: the full-rank trainable weights
+THRESHOLDS_EXTRA = "seqroute_thresholds.safetensors"  # Trainer checkpoints: Top-Any's G by parameter name
 
 
 @dataclass
@@ -67,6 +70,7 @@ class AdaptArgs:
     fsdp_config: str | None = None
     deepspeed: str | None = None
     torch_compile: bool = False
+    topany: TopAnyTraining = field(default_factory=TopAnyTraining)  # learned-threshold options
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -157,7 +161,7 @@ def _make_trainer_class() -> Any:
             self.aux_coef = aux_coef
             self.aux_loss = aux_loss
             self.loss_is_scaled_for_ga = True  # compute_loss normalises over the accumulated batch
-            self._sums = torch.zeros(3, dtype=torch.float64)  # lm, aux, steps' micro-batches
+            self._sums = torch.zeros(4, dtype=torch.float64)  # lm, aux, steps' micro-batches, compute
 
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
@@ -174,11 +178,15 @@ def _make_trainer_class() -> Any:
             procs = self.accelerator.num_processes
             # contributions that add up, over micro-batches and processes, to the step's means
             lm_part = lm.detach() if num_items_in_batch is not None else lm.detach() / ga / procs
-            self._sums += torch.tensor([float(lm_part), float(aux_part.detach()) / procs, 1.0 / ga],
+            self._sums += torch.tensor([float(lm_part), float(aux_part.detach()) / procs, 1.0 / ga, 0.0],
                                        dtype=torch.float64)
             if num_items_in_batch is not None:
                 # the LM part is normalised over all processes' labels; DDP averages gradients
                 loss = loss * self.accelerator.num_processes
+            extra = self.handle.extra_loss()  # Top-Any's compute penalty (a per-process mean)
+            if extra is not None:
+                loss = loss + extra / ga
+                self._sums[3] += float(extra.detach()) / ga / procs
             return (loss, outputs) if return_outputs else loss
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -192,6 +200,8 @@ def _make_trainer_class() -> Any:
                 logs["lm_loss"] = round(float(sums[0]) / steps, 5)
                 logs["aux_loss"] = round(float(sums[1]) / steps, 5)
                 logs["experts_per_token"] = round(float(k[0]), 4)
+                if self.handle.topany is not None:
+                    logs["compute_loss"] = round(float(sums[3]) / steps, 6)
                 self._sums.zero_()
                 self.handle.reset_stats()
             super().log(logs, start_time)
@@ -207,6 +217,14 @@ def _make_trainer_class() -> Any:
                          if p.requires_grad and "lora_" not in n}
                 out_dir: Any = output_dir or self.args.output_dir
                 save_file(extra, str(Path(out_dir) / TRAINABLE_EXTRA))
+            elif self.handle.topany is not None and not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+                # the thresholds are parameters of the routers; from_pretrained (resume) drops them
+                from safetensors.torch import save_file
+
+                out_dir = output_dir or self.args.output_dir
+                named = _threshold_params(self.accelerator.unwrap_model(self.model))
+                save_file({n: p.detach().cpu().contiguous() for n, p in named.items()},
+                          str(Path(out_dir) / THRESHOLDS_EXTRA))
 
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
             target = self.accelerator.unwrap_model(model if model is not None else self.model)
@@ -217,8 +235,19 @@ def _make_trainer_class() -> Any:
                 # converts, so the checkpoint is loaded through it
                 dtype = next(target.parameters()).dtype
                 loaded = type(target).from_pretrained(resume_from_checkpoint, dtype=dtype)
-                target.load_state_dict(loaded.state_dict(), strict=True)
+                named = _threshold_params(target)
+                missing, unexpected = target.load_state_dict(loaded.state_dict(), strict=False)
+                if unexpected or set(missing) - set(named):
+                    raise RuntimeError(f"resume: checkpoint does not match the model (missing {missing}, "
+                                       f"unexpected {unexpected})")
                 del loaded
+                if named:
+                    from safetensors.torch import load_file
+
+                    saved = load_file(str(Path(resume_from_checkpoint) / THRESHOLDS_EXTRA))
+                    with torch.no_grad():
+                        for n, p in named.items():
+                            p.copy_(saved[n])
                 return
             super()._load_from_checkpoint(resume_from_checkpoint, model)
             extra = Path(resume_from_checkpoint) / TRAINABLE_EXTRA
@@ -232,6 +261,11 @@ def _make_trainer_class() -> Any:
                         params[n].copy_(t)
 
     return RoutingTrainer
+
+
+def _threshold_params(model: Any) -> dict[str, torch.nn.Parameter]:
+    """Top-Any's ``G`` parameters by name (empty for other policies)."""
+    return {n: p for n, p in model.named_parameters() if n.endswith("." + THRESHOLD_ATTR)}
 
 
 def _is_peft(model: Any) -> bool:
@@ -267,6 +301,8 @@ def _callbacks(out: Path, resumed: bool, progress: bool, tokens_per_step: int) -
                    "experts_per_token": logs["experts_per_token"],
                    "lr": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
                    "elapsed_s": round(time.perf_counter() - self.t0, 2)}
+            if "compute_loss" in logs:
+                rec["compute_loss"] = logs["compute_loss"]
             with path.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
 
@@ -308,7 +344,10 @@ def adapt(args: AdaptArgs, progress: bool = True) -> dict[str, Any]:
     data, corpus_tokens = _training_rows(args, tok, rows, progress and is_main)
 
     coef = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)
-    handle = apply_routing(model, resolved)
+    handle = apply_routing(model, resolved, topany=args.topany)
+    if handle.topany is not None and not args.resume:
+        # every process calibrates on the same rows (the data is identical on each), so G starts equal
+        handle.calibrate(default_data_collator([data[i] for i in range(min(micro, len(data)))]))
     if args.lora_r:
         model = _with_lora(model, args)
     if args.report_to and "tensorboard" in args.report_to:
@@ -341,11 +380,16 @@ def adapt(args: AdaptArgs, progress: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     elapsed = time.perf_counter() - t0
-    handle.remove()
-    options = recorded_options(resolved)
+    router_names = [p.name for p in handle.layers]
+    thresholds = [g.detach().clone() for g in handle.thresholds()]
     state_dict = None
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
         state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # a collective
+        if handle.topany is not None:  # G from the gathered state, out of the saved weights
+            thresholds = [state_dict.pop(_key_ending(state_dict, f"{n}.{THRESHOLD_ATTR}"))
+                          for n in router_names]
+    handle.remove()
+    options = recorded_options(resolved)
     summary: dict[str, Any] = {}
     if trainer.is_world_process_zero():
         final = trainer.accelerator.unwrap_model(trainer.model)
@@ -353,6 +397,8 @@ def adapt(args: AdaptArgs, progress: bool = True) -> dict[str, Any]:
             final = final.merge_and_unload()
         final.config.use_cache = True
         _save_checkpoint(final, state_dict, out, save_dtype, resolved, args.set_model_k)
+        if thresholds:
+            _save_learned(final, state_dict, out, save_dtype, router_names, thresholds)
         tok.save_pretrained(str(out))
         log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if line]
         summary = {
@@ -394,7 +440,7 @@ def _is_router_param(model: Any, name: str) -> bool:
     from vllm_seqroute.adapt.apply import FAMILIES
 
     owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-    return type(owner).__name__ in FAMILIES and name.endswith(".weight")
+    return type(owner).__name__ in FAMILIES and name.endswith((".weight", "." + THRESHOLD_ATTR))
 
 
 def _save_checkpoint(model: Any, state_dict: dict | None, out: Path, dtype: torch.dtype,
@@ -413,6 +459,36 @@ def _save_checkpoint(model: Any, state_dict: dict | None, out: Path, dtype: torc
     cfg = json.loads((out / "config.json").read_text())
     cfg["dtype"] = str(dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _key_ending(state: dict, suffix: str) -> str:
+    """The key of ``state`` that is ``suffix`` or ends with ``.suffix`` (wrappers add prefixes)."""
+    for k in state:
+        if k == suffix or k.endswith("." + suffix):
+            return k
+    raise KeyError(suffix)
+
+
+def _save_learned(model: Any, state_dict: dict | None, out: Path, dtype: torch.dtype,
+                  router_names: list[str], thresholds: list[torch.Tensor]) -> None:
+    """Top-Any: ``LEARNED_FILE`` with ``G`` and the norms of the router weights as saved (cast to
+    the checkpoint's dtype first, so the served cosines use the served vectors' norms)."""
+    from safetensors.torch import save_file
+
+    if state_dict is None:
+        weights = [model.get_submodule(_module_ending(model, n)).weight for n in router_names]
+    else:
+        weights = [state_dict[_key_ending(state_dict, f"{n}.weight")] for n in router_names]
+    tensors = learned_tensors(thresholds, [w.detach().to(dtype) for w in weights])
+    save_file(tensors, str(out / LEARNED_FILE))
+
+
+def _module_ending(model: Any, name: str) -> str:
+    """The module name of ``model`` that is ``name`` or ends with ``.name`` (peft prefixes)."""
+    for n, _ in model.named_modules():
+        if n == name or n.endswith("." + name):
+            return n
+    raise KeyError(name)
 
 
 def _fsdp_args(fsdp: str, config: dict | str | None) -> dict[str, Any]:

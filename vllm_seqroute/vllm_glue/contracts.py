@@ -101,6 +101,7 @@ _RAW: tuple[tuple, ...] = (
     (f"{_FM}.runner.moe_runner", "MoERunner.__init__", ("self", "layer_name", "moe_config", "router")),
     (f"{_FM}.runner.moe_runner", "MoERunner.router", ()),
     (f"{_FM}.runner.moe_runner", "MoERunner.layer_name", ()),
+    (f"{_FM}.runner.moe_runner", "MoERunner.routed_input_transform", ()),
     # --- empty slots: walking a routed layer to its experts ------------------------------------
     (f"{_FM}.fused_moe_method_base", "FusedMoEMethodBase.moe_kernel", ()),
     (f"{_FM}.modular_kernel", "FusedMoEKernel.impl", ()),
@@ -121,6 +122,9 @@ _RAW: tuple[tuple, ...] = (
     ("vllm.config.scheduler", "SchedulerConfig.max_num_batched_tokens", ()),
     ("vllm.config.device", "DeviceConfig.device_type", ()),
     ("vllm.config.model", "ModelConfig.hf_config", ()),
+    ("vllm.config.model", "ModelConfig.model", ()),
+    ("vllm.engine.arg_utils", "EngineArgs.model", ()),
+    ("vllm.engine.arg_utils", "EngineArgs.pipeline_parallel_size", ()),
     ("vllm.config.cache", "CacheConfig.enable_prefix_caching", ()),
     ("vllm.engine.arg_utils", "EngineArgs.speculative_config", ()),
     # --- runner internals read by the hooks -----------------------------------------------------
@@ -211,6 +215,18 @@ _RAW: tuple[tuple, ...] = (
     ("vllm.distributed.parallel_state", "get_tp_group", ()),
     ("vllm.distributed.parallel_state", "GroupCoordinator.rank_in_group", ()),
     ("vllm.distributed.parallel_state", "GroupCoordinator.world_size", ()),
+    # --- elastic budget (vllm_glue/elastic.py, prefix_lookup.py; server/plugin.py) ------------------
+    ("vllm.v1.engine.core", "EngineCore.step", ("self",)),
+    ("vllm.v1.engine.core", "EngineCore.step_with_batch_queue", ("self",)),
+    ("vllm.v1.engine.core", "EngineCore.step_fn", ()),
+    ("vllm.v1.engine.core", "EngineCoreProc._handle_client_request", ("self", "request_type", "request")),
+    ("vllm.v1.engine.async_llm", "AsyncLLM.engine_core", ()),
+    ("vllm.v1.engine.core_client", "AsyncMPClient.call_utility_async", ("self", "method")),
+    ("vllm.v1.core.sched.scheduler", "Scheduler.get_request_counts", ("self",)),
+    ("vllm.v1.core.sched.scheduler", "Scheduler.running", ()),
+    ("vllm.v1.core.sched.scheduler", "Scheduler.requests", ()),
+    ("vllm.v1.request", "Request.arrival_time", ()),
+    ("vllm.v1.request", "Request.num_output_tokens", ()),
 )
 
 CONTRACTS: tuple[Contract, ...] = tuple(Contract(*c) for c in _RAW)

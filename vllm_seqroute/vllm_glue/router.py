@@ -21,6 +21,7 @@ from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
 from vllm_seqroute.options import server_width
 from vllm_seqroute.policies import registry
 from vllm_seqroute.vllm_glue import learned as learned_file
+from vllm_seqroute.vllm_glue import stages
 from vllm_seqroute.vllm_glue import state as st
 from vllm_seqroute.vllm_glue.select_op import SIGMOID, SOFTMAX
 
@@ -162,8 +163,9 @@ def make_router_factory(original: Any) -> Any:
 
 def _learned_tensors(vllm_config: Any) -> tuple[dict[str, torch.Tensor], str]:
     """The checkpoint's learned tensors and, where they are not served, why (``learned_why``)."""
-    tensors = learned_file.read(vllm_config.model_config.model)
-    if tensors and vllm_config.parallel_config.pipeline_parallel_size > 1:
+    model_config = vllm_config.model_config  # None where a test builds layers without a model
+    tensors = learned_file.read(model_config.model) if model_config is not None else {}
+    if tensors and stages.stage()["pp_size"] > 1:
         # a stage numbers its own MoE layers from 0; the file's rows are the model's
         logger.warning("vllm_seqroute: the checkpoint's learned routing tensors are not served with "
                        "pipeline parallel yet")

@@ -227,18 +227,6 @@ _RAW: tuple[tuple, ...] = (
     ("vllm.v1.core.sched.scheduler", "Scheduler.requests", ()),
     ("vllm.v1.request", "Request.arrival_time", ()),
     ("vllm.v1.request", "Request.num_output_tokens", ()),
-    # --- elastic budget (vllm_glue/elastic.py, prefix_lookup.py; server/plugin.py) ------------------
-    ("vllm.v1.engine.core", "EngineCore.step", ("self",)),
-    ("vllm.v1.engine.core", "EngineCore.step_with_batch_queue", ("self",)),
-    ("vllm.v1.engine.core", "EngineCore.step_fn", ()),
-    ("vllm.v1.engine.core", "EngineCoreProc._handle_client_request", ("self", "request_type", "request")),
-    ("vllm.v1.engine.async_llm", "AsyncLLM.engine_core", ()),
-    ("vllm.v1.engine.core_client", "AsyncMPClient.call_utility_async", ("self", "method")),
-    ("vllm.v1.core.sched.scheduler", "Scheduler.get_request_counts", ("self",)),
-    ("vllm.v1.core.sched.scheduler", "Scheduler.running", ()),
-    ("vllm.v1.core.sched.scheduler", "Scheduler.requests", ()),
-    ("vllm.v1.request", "Request.arrival_time", ()),
-    ("vllm.v1.request", "Request.num_output_tokens", ()),
 )
 
 CONTRACTS: tuple[Contract, ...] = tuple(Contract(*c) for c in _RAW)

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.conftest import has_vllm
 from tests.reference import outputs, ref_route, ref_topany_logits
 from vllm_seqroute.adapt import apply_routing
 from vllm_seqroute.adapt.data import pack
@@ -194,3 +195,45 @@ def test_adapt_records_the_budget_it_trained_at(model_dir: Any, tmp_path: Path, 
     assert cfg["num_experts_per_tok"] == model_k
     log = [json.loads(ln) for ln in (out / "train_log.jsonl").read_text().splitlines()]
     assert all(r["experts_per_token"] <= model_k + 0.5 for r in log)
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not has_vllm(), reason="needs vLLM")
+def test_topany_adapted_checkpoint_serves_as_topany_without_flags(model_dir: Any, tmp_path: Path,
+                                                                  engine: Any) -> None:
+    """Adapt with topany, serve the checkpoint with no routing option: the workers route by
+    Top-Any with the learned file, and each prompt token's experts per layer are (up to bf16
+    serving against the float32 torch forward) those the training-time routing gives it."""
+    from vllm import SamplingParams
+
+    from vllm_seqroute.adapt.cli import main
+    from vllm_seqroute.evaluate.records import external_id
+
+    out = tmp_path / "out"
+    assert main(["--model", str(model_dir("qwen3_moe")), "--corpus", str(_corpus(tmp_path)), "--routing", "topany",
+                 "--steps", "3", "--seq-len", "64", "--batch-tokens", "128", "--lr", "3e-3",
+                 "--save-steps", "0", "--out", str(out), "--no-progress"]) == 0
+    llm = engine(out)
+    info = llm.collective_rpc("seqroute_info")[0]
+    assert info["base"]["policy"] == "topany"
+    assert llm.collective_rpc("seqroute_record", kwargs={"on": True, "max_tokens": 1024})[0]["recording"]
+    prompt = "def add(a, b):\n    return a + b\n\nclass Server:\n    def __init__(self, port):\n"
+    res = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)[0]
+    rec = llm.collective_rpc("seqroute_record", kwargs={"on": False})[0]
+    stats = llm.collective_rpc("seqroute_stats")[0]
+    assert stats["tokens_by_policy"][stats["policies"].index("topany")] > 0
+    r = rec["requests"][next(k for k in rec["requests"] if external_id(k) == res.request_id)]
+    n = len(res.prompt_token_ids)
+    served = torch.tensor(r["experts"][:n])  # [prompt position, layer]
+    model = load(out).eval()
+    seen, hooks = _capture(model)
+    with torch.no_grad(), apply_routing(model, RoutingConfig(policy="topany")) as h:
+        assert h.thresholds_loaded  # read from the checkpoint's learned file
+        model(input_ids=torch.tensor([res.prompt_token_ids]))
+    for hk in hooks:
+        hk.remove()
+    trained = torch.stack([(w > 0).sum(dim=1) for _, w, _ in seen], dim=1)  # [position, layer]
+    assert served.shape == trained.shape
+    assert len(set(served.flatten().tolist())) >= 3  # counts vary per token
+    agree = (served == trained).float().mean().item()
+    assert agree >= 0.85, (agree, served.tolist(), trained.tolist())

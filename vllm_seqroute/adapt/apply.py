@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from vllm_seqroute.adapt import grouped_router, softmax_router, topany_router
 from vllm_seqroute.adapt.segments import Segments, row_segments, segments_from_inputs
 from vllm_seqroute.adapt.topany_router import TopAnyState, TopAnyTraining
 from vllm_seqroute.policies import RoutingConfig, registry
-from vllm_seqroute.policies.topany import THRESHOLD_KEY
+from vllm_seqroute.policies.topany import LEARNED_FILE, THRESHOLD_KEY
 
 FAMILIES = {**{name: softmax_router for name in softmax_router.ROUTERS},
             **{name: grouped_router for name in grouped_router.ROUTERS}}
@@ -120,6 +121,7 @@ class RoutingHandle:
         self._hooks: list[Any] = []
         self._resolved: RoutingConfig | None = None  # kept after remove(), for record_routing
         self.topany: TopAnyState | None = None  # learned thresholds (Top-Any), else None
+        self.thresholds_loaded = False  # G read from a learned file (not to be calibrated)
 
     @property
     def config_resolved(self) -> RoutingConfig:
@@ -151,6 +153,24 @@ class RoutingHandle:
         the compute penalty, :meth:`TopAnyState.penalty`), or ``None``; add it to the model's
         loss before ``backward()``."""
         return None if self.topany is None else self.topany.penalty()
+
+    def load_thresholds(self, path: str | Path) -> None:
+        """Top-Any: set every layer's ``G`` from a learned file (or a checkpoint folder holding
+        one), e.g. to evaluate or continue an adapted checkpoint."""
+        from safetensors.torch import load_file
+
+        p = Path(path)
+        if p.is_dir():
+            p = p / LEARNED_FILE
+        g = load_file(str(p))[THRESHOLD_KEY]
+        live = self.thresholds()
+        if tuple(g.shape) != (len(live), live[0].numel() if live else 0):
+            raise ValueError(f"{p}: {THRESHOLD_KEY} is {tuple(g.shape)}, the model has "
+                             f"{len(live)} MoE layers of {live[0].numel() if live else 0} experts")
+        with torch.no_grad():
+            for row, t in zip(g, live, strict=True):
+                t.copy_(row.to(t.device, t.dtype))
+        self.thresholds_loaded = True
 
     def calibrate(self, batch: dict[str, torch.Tensor]) -> None:
         """Top-Any: initialise the thresholds from one forward of ``batch`` under the model's
@@ -199,9 +219,11 @@ def learns_thresholds(cfg: RoutingConfig) -> bool:
 def apply_routing(model: Any, cfg: RoutingConfig, topany: TopAnyTraining | None = None) -> RoutingHandle:
     """Route every MoE layer of a transformers model with ``cfg`` (any policy of the policies
     API: topk, seqtopk causal/window, topp, entropy, topany). A policy with learned thresholds
-    (topany) registers ``G`` on each router as a parameter (zeros: call ``handle.calibrate(batch)``
-    or load them), trains it with ``topany``'s options, and asks for ``handle.extra_loss()`` to be
-    added to the loss (:mod:`vllm_seqroute.adapt.topany_router`). Works under ``torch.no_grad`` (evaluation)
+    (topany) registers ``G`` on each router as a parameter, read from the checkpoint's learned
+    file where the model was loaded from a folder holding one (else zeros: call
+    ``handle.calibrate(batch)`` or ``handle.load_thresholds(path)``), trains it with
+    ``topany``'s options, and asks for ``handle.extra_loss()`` to be added to the loss
+    (:mod:`vllm_seqroute.adapt.topany_router`). Works under ``torch.no_grad`` (evaluation)
     and in training, with gradient checkpointing, DDP and peft. Each batch row is one sequence
     (segment); rows packed with several documents (``position_ids`` restarting at 0 per
     document, no ``attention_mask``) route each document as its own segment, and tokens with
@@ -258,4 +280,7 @@ def apply_routing(model: Any, cfg: RoutingConfig, topany: TopAnyTraining | None 
             router.forward = family.make_forward(router, patch)
         handle.layers.append(patch)
     handle._resolved = handle.layers[0].cfg
+    source = Path(str(getattr(getattr(model, "config", None), "_name_or_path", "") or "."))
+    if handle.topany is not None and (source / LEARNED_FILE).is_file():
+        handle.load_thresholds(source)  # a checkpoint adapted with learned thresholds
     return handle

@@ -345,7 +345,7 @@ def adapt(args: AdaptArgs, progress: bool = True) -> dict[str, Any]:
 
     coef = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)
     handle = apply_routing(model, resolved, topany=args.topany)
-    if handle.topany is not None and not args.resume:
+    if handle.topany is not None and not args.resume and not handle.thresholds_loaded:
         # every process calibrates on the same rows (the data is identical on each), so G starts equal
         handle.calibrate(default_data_collator([data[i] for i in range(min(micro, len(data)))]))
     if args.lora_r:

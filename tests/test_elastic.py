@@ -116,16 +116,14 @@ def test_lowers_under_load_holds_target_and_recovers() -> None:
 
 
 def test_no_oscillation_under_steady_load() -> None:
-    # 4x the load the ceiling holds, steady: the budget settles where the target holds and stays
-    sim = Engine(settings())
-    ctl = sim.run([(300, FOUR_X)])
-    settled = budgets(ctl, 60)
-    assert changes(settled) == 0 and 1.0 < settled[0] < 4.0, settled
-    assert sim.p90(60, 300) <= TARGET
-    for seed in (1, 2):  # other arrivals: a few changes at most (less than one a minute)
+    # 4x the load the ceiling holds, steady: the budget settles where the target holds; after
+    # the first minute at most a few changes (Poisson bursts), and the target held
+    for seed in (0, 1, 2):
         sim = Engine(settings(), seed=seed)
         ctl = sim.run([(300, FOUR_X)])
-        assert changes(budgets(ctl, 60)) <= 4 and sim.p90(60, 300) <= TARGET
+        settled = budgets(ctl, 60)
+        assert changes(settled) <= 3 and 1.0 < min(settled) <= max(settled) < 4.0, settled
+        assert sim.p90(60, 300) <= TARGET
     # near the target at the ceiling (~80-95 %): nothing to do, never a change
     near = Engine(settings(), tokens=400, cap=16, base=0.0, per=1.45, seed=2)
     ctl = near.run([(120, 20.0)])

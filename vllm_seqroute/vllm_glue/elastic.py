@@ -7,24 +7,23 @@ cache salt; ``StepTimer``: the signals after each engine step; ``state``: what
 ``/v1/routing/stats`` shows).
 
 The rule (docs/elastic.md): every ``interval_s`` the controller reads the p90 of the engine's
-step intervals over the last ``window_s`` (a decoding request gets one token per step, so this
-is its TPOT) and, with a TTFT target, the p90 of the time from arrival to first token. A step's
-cost is taken as proportional to the mean budget of the running requests (``mix``; fixed costs
-make the true one grow slower, so the estimate errs on the safe side both ways):
+step intervals over the last ``window_s`` (a decoding request gets one token per step: its TPOT)
+and, with a TTFT target, the p90 of arrival to first token. A request keeps the budget it was
+admitted with, so the steps follow a change only as the running requests turn over; the
+controller therefore reasons from their mean budget over the same window (``ref``), not from the
+budget it offers now:
 
-- above a target: lower to ``mix * aim * target / signal`` (aiming inside the band), at most
-  ``down_frac`` of the range in one change, at least one quantum;
-- raise by at most ``up_frac`` of the range only while the signal scaled to the raised budget
-  stays below ``raise_below * target``; an idle engine (nothing running or waiting, no steps in
-  the window) raises freely;
-- one change per ``cooldown_s``, no raise within ``hold_s`` of a cut; budgets on a grid of
-  ``quantum`` (prefix-cache keys: few distinct budgets) within ``[minimum, ceiling]``.
-
-Basing the estimate on the running requests' mean budget (not on the budget now offered)
-keeps the controller from cutting again while requests admitted before a cut still run: a
-request keeps its budget for its whole life, so a cut reaches the steps only as they turn
-over. Above-target after a cut that has not reached them yet gives the same estimate, hence no
-second cut (no overshoot to the minimum); the same holds upwards.
+- above a target (``ratio = signal / target > 1``): lower to ``ref * aim / ratio`` (aiming inside
+  the band), at most ``down_frac`` of the range at once, unless the budget offered now would meet
+  the target once every running request had it (``ratio * budget / ref <= 1``): then wait;
+- below: raise while the signal, scaled by the budget ratio squared (a costlier step also keeps
+  each request longer, so more run at once), stays below ``raise_below * target``; at most
+  ``up_frac`` of the range at once, after the running requests took the last raise (or
+  ``settle_s``); an idle engine raises once per ``cooldown_s`` that passed;
+- one change per ``cooldown_s``, no raise within ``hold_s`` of a cut, and no raise back to
+  ``aim`` times the mean budget at which a target was last missed while the arrival rate stays
+  above ``load_drop`` of what it was then (the load did not fall; ``probe_s`` at most);
+- budgets on a grid of ``quantum`` (few prefix-cache keys) within ``[minimum, ceiling]``.
 """
 
 from __future__ import annotations
@@ -67,7 +66,7 @@ class Timing:
     hold_s: float = 6.0  # no raise this soon after a cut
     probe_s: float = 300.0  # a mean budget seen above target is not raised back to (unless the
     # arrival rate fell below ``load_drop`` of what it was then) for this long
-    settle_s: float = 8.0  # a raise waits for the running requests to take the budget, this long at most
+    settle_s: float = 10.0  # a raise waits for the running requests to take the budget, this long at most
     min_samples: int = 3  # fewer steps in the window: no evidence (hold, unless idle)
 
     @classmethod
@@ -208,7 +207,10 @@ class Controller:
             what = f"{name} p90 {v:.0f} ms > {target:.0f} ms target"
             want = self._clamp(self._grid_down(ref * s.aim / ratio))
             new = max(want, self._clamp(self.budget - self._down_max))
-            if new >= self.budget:
+            # the budget offered now, once every running request has it, would meet the target
+            # (the running requests still carry the budgets they were admitted with)
+            pending = ratio * self.budget / ref <= 1.0
+            if new >= self.budget or pending:
                 self.reason = (f"{what}: at the minimum" if self.budget <= s.minimum else
                                f"{what}: waiting for the running requests (mean budget {ref:.2f}) "
                                f"to take the lower budget")
@@ -245,9 +247,11 @@ class Controller:
             self.reason = (f"raising: waiting for the running requests (mean budget {mix:.2f}) to take "
                            f"the budget")
             return
-        # the largest raise whose scaled signals stay below raise_below * target
+        # the largest raise whose signals, scaled by the budget ratio squared, stay below
+        # raise_below * target: a costlier step also keeps each request longer, so more run at
+        # once (a step's time grows faster than the budget under a steady arrival rate)
         room = min(s.raise_below * target / v for _, v, target in signals)  # > 1 means slack
-        want = self._grid_down(ref * room)
+        want = self._grid_down(ref * math.sqrt(room))
         new = self._clamp(min(want, self.budget + self._up_max))
         if self._over_ref < math.inf:  # under this load: stay below where the signal went over
             cap = self._grid_down(min(self._over_ref * s.aim, self._over_ref - s.quantum))

@@ -136,11 +136,13 @@ def test_mixed_batch_topk_and_topany() -> None:
 
 
 # --- the serving op's torch body over steps, per-request policies ------------------------------
-def test_op_body_mixed_requests_over_steps() -> None:
+@pytest.mark.parametrize("graph", [False, True])
+def test_op_body_mixed_requests_over_steps(graph: bool) -> None:
     """The routing op (``select_op.select``, as the router calls it) on a state with learned
-    tensors: requests topk (the model's K: its own routing), topk@2, seqtopk and topany (two
+    tensors: requests topk (the model's K: its own routing), topk@1, seqtopk and topany (two
     option sets) share steps; each token as its reference decides, and the counters book topany's
-    tokens and pairs like every policy's."""
+    tokens and pairs like every policy's. ``graph``: every selector runs in every call, as on
+    CUDA where graphs replay without Python (the host cannot say which a step holds)."""
     from vllm_seqroute.vllm_glue import select_op
     from vllm_seqroute.vllm_glue import state as st
 
@@ -170,6 +172,9 @@ def test_op_body_mixed_requests_over_steps() -> None:
         for sched in ([5, 3, 4, 6, 2], [1, 1, 1, 1, 1], [3, 1, 2, 1, 4]):
             s.set_step(names, sched)
             assert not s.step_native  # topany has no native branch: the torch body serves
+            if graph:
+                s.step_policies = s.graph_policies()
+                assert len(s.step_policies) == len(registry.selectors())
             cu = [0, *torch.tensor(sched).cumsum(0).tolist()]
             for layer in range(layers):
                 x = torch.randn(cu[-1], 12, generator=g)

@@ -267,14 +267,14 @@ def test_live_burst_lowers_and_quiet_recovers(tmp_path: Path) -> None:
     timing = {"interval_s": 0.2, "window_s": 1.0, "cooldown_s": 0.4, "hold_s": 1.0, "settle_s": 1.0,
               "min_samples": 2}
     args = [str(model), "--served-model-name", MODEL, "--api-key", KEY, "--routing", "seqtopk",
-            "--routing-slo-tpot-ms", "0.5", "--routing-budget-min", "1.5",
+            "--routing-slo-tpot-ms", "0.5", "--routing-slo-ttft-ms", "1", "--routing-budget-min", "1.5",
             "--additional-config", json.dumps({"seqroute": {"routing_elastic_timing": timing}}),
             "--enforce-eager", "--dtype", "bfloat16", "--max-model-len", "256", "--max-num-seqs", "16",
             "--seed", "0", "--distributed-executor-backend", "uni", "--disable-uvicorn-access-log"]
     with running(args, env, tmp_path / "server.log") as srv:
         first = srv.stats()["elastic"]
         assert first["budget"] == first["ceiling"] == 4.0 and first["min"] == 1.5
-        assert first["target_tpot_ms"] == 0.5 and first["target_ttft_ms"] is None
+        assert first["target_tpot_ms"] == 0.5 and first["target_ttft_ms"] == 1.0
 
         async def burst() -> None:
             from openai import AsyncOpenAI

@@ -319,6 +319,7 @@ def test_per_request_refusal_where_the_workers_have_no_learned_tensors(monkeypat
     assert str(refused.value) == "vllm_xargs.routing: " + MESSAGE
 
 
+@pytest.mark.vllm
 @pytest.mark.skipif(not has_vllm(), reason="needs vLLM")
 def test_server_flag_refused_at_startup_in_one_line(tmp_path: Path) -> None:
     """``--routing topany`` on a checkpoint without the learned file: one sentence, before any

@@ -114,8 +114,9 @@ def test_split_invariance_one_request(pool, sizes, budget, cap, floor):
     floor=st.integers(0, 1),
     e=st.sampled_from([2, 8, 16]),
     kind=st.sampled_from(["dirichlet", "ties"]),
+    line_rows=st.booleans(),
 )
-def test_split_invariance_interleaved_requests(seed, num_req, pool, budget, floor, e, kind):
+def test_split_invariance_interleaved_requests(seed, num_req, pool, budget, floor, e, kind, line_rows):
     """Several requests in arbitrary slots; each step batches chunks of some of them, in any
     order (padding segments included). Each request's selections equal routing it alone."""
     rng = random.Random(seed)
@@ -132,7 +133,7 @@ def test_split_invariance_interleaved_requests(seed, num_req, pool, budget, floo
             reqs.append(router_scores(n, e, seed + r, alpha=rng.choice([0.1, 0.5, 2.0])))
     done = [0] * num_req
     outs: list[list[torch.Tensor]] = [[] for _ in range(num_req)]
-    ledger = CausalLedger(num_slots, pool=pool)
+    ledger = CausalLedger(num_slots, pool=pool, line_rows=line_rows)
     while any(done[r] < reqs[r].shape[0] for r in range(num_req)):
         live = [r for r in range(num_req) if done[r] < reqs[r].shape[0]]
         batch = rng.sample(live, rng.randint(1, len(live)))
@@ -239,8 +240,8 @@ def test_reset_forgets_only_given_slots(pool):
     assert int(ledger.seen.sum()) == 20
 
 
-@pytest.mark.parametrize("pool", POOLS)
-def test_a_slot_without_pool_commits_seen_and_used_only(pool):
+@pytest.mark.parametrize("pool, line_rows", [("exact", False), ("bounded", False), ("bounded", True)])
+def test_a_slot_without_pool_commits_seen_and_used_only(pool, line_rows):
     """A slot reset with ``pooled=False`` (a request whose policy never reads the pool) counts its
     tokens and charges but keeps an empty pool, from commits and from records alike; the other
     slots of the same steps keep theirs, and a later ``reset`` gives the slot a pool again."""
@@ -251,7 +252,7 @@ def test_a_slot_without_pool_commits_seen_and_used_only(pool):
     valid = torch.rand(12, 4, generator=g) > 0.2
     charged = torch.randint(0, 4, (12,), generator=g)
     row = torch.tensor([0, 1, 2] * 4)
-    ledger = CausalLedger(3, pool=pool)
+    ledger = CausalLedger(3, pool=pool, line_rows=line_rows)
     ledger.reset(torch.tensor([1]), pooled=False)
     for lo in (0, 6):
         ledger.commit(row[lo:lo + 6], keys[lo:lo + 6], valid[lo:lo + 6], charged[lo:lo + 6])
@@ -303,15 +304,18 @@ def test_bounded_pool_memory_is_constant_per_slot():
     assert before < 32 * 1024
 
 
+@pytest.mark.parametrize("line_rows", [False, True])
 @pytest.mark.parametrize("slots, n, u", [(3, 5, 4), (40, 2, 16), (1, 600, 8)])
-def test_block_totals_give_the_same_counts_as_every_bin(slots, n, u):
+def test_block_totals_give_the_same_counts_as_every_bin(slots, n, u, line_rows):
     """``past_counts`` answers small queries from block totals, large ones from a suffix sum
     over every bin; both must count exactly the pool entries at or above each key's bin."""
     from vllm_seqroute.policies.ledger import BLOCK
     from vllm_seqroute.policies.ordering import NUM_BINS, ordered_int, pool_bin
 
     g = torch.Generator().manual_seed(slots * 1000 + n)
-    ledger = CausalLedger(slots, pool="bounded")
+    ledger = CausalLedger(slots, pool="bounded", line_rows=line_rows)
+    assert ledger.hist_store is not None
+    assert ledger.hist_store.shape[1] * 4 % 64 == 0 or not line_rows  # rows start on lines
     for _ in range(3):  # a history spread over many bins, edges included
         rows = torch.randint(0, slots + 1, (n,), generator=g)
         vals = torch.cat([torch.rand(n, u - 2, generator=g) ** 8 * 6 - 1, torch.tensor([[1e-30, 1e9]]).expand(n, 2)], 1)
@@ -326,6 +330,7 @@ def test_block_totals_give_the_same_counts_as_every_bin(slots, n, u):
     want = torch.stack([suffix[r, b[i]] for i, r in enumerate(row.tolist())])
     assert torch.equal(ledger._counts_by_block(row, b), want)
     assert torch.equal(ledger.past_counts(row, keys), want)
+    assert int(ledger.hist_store[:, NUM_BINS:].sum()) == 0  # line_rows' padding bins: never used
     before = ledger.block.clone()
     ledger.block.zero_()
     ledger.refresh_blocks()

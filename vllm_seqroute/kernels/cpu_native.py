@@ -42,7 +42,7 @@ class _Step(ctypes.Structure):
         *((name, _P) for name in ("body", "counted", "model_rule", "token_slot", "policy", "cap",
                                   "floor_", "k_min", "k_max", "budget", "p", "seen", "used", "hist",
                                   "block", "pooled")),
-        *((name, _I) for name in ("nbins", "bs", "nblocks", "shift", "lo", "half")),
+        *((name, _I) for name in ("nbins", "bs", "nblocks", "shift", "lo", "half", "hstride")),
         *((name, _P) for name in ("tokens_by_policy", "pairs_by_policy", "granted_by_policy",
                                   "expert_load", "per_token_hist", "selected", "rec", "rec_bins",
                                   "rec_count", "rec_charged")),
@@ -131,14 +131,15 @@ class NativeLayer:
         lib = library()
         if lib is None or ledger.pool != "bounded":
             raise RuntimeError("native CPU routing needs the built library and a bounded ledger")
-        assert ledger.hist is not None and ledger.block is not None  # bounded pool (checked above)
+        assert ledger.hist_store is not None and ledger.block is not None  # bounded (checked above)
         i64, i32, f64, i16 = torch.int64, torch.int32, torch.float64, torch.int16
         shift, lo, half = POOL_BIN_PARAMS
         s = self.step = _Step(
             e=num_experts, u=width, model_k=model_k, num_selectors=branches.size,
             sink=slot_policy.shape[0] - 1, nbins=NUM_BINS, bs=BLOCK, nblocks=NUM_BLOCKS, shift=shift,
             lo=lo, half=half, token_slot=_ptr(token_slot, i64), policy=_ptr(slot_policy, i64),
-            seen=_ptr(ledger.seen, i64), used=_ptr(ledger.used, i64), hist=_ptr(ledger.hist, i32),
+            seen=_ptr(ledger.seen, i64), used=_ptr(ledger.used, i64), hist=_ptr(ledger.hist_store, i32),
+            hstride=ledger.hist_store.shape[1],
             block=_ptr(ledger.block, i32), pooled=_ptr(ledger.pooled, torch.bool))
         s.body, s.counted, s.model_rule = (t.data_ptr() for t in branches.tensors)
         for field, name in (("cap", "cap"), ("floor_", "floor"), ("k_min", "k_min"), ("k_max", "k_max")):

@@ -48,6 +48,7 @@ typedef struct {
     int32_t *hist, *block;
     const uint8_t *pooled;
     int64_t nbins, bs, nblocks, shift, lo, half;
+    int64_t hstride;         /* histogram row stride (bins): rows start on cache lines */
     /* counters */
     int64_t *tokens_by_policy, *pairs_by_policy, *granted_by_policy; /* [policies] */
     int64_t *expert_load;    /* [e] */
@@ -150,7 +151,7 @@ static int select_token(const Step *s, int64_t t, int64_t code, const int64_t *i
     double mass = 0.0;
     switch (code) {
     case SEQTOPK: {
-        const int32_t *h = s->hist + r * s->nbins, *blk = s->block + r * s->nblocks;
+        const int32_t *h = s->hist + r * s->hstride, *blk = s->block + r * s->nblocks;
         /* t * B in double, as the torch policy computes it (exact for an integer B): a rank is
          * below it iff below its ceil; the ledger allows floor(t * B) */
         const double tb = (double)(s->seen[r] + 1) * s->budget[r];
@@ -269,7 +270,7 @@ int seqroute_select_cpu(Step *s) {
         s->used[r] += charged;
         for (int64_t j = 0; j < cap && s->pooled[r]; ++j) {
             if (ids[j] < 0) continue;
-            s->hist[r * s->nbins + bins[j]] += 1;
+            s->hist[r * s->hstride + bins[j]] += 1;
             s->block[r * s->nblocks + bins[j] / s->bs] += 1;
         }
         /* assembly */

@@ -53,9 +53,14 @@ class CausalLedger:
     ``pool="bounded"``: a ``NUM_BINS`` int32 histogram per slot and its ``NUM_BLOCKS`` block
     totals (constant memory, graph-safe).
     ``pool="exact"``: the full score history per slot (the reference; grows, host-side loop).
+    ``line_rows``: each slot's histogram row starts on a 64-byte line (rows of
+    ``NUM_BLOCKS * BLOCK`` bins in ``hist_store``, ``hist`` their first ``NUM_BINS``, a strided
+    view), so a block of bins is one cache line, not two (the native CPU body; ~25 % fewer cold
+    lines per SeqTopK token). Off for the Triton kernels, which index ``hist`` as contiguous.
     """
 
-    def __init__(self, num_slots: int, *, pool: str = "bounded", device: torch.device | str = "cpu"):
+    def __init__(self, num_slots: int, *, pool: str = "bounded", device: torch.device | str = "cpu",
+                 line_rows: bool = False):
         if pool not in ("bounded", "exact"):
             raise ValueError(f"pool: unknown pool summary {pool!r}")
         self.num_slots = num_slots
@@ -66,13 +71,18 @@ class CausalLedger:
         # per row: its request's policy reads the pool (a history policy); the others' tokens
         # commit seen/used only, their pool stays empty (``reset``)
         self.pooled = torch.ones(rows, dtype=torch.bool, device=device)
+        self.hist_store: torch.Tensor | None = None  # [rows, stride] contiguous, ``hist`` in front
         self.hist: torch.Tensor | None = None
         self.block: torch.Tensor | None = None
-        if pool == "bounded" and torch.device(device).type == "cpu":
-            self.hist, self.block = _zeros_huge((rows, NUM_BINS), (rows, NUM_BLOCKS), dtype=torch.int32)
-        elif pool == "bounded":
-            self.hist = torch.zeros(rows, NUM_BINS, dtype=torch.int32, device=device)
-            self.block = torch.zeros(rows, NUM_BLOCKS, dtype=torch.int32, device=device)
+        if pool == "bounded":
+            width = NUM_BLOCKS * BLOCK if line_rows else NUM_BINS
+            if torch.device(device).type == "cpu":
+                self.hist_store, self.block = _zeros_huge((rows, width), (rows, NUM_BLOCKS),
+                                                          dtype=torch.int32)
+            else:
+                self.hist_store = torch.zeros(rows, width, dtype=torch.int32, device=device)
+                self.block = torch.zeros(rows, NUM_BLOCKS, dtype=torch.int32, device=device)
+            self.hist = self.hist_store[:, :NUM_BINS]
         self.history: list[torch.Tensor] = (
             [torch.empty(0, dtype=torch.int64, device=device) for _ in range(rows)] if pool == "exact" else []
         )
@@ -80,8 +90,8 @@ class CausalLedger:
     def nbytes_per_slot(self) -> int:
         """Memory of one slot's state (bounded pool: constant)."""
         n = self.seen.element_size() + self.used.element_size() + self.pooled.element_size()
-        if self.hist is not None and self.block is not None:
-            n += self.hist[0].nbytes + self.block[0].nbytes
+        if self.hist_store is not None and self.block is not None:
+            n += self.hist_store[0].nbytes + self.block[0].nbytes
         return n
 
     def rows(self, slot: torch.Tensor) -> torch.Tensor:
@@ -136,8 +146,10 @@ class CausalLedger:
         above = upto[:, -1:] - upto.gather(1, blk)
         bins = blk[..., None] * BLOCK + torch.arange(BLOCK, device=b.device)
         take = (bins >= b[..., None]) & (bins < NUM_BINS)
-        flat = row[:, None, None] * NUM_BINS + bins.clamp(max=NUM_BINS - 1)
-        within = torch.where(take, self.hist.view(-1)[flat], 0).sum(-1, dtype=torch.int64)
+        assert self.hist_store is not None
+        stride = self.hist_store.shape[1]
+        flat = row[:, None, None] * stride + bins.clamp(max=NUM_BINS - 1)
+        within = torch.where(take, self.hist_store.view(-1)[flat], 0).sum(-1, dtype=torch.int64)
         return above + within
 
     def refresh_blocks(self) -> None:
@@ -172,10 +184,11 @@ class CausalLedger:
         self.seen.index_add_(0, row, torch.ones_like(row))
         self.used.index_add_(0, row, n_budget.to(torch.int64))
         valid = valid & self.pooled[row][:, None]
-        if self.hist is not None and self.block is not None:
+        if self.hist_store is not None and self.block is not None:
             b = pool_bin(keys)
             v = valid.flatten().to(torch.int32)
-            self.hist.view(-1).index_add_(0, (row[:, None] * NUM_BINS + b).flatten(), v)
+            stride = self.hist_store.shape[1]
+            self.hist_store.view(-1).index_add_(0, (row[:, None] * stride + b).flatten(), v)
             self.block.view(-1).index_add_(0, (row[:, None] * NUM_BLOCKS + b // BLOCK).flatten(), v)
             return
         for r in torch.unique(row).tolist():

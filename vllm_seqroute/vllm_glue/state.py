@@ -119,7 +119,9 @@ class RoutingState:
 
     # --- layers -------------------------------------------------------------------------
     def add_layer(self, num_experts: int, model_k: int, width: int) -> int:
-        ledger = CausalLedger(self.max_slots, pool=self.base.pool, device=self.device)
+        # line-aligned rows for the native CPU body (the Triton kernels read contiguous rows)
+        ledger = CausalLedger(self.max_slots, pool=self.base.pool, device=self.device,
+                              line_rows=self.device.type == "cpu")
         self.native_layers.clear()
         i = len(self.layers)
         for name, t in self.learned.items():

@@ -171,6 +171,7 @@ class SeqrouteHTTP:
         if raw is not None:
             out.update(raw)
         out["elastic"] = await self.elastic() if raw is not None else None
+        self.telemetry.set_elastic(out["elastic"])
         return out
 
     async def elastic(self) -> dict[str, Any] | None:
@@ -187,10 +188,12 @@ class SeqrouteHTTP:
         async with self._lock:
             try:
                 raw = await self._worker_stats(False, False)
+                state = await self.elastic() if raw is not None else None  # the seqroute_budget_* gauges
             except Exception:
                 self.telemetry.count_poll(False)
                 raise
             self.telemetry.update(raw)
+            self.telemetry.set_elastic(state)
             self.telemetry.count_poll(True)
 
     async def _poll_forever(self) -> None:

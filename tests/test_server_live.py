@@ -873,6 +873,12 @@ def test_dashboard_in_headless_chromium(server: Server, tmp_path: Path) -> None:
         load_s = time.monotonic() - t0
         assert not browser.js(_visible("key-button"))  # offered only when the key is refused
         stats = server.stats(requests="false")
+        # no --routing-slo-tpot-ms: the elastic panel says the controller is off, no chart, no gauge
+        assert stats.get("elastic") is None
+        assert browser.js("document.getElementById('elastic-panel').dataset.state") == "off"
+        assert not browser.js(_visible("elastic-wrap"))
+        assert "controller off" in browser.js("document.getElementById('elastic-now').textContent")
+        assert not any(k.startswith("seqroute_budget_current") for k in server.metrics())
         # both charts drawn from the server's data
         cells = browser.js("Number(document.getElementById('heatmap').dataset.cells)")
         assert cells == 2 * 16
@@ -969,6 +975,76 @@ def test_dashboard_in_headless_chromium(server: Server, tmp_path: Path) -> None:
               f"{len(urls)} requests, all to {server.base}; screenshots in {tmp_path}")
     finally:
         browser.close()
+
+
+def test_elastic_budget_timeline_in_chromium(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    """A server with the elastic budget on (a TPOT target no step meets, short controller
+    intervals): a burst of requests lowers the budget; the stats, the Prometheus gauges and the
+    dashboard's timeline show it."""
+    binary = _chromium()
+    if binary is None:
+        pytest.skip("no chromium binary found (set SEQROUTE_CHROMIUM, or run scripts/ci-deps.sh)")
+    from vllm_seqroute.testing.tiny_models import build_model
+
+    root = tmp_path_factory.mktemp("elastic")
+    model = build_model("qwen3_moe", root / "model")  # 16 experts, K=4: the ceiling
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    env.update(VLLM_PLUGINS="seqroute,seqroute_http", VLLM_CPU_KVCACHE_SPACE="1", SEQROUTE_METRICS_INTERVAL="1",
+               TOKENIZERS_PARALLELISM="false")
+    timing = {"interval_s": 0.2, "window_s": 1.0, "cooldown_s": 0.2, "hold_s": 1.0, "min_samples": 2}
+    args = [str(model), "--served-model-name", MODEL, "--api-key", KEY, "--routing", "seqtopk",
+            "--routing-slo-tpot-ms", "1", "--routing-budget-min", "1",
+            "--additional-config", json.dumps({"seqroute": {"routing_elastic_timing": timing}}),
+            "--enforce-eager", "--dtype", "bfloat16", "--max-model-len", "256", "--max-num-seqs", "16",
+            "--seed", "0", "--distributed-executor-backend", "uni", "--disable-uvicorn-access-log"]
+    with running(args, env, root / "server.log") as srv:
+        async def burst() -> None:  # 8 streams of 4 requests each: steps for several controller updates
+            async with _client(srv) as c:
+                async def stream(i: int) -> None:
+                    for j in range(4):
+                        await c.completions.create(model=MODEL, prompt=PROMPTS[(i + j) % len(PROMPTS)],
+                                                   max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+
+                await asyncio.gather(*(stream(i) for i in range(8)))
+
+        _run(burst())
+        stats = srv.stats()
+        el = stats["elastic"]
+        trace = el["trace"]
+        assert len(trace) >= 2 and el["ceiling"] == 4 and el["min"] == 1, el
+        assert min(p[1] for p in trace) < el["ceiling"], trace  # the burst lowered the budget
+        budgets = [r["budget"] for r in stats["requests"].values()]
+        assert budgets and all(el["min"] <= b <= el["ceiling"] for b in budgets), budgets
+        deadline = time.monotonic() + 20  # the gauges: from the poller (every second here)
+        while "seqroute_budget_ceiling" not in (m := srv.metrics()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert m.get("seqroute_budget_ceiling") == 4 and m.get("seqroute_budget_min") == 1, m
+        assert m.get("seqroute_slo_tpot_ms") == 1 and 1 <= m["seqroute_budget_current"] <= 4, m
+
+        browser = Browser(binary)
+        try:
+            browser.call("Page.navigate", {"url": f"{srv.base}/routing?api_key={KEY}&refresh=2"}, session=True)
+            browser.wait_for("document.body && document.body.dataset.state === 'ok' && "
+                             "document.getElementById('elastic-panel').dataset.state === 'on'")
+            assert browser.js(_visible("elastic-wrap"))
+            points = browser.js("Number(document.getElementById('elastic').dataset.points)")
+            assert points >= len(trace) >= 2  # the page read the stats later: the same points or more
+            shown = browser.js("document.getElementById('elastic-budget').textContent")
+            assert float(shown) == float(browser.js("document.getElementById('elastic').dataset.budget"))
+            assert 1 <= float(shown) <= 4 and f"{float(shown):.2f}" == shown
+            assert browser.js("document.getElementById('elastic-reason').textContent").strip()
+            # a step line: two vertices per budget point after the first
+            vertices = browser.js("document.querySelector('#elastic polyline.budget')"
+                                  ".getAttribute('points').trim().split(/\\s+/).length")
+            assert vertices == 2 * points - 1
+            assert browser.js("document.querySelectorAll('#elastic line.target').length") == 1
+            browser.screenshot(tmp_path / "dashboard-elastic.png")
+            errors = [e for e in browser.events if e.get("method") == "Runtime.exceptionThrown"]
+            assert not errors, errors[:2]
+        finally:
+            browser.close()
+        print(f"\n[elastic] {len(trace)} trace points, budget {min(p[1] for p in trace)}..{el['ceiling']}, "
+              f"page showed {points} points and budget {shown}; screenshot in {tmp_path}")
 
 
 def _visible(element_id: str) -> str:

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     ta.add_argument("--topany-coef", type=float, default=TopAnyTraining.coef,
                     help="weight of the compute penalty coef*(experts per token - target)^2 "
                          f"(0: none; thresholds then drift down; default {TopAnyTraining.coef})")
+    ta.add_argument("--topany-lr-scale", type=float, default=TopAnyTraining.lr_scale,
+                    help="the thresholds' learning rate as a multiple of --lr "
+                         f"(default {TopAnyTraining.lr_scale})")
     ta.add_argument("--topany-temperature", type=float, default=TopAnyTraining.temperature,
                     help="temperature (cosine units) of the soft mask whose gradient the "
                          f"straight-through estimator uses (default {TopAnyTraining.temperature})")
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         topany = TopAnyTraining(target=ns.topany_target, coef=ns.topany_coef,
-                                temperature=ns.topany_temperature)
+                                temperature=ns.topany_temperature, lr_scale=ns.topany_lr_scale)
     except ValueError as e:
         print(f"vllm-seqroute adapt: --{e}", file=sys.stderr)
         return 2

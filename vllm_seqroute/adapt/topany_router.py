@@ -18,8 +18,9 @@ one that hurts raises it. The router vectors also learn through ``sigmoid(c)`` i
 Compute: the LM loss alone lowers thresholds (more experts fit better) until tokens hit the cap,
 so :meth:`TopAnyState.penalty` adds ``coef * (n - target)^2`` with ``n`` the experts per token
 (mean over tokens and layers) whose value is the hard count and whose gradient is that of the
-soft count ``sum_e sigmoid((c_e - G_e) / T)`` (the same estimator), ``target`` by default the
-model's K.
+soft count ``sum_e sigmoid((c_e - G_e) / T)`` (the same estimator) with respect to ``G`` only
+(the cosines detached: the penalty moves thresholds, not representations), ``target`` by
+default the model's K.
 
 Initialisation (:func:`calibrate`): per layer, ``G`` is a constant: the ``1 - K/E`` quantile of
 every (token, expert) cosine of a calibration batch routed by the model's own TopK, so that
@@ -48,11 +49,15 @@ class TopAnyTraining:
     ``target``: experts per token the compute penalty aims at (``None``: the model's K);
     ``coef``: its weight (0: no penalty); ``temperature``: ``T`` of the soft mask whose gradient
     the straight-through estimator uses (in cosine units; the reference model's neighbouring
-    ranked cosines are ~0.02-0.04 apart)."""
+    ranked cosines are ~0.02-0.04 apart); ``lr_scale``: the thresholds' learning rate over the
+    model's (Adam moves each parameter by about the learning rate per step: a router vector's
+    coordinated move shifts its cosines ~sqrt(H)/|w| times faster than a threshold at the same
+    rate, ~20x on the reference model)."""
 
     target: float | None = None
     coef: float = 1.0
     temperature: float = 0.05
+    lr_scale: float = 10.0
 
     def __post_init__(self) -> None:
         if self.target is not None and not self.target > 0:
@@ -61,6 +66,8 @@ class TopAnyTraining:
             raise ValueError(f"topany-coef: must be >= 0, got {self.coef}")
         if not self.temperature > 0:
             raise ValueError(f"topany-temperature: must be > 0, got {self.temperature}")
+        if not self.lr_scale > 0:
+            raise ValueError(f"topany-lr-scale: must be > 0, got {self.lr_scale}")
 
 
 @dataclass
@@ -165,7 +172,10 @@ def make_forward(router: Any, patch: Any, state: TopAnyState, info: dict[str, An
         soft = torch.sigmoid(margin / state.options.temperature)
         w = weights(s, soft, ids, keep, scale)
         if not _in_backward():
-            soft_n = soft.sum(dim=1)
+            # the penalty moves the thresholds only: the cosines are detached, so holding the
+            # compute does not reshape the router vectors or the hidden states
+            cos = (margin + g).detach()
+            soft_n = torch.sigmoid((cos - g) / state.options.temperature).sum(dim=1)
             n = keep.sum(dim=1).to(soft_n.dtype) + soft_n - soft_n.detach()
             state.counts.append(n.mean() if segs.kept is None else n[segs.kept].mean())
         if cast:

@@ -27,7 +27,7 @@ from vllm_seqroute.policies import RoutingConfig
 from vllm_seqroute.policies.topany import LEARNED_FILE
 
 TRAINABLE_EXTRA = "seqroute_trainable.safetensors"  # LoRA runs: the full-rank trainable weights
-THRESHOLDS_EXTRA = "seqroute_thresholds.safetensors"  # Trainer checkpoints: Top-Any's G by parameter name
+THRESHOLDS_EXTRA = "seqroute_thresholds.st"  # Trainer checkpoints: Top-Any's G by parameter name
 
 
 @dataclass
@@ -162,6 +162,24 @@ def _make_trainer_class() -> Any:
             self.aux_loss = aux_loss
             self.loss_is_scaled_for_ga = True  # compute_loss normalises over the accumulated batch
             self._sums = torch.zeros(4, dtype=torch.float64)  # lm, aux, steps' micro-batches, compute
+
+        def create_optimizer(self, model: Any = None) -> Any:
+            """The Trainer's optimizer, with Top-Any's thresholds in a group of their own at
+            ``lr * lr_scale`` (no weight decay; the schedule scales every group alike)."""
+            opt = super().create_optimizer(model)
+            if self.handle.topany is None or not self.handle.thresholds():
+                return opt
+            g = {id(t) for t in self.handle.thresholds()}
+            moved = []
+            if any(group.get("seqroute_thresholds") for group in opt.param_groups):
+                return opt  # grouped already
+            for group in opt.param_groups:
+                moved += [p for p in group["params"] if id(p) in g]
+                group["params"] = [p for p in group["params"] if id(p) not in g]
+            if moved:
+                opt.add_param_group({"params": moved, "weight_decay": 0.0, "seqroute_thresholds": True,
+                                     "lr": self.args.learning_rate * self.handle.topany.options.lr_scale})
+            return opt
 
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:

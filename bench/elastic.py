@@ -11,8 +11,10 @@ Real servers, one at a time, on the expert-heavy random-weight model of
 - ``seqtopk elastic``: ``--routing seqtopk --routing-budget K --routing-budget-min K/4
   --routing-slo-tpot-ms T``, T = ``--target-x`` x that p90 (or ``--target-ms``).
 
-Per server and phase: requests, failed requests, TPOT p50/p90 and TTFT p90 of the requests that
-arrived in the phase, output tokens per second generated during the phase, and the mean budget
+Per server and phase: requests, failed requests, TPOT p50/p90 (per request: its decode time
+over its tokens, vLLM's TPOT), ITL p90 (every gap between two tokens: the step time a decoding
+request sees, what the controller's ``--routing-slo-tpot-ms`` holds) and TTFT p90 of the
+requests that arrived in the phase, output tokens per second generated during the phase, and the mean budget
 (of the requests admitted in the phase, from the stats records; and over time, from the
 controller's trace). For the elastic server: the seconds from the last phase's start until the
 budget is back at the ceiling, and whether every recorded budget lies between min and ceiling.
@@ -198,13 +200,15 @@ def phase_rows(res: dict[str, Any], phase_of: list[int], phases: list[float], ph
         idx = [i for i, q in enumerate(phase_of) if q == p and i < len(starts)]
         ok = [i for i in idx if not res["errors"][i] and res["output_lens"][i] > 1]
         tpot = [1000 * (res["latencies"][i] - res["ttfts"][i]) / (res["output_lens"][i] - 1) for i in ok]
+        itl = [1000 * gap for i in ok for gap in res["itls"][i]]
         ttft = [1000 * res["ttfts"][i] for i in ok]
         lo, hi = t0 + p * phase_s, t0 + (p + 1) * phase_s
         toks = sum(lo <= t < hi for t in token_times)
         budgets = [by_index[i] for i in idx if i in by_index]
         rows.append({
             "phase": p, "mult": mult, "requests": len(idx), "failed": len(idx) - len(ok),
-            "tpot_p50": pct(tpot, 50), "tpot_p90": pct(tpot, 90), "ttft_p90": pct(ttft, 90),
+            "tpot_p50": pct(tpot, 50), "tpot_p90": pct(tpot, 90), "itl_p90": pct(itl, 90),
+            "ttft_p90": pct(ttft, 90),
             "tok_s": toks / phase_s,
             "budget_req": statistics.fmean(budgets) if budgets else fixed_budget,
             "budget_time": time_mean(trace, lo, hi) if trace else fixed_budget,
@@ -320,7 +324,8 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--target-x", type=float, default=1.15,
-                    help="target TPOT = this x seqtopk@K's p90 TPOT in the first phase")
+                    help="target = this x seqtopk@K's ITL p90 in the first phase (the step time the "
+                         "controller measures)")
     ap.add_argument("--target-ms", type=float, default=None, help="target TPOT in ms (instead of --target-x)")
     ap.add_argument("--eval-windows", type=int, default=8, help="held-out windows of 512 tokens (0: no eval)")
     ap.add_argument("--eval-texts", default=TEXTS)
@@ -350,15 +355,17 @@ def main() -> None:
         saved.write_text(json.dumps(res))
         return res
 
+    # seqtopk@K first (the rate, the target), the elastic server next to it in time, topk@K last
     runs[f"seqtopk@{k}"] = run(f"seqtopk@{k}", ["--routing", "seqtopk"], args.rate)
     rate = float(runs[f"seqtopk@{k}"]["rate"])
     first = phase_rows(runs[f"seqtopk@{k}"], runs[f"seqtopk@{k}"]["phase_of"], args.phases, args.phase_s, k)
-    target = args.target_ms or round(args.target_x * first[0]["tpot_p90"], 1)
-    print(f"[elastic] target TPOT {target} ms (seqtopk@{k} 1x p90 {first[0]['tpot_p90']:.1f} ms)", flush=True)
-    runs[f"topk@{k}"] = run(f"topk@{k}", ["--routing", "topk"], rate)
+    target = args.target_ms or round(args.target_x * first[0]["itl_p90"], 1)
+    print(f"[elastic] target {target} ms (seqtopk@{k} 1x ITL p90 {first[0]['itl_p90']:.1f} ms)", flush=True)
     el_name = "seqtopk elastic"
     runs[el_name] = run(el_name, ["--routing", "seqtopk", "--routing-budget", str(k), "--routing-budget-min",
                                   f"{kmin:g}", "--routing-slo-tpot-ms", str(target)], rate)
+    runs[f"topk@{k}"] = run(f"topk@{k}", ["--routing", "topk"], rate)
+    runs = {name: runs[name] for name in (f"seqtopk@{k}", f"topk@{k}", el_name)}  # table order
 
     rows = {name: phase_rows(res, res["phase_of"], args.phases, args.phase_s, None if name == el_name else k)
             for name, res in runs.items()}
@@ -371,35 +378,42 @@ def main() -> None:
     lines = [f"Expert-heavy model (random weights; hidden 1024, 64 experts of width 1024, K={k}, 2 MoE "
              f"layers), {args.input_len} tokens in / {args.output_len} out per request, Poisson arrivals; "
              f"phases {' / '.join(f'{m:g}x' for m in args.phases)} of {rate} req/s, {args.phase_s:g} s each; "
-             f"elastic target {target} ms TPOT, min budget {kmin:g}, ceiling {k}; {os.cpu_count()} CPUs.",
+             f"elastic target (`--routing-slo-tpot-ms`) {target} ms"
+             f"{'' if args.target_ms else f' = {args.target_x:g} x seqtopk@{k} 1x-phase ITL p90'}, "
+             f"min budget {kmin:g}, ceiling {k}; {os.cpu_count()} CPUs.",
              "",
-             "| server | phase | offered req/s | requests | failed | TPOT p50 ms | TPOT p90 ms | TTFT p90 ms "
-             "| output tok/s | mean budget (admitted) | mean budget (time) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| server | phase | offered req/s | requests | failed | TPOT p50 ms | TPOT p90 ms | ITL p90 ms "
+             "| TTFT p90 ms | output tok/s | mean budget (admitted) | mean budget (time) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, rs in rows.items():
         for r in rs:
             lines.append(f"| {name} | {r['phase'] + 1}: {r['mult']:g}x | {rate * r['mult']:.2f} "
                          f"| {r['requests']} | {r['failed']} | {fmt(r['tpot_p50'], '.1f')} "
-                         f"| {fmt(r['tpot_p90'], '.1f')} "
+                         f"| {fmt(r['tpot_p90'], '.1f')} | {fmt(r['itl_p90'], '.1f')} "
                          f"| {fmt(r['ttft_p90'], '.0f')} | {r['tok_s']:.0f} | {fmt(r['budget_req'], '.2f')} "
                          f"| {fmt(r['budget_time'], '.2f')} |")
     hi = max(range(len(args.phases)), key=lambda p: args.phases[p])
-    fixed_p90, el_p90 = rows[f"seqtopk@{k}"][hi]["tpot_p90"], rows[el_name][hi]["tpot_p90"]
     failed = sum(r["failed"] for r in rows[el_name])
-    lines += ["", f"- {args.phases[hi]:g}x phase, p90 TPOT against the {target} ms target: seqtopk@{k} "
-              f"{fixed_p90:.1f} ms ({100 * (fixed_p90 / target - 1):+.0f} %), elastic {el_p90:.1f} ms "
-              f"({100 * (el_p90 / target - 1):+.0f} %): "
-              f"{'met' if el_p90 <= target else 'missed'} (the target asks elastic within it where fixed "
-              f"exceeds it by >= 30 %; fixed {'does' if fixed_p90 >= 1.3 * target else 'does not'}).",
-              f"- Last phase: budget back at the ceiling {fmt(rec, '.1f')} s after its start "
+    lines.append("")
+    for key, what in (("tpot_p90", "TPOT p90 (per request)"), ("itl_p90", "ITL p90 (per token)")):
+        fixed_p90, el_p90 = rows[f"seqtopk@{k}"][hi][key], rows[el_name][hi][key]
+        lines.append(f"- {args.phases[hi]:g}x phase, {what} against the {target} ms target: seqtopk@{k} "
+                     f"{fixed_p90:.1f} ms ({100 * (fixed_p90 / target - 1):+.0f} %), elastic {el_p90:.1f} ms "
+                     f"({100 * (el_p90 / target - 1):+.0f} %): {'met' if el_p90 <= target else 'missed'} "
+                     f"(elastic within the target where fixed exceeds it by >= 30 %; fixed "
+                     f"{'does' if fixed_p90 >= 1.3 * target else 'does not'}).")
+    lines += [f"- Last phase: budget back at the ceiling {fmt(rec, '.1f')} s after its start "
               f"({'met' if rec is not None and rec <= 30 else 'missed'}: <= 30 s).",
               f"- Elastic: {failed} failed requests; {len(budgets)} recorded budgets, "
               f"{'all' if in_range else 'NOT all'} within [{kmin:g}, {k}]"
               f"{f' (min {min(budgets):.2f}, max {max(budgets):.2f})' if budgets else ''}."]
 
     if args.eval_windows > 0:
-        used = sorted({round(r["budget_req"] / k, 3) for r in rows[el_name] if r["budget_req"] is not None}
-                      | {1.0, kmin / k})
+        # the ceiling, the floor, the high phase's mean and the whole run's mean budget, relative
+        # to K on a grid of 1/8 (a quarter of seqtopk-moe's K=2)
+        mean_all = statistics.fmean(budgets) if budgets else float(k)
+        high = rows[el_name][hi]["budget_req"] or float(k)
+        used = sorted({round(8 * b / k) / 8 for b in (high, mean_all)} | {1.0, kmin / k})
         ks, evals = run_eval(used, work, args.eval_windows, args.eval_texts)
 
         def rel_of(e: dict[str, Any]) -> float | None:

@@ -1,4 +1,4 @@
-"""Top-Any (learned per-expert thresholds, /work/notes/TOPANY.md) against the plain-loop
+"""Top-Any (learned per-expert thresholds, README "Top-Any") against the plain-loop
 reference (tests/reference.py): ``route()``, a mixed batch of the routing layer, the serving
 op's torch body over several steps with per-request policies; the learned file, its checks and
 the one-line refusals where a checkpoint has none (startup, per request, offline); and through

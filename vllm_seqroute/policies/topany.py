@@ -1,4 +1,4 @@
-"""Top-Any routing (DynMoE's top-any gating, Guo et al., ICLR'25; /work/notes/TOPANY.md): each
+"""Top-Any routing (DynMoE's top-any gating, Guo et al., ICLR'25; README "Top-Any"): each
 expert's score is the sigmoid of the cosine between the token's router input ``x`` and the
 expert's router vector ``w_e``, and an expert runs for a token when that cosine passes the
 expert's learned threshold ``G_e``, so the count per token is free.

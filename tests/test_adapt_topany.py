@@ -237,3 +237,24 @@ def test_topany_adapted_checkpoint_serves_as_topany_without_flags(model_dir: Any
     assert len(set(served.flatten().tolist())) >= 3  # counts vary per token
     agree = (served == trained).float().mean().item()
     assert agree >= 0.85, (agree, served.tolist(), trained.tolist())
+
+
+def test_topany_with_gradient_checkpointing_trains_as_without(model_dir: Any, tmp_path: Path) -> None:
+    """The recomputed layers route the same tokens and save the same tensors (the compute
+    penalty's too); losses, experts per token and the learned thresholds match."""
+    from safetensors.torch import load_file
+
+    from vllm_seqroute.adapt.cli import main
+
+    corpus = _corpus(tmp_path)
+    logs, learned = [], []
+    for extra in ([], ["--gradient-checkpointing"]):
+        out = tmp_path / f"out{len(extra)}"
+        assert main(["--model", str(model_dir("qwen3_moe")), "--corpus", str(corpus), "--routing", "topany",
+                     "--steps", "3", "--seq-len", "64", "--batch-tokens", "256", "--micro-batch-tokens", "128",
+                     "--lr", "1e-3", "--save-steps", "0", "--out", str(out), "--no-progress", *extra]) == 0
+        logs.append([v for r in map(json.loads, (out / "train_log.jsonl").read_text().splitlines())
+                     for v in (r["lm_loss"], r["experts_per_token"], r["compute_loss"])])
+        learned.append(load_file(str(out / LEARNED_FILE))[THRESHOLD_KEY])
+    assert logs[0] == pytest.approx(logs[1], rel=1e-4)
+    torch.testing.assert_close(learned[0], learned[1], rtol=1e-4, atol=1e-5)

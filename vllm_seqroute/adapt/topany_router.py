@@ -171,13 +171,16 @@ def make_forward(router: Any, patch: Any, state: TopAnyState, info: dict[str, An
         ids, keep = ids[:, :width], keep[:, :width]
         soft = torch.sigmoid(margin / state.options.temperature)
         w = weights(s, soft, ids, keep, scale)
+        # the penalty moves the thresholds only: the cosines are detached, so holding the
+        # compute does not reshape the router vectors or the hidden states. Computed in a
+        # gradient checkpoint's recomputation too (it must save what the forward saved), kept
+        # from the forward only
+        cos = (margin + g).detach()
+        soft_n = torch.sigmoid((cos - g) / state.options.temperature).sum(dim=1)
+        n = keep.sum(dim=1).to(soft_n.dtype) + soft_n - soft_n.detach()
+        n = n.mean() if segs.kept is None else n[segs.kept].mean()
         if not _in_backward():
-            # the penalty moves the thresholds only: the cosines are detached, so holding the
-            # compute does not reshape the router vectors or the hidden states
-            cos = (margin + g).detach()
-            soft_n = torch.sigmoid((cos - g) / state.options.temperature).sum(dim=1)
-            n = keep.sum(dim=1).to(soft_n.dtype) + soft_n - soft_n.detach()
-            state.counts.append(n.mean() if segs.kept is None else n[segs.kept].mean())
+            state.counts.append(n)
         if cast:
             w = w.to(router_logits.dtype)
         return router_logits, w, patch.finish(ids, keep, segs)

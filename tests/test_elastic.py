@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import os
 import random
@@ -238,10 +239,15 @@ def test_refusals(opts: dict[str, Any], policy: str, message: str) -> None:
     assert str(e.value).startswith(message) and "\n" not in str(e.value) and len(str(e.value)) < 200
 
 
-def test_min_above_the_models_k_and_defaults() -> None:
+def test_min_above_the_models_k_and_defaults(caplog: pytest.LogCaptureFixture) -> None:
     cfg = config_from_options({"routing": "seqtopk"})
-    with pytest.raises(ValueError, match=r"^--routing-budget-min: 6 is above the ceiling, the model's K 4"):
-        elastic.settings_for({elastic.TPOT_KEY: 100, elastic.MIN_KEY: 6}, cfg, model_k=4)
+    # above the model's K (known once the engine loaded the model): one line, and the ceiling
+    with caplog.at_level(logging.ERROR, logger="vllm_seqroute"):
+        s = elastic.settings_for({elastic.TPOT_KEY: 100, elastic.MIN_KEY: 6}, cfg, model_k=4)
+    assert s is not None and s.minimum == s.ceiling == 4.0
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["vllm_seqroute: --routing-budget-min: 6 is above the ceiling, the model's K 4 (set "
+                     "--routing-budget to serve another ceiling); the elastic budget stays at 4"]
     s = elastic.settings_for({elastic.TPOT_KEY: 100}, cfg, model_k=4)
     assert s is not None and (s.ceiling, s.minimum, s.quantum, s.target_ttft_ms) == (4.0, 1.0, 0.25, None)
     s = elastic.settings_for({elastic.TPOT_KEY: 100}, config_from_options({"routing": "topk", "routing_budget": 6}),
@@ -309,3 +315,4 @@ def test_live_burst_lowers_and_quiet_recovers(tmp_path: Path) -> None:
         assert 3.5 in given and min(given) < 4, given
         print(f"\n[elastic live] budgets given: {sorted(given)}; trace {len(trace)} points, lowest "
               f"{min(budgets)}, reason now: {stats['elastic']['reason']!r}")
+

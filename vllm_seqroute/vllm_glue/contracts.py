@@ -219,6 +219,7 @@ _RAW: tuple[tuple, ...] = (
     ("vllm.v1.engine.core", "EngineCore.step", ("self",)),
     ("vllm.v1.engine.core", "EngineCore.step_with_batch_queue", ("self",)),
     ("vllm.v1.engine.core", "EngineCore.step_fn", ()),
+    ("vllm.v1.engine.core", "EngineCoreProc.run_busy_loop", ("self",)),
     ("vllm.v1.engine.core", "EngineCoreProc._handle_client_request", ("self", "request_type", "request")),
     ("vllm.v1.engine.async_llm", "AsyncLLM.engine_core", ()),
     ("vllm.v1.engine.core_client", "AsyncMPClient.call_utility_async", ("self", "method")),

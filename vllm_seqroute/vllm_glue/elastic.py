@@ -352,15 +352,20 @@ def check_options(opts: dict[str, Any], cfg: RoutingConfig) -> None:
 def settings_for(opts: dict[str, Any], cfg: RoutingConfig, model_k: int) -> Settings | None:
     """The controller's settings (None: no target, controller off). The ceiling is the server's
     budget, else the model's K; the minimum defaults to the floor (every token keeps that many
-    experts whatever the budget, so a lower budget changes nothing), at most the ceiling."""
+    experts whatever the budget, so a lower budget changes nothing), at most the ceiling (a
+    minimum above the model's K is logged in one line and taken as K)."""
     if opts.get(TPOT_KEY) is None:
         return None
     check_options(opts, cfg)
     ceiling = float(cfg.budget if cfg.budget is not None else model_k)
     lo = opts.get(MIN_KEY)
     if lo is not None and lo > ceiling:
-        raise ValueError(f"{_flag(MIN_KEY)}: {real(lo)} is above the ceiling, the model's K {model_k} "
-                         f"(set --routing-budget to serve another ceiling)")
+        # known only once the model is loaded, after vLLM's startup handshake: an engine core
+        # that raised there can leave the API server waiting, so one line and the ceiling instead
+        logger.error("vllm_seqroute: %s: %s is above the ceiling, the model's K %d (set --routing-budget "
+                     "to serve another ceiling); the elastic budget stays at %d", _flag(MIN_KEY), real(lo),
+                     model_k, model_k)
+        lo = ceiling
     q = quantum(cfg.policy)
     minimum = float(lo) if lo is not None else min(ceiling, float(max(cfg.floor, 1)))
     ttft = opts.get(TTFT_KEY)

@@ -164,9 +164,9 @@ def on_engine_core(core: Any) -> None:
 
 def ready(core: Any) -> None:
     """:func:`on_engine_core` once per engine core: after ``__init__`` where the plugin was
-    loaded before the core was built (in-process engines, forked processes), else at its first
-    step or utility call: a spawned engine-core process loads the plugins inside
-    ``EngineCore.__init__``, too late to wrap that call, but its steps run the patched methods."""
+    loaded before the core was built (in-process engines, forked processes), else when its busy
+    loop starts (or its first step or utility call): a spawned engine-core process loads the
+    plugins inside ``EngineCore.__init__``, too late to wrap that call."""
     if not core.__dict__.get("_seqroute_ready", False):
         core._seqroute_ready = True
         on_engine_core(core)
@@ -180,7 +180,7 @@ def seqroute_elastic(core: Any) -> dict[str, Any] | None:
 
 
 def install() -> None:
-    from vllm.v1.engine.core import EngineCore
+    from vllm.v1.engine.core import EngineCore, EngineCoreProc
     from vllm.v1.request import Request
 
     if getattr(Request.__init__, "_seqroute", False):
@@ -215,6 +215,13 @@ def install() -> None:
         core_init(self, *a, **k)
         ready(self)
 
+    busy_loop = EngineCoreProc.run_busy_loop
+
+    @functools.wraps(busy_loop)
+    def run_busy_loop(self: Any) -> Any:
+        ready(self)  # a spawned engine-core process: set up before the first request is served
+        return busy_loop(self)
+
     def timed(step: Any) -> Any:
         @functools.wraps(step)
         def run(self: Any) -> Any:
@@ -235,3 +242,4 @@ def install() -> None:
     setattr(EngineCore, "step", timed(EngineCore.step))
     setattr(EngineCore, "step_with_batch_queue", timed(EngineCore.step_with_batch_queue))
     setattr(EngineCore, "seqroute_elastic", seqroute_elastic)
+    setattr(EngineCoreProc, "run_busy_loop", run_busy_loop)

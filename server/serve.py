@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     from vllm.logger import configure_logging_from_args
 
     from vllm_seqroute.vllm_glue.compat import cli_env_setup  # its module differs by vLLM minor
+    from vllm_seqroute.vllm_glue.config import CheckpointRoutingError
 
     cli_env_setup()
     parser, cmd = build_parser()
@@ -99,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging_from_args(args)
     logger.info("%s", layers)
     cmd.validate(args)
-    args.dispatch_function(args)
+    try:
+        args.dispatch_function(args)
+    except CheckpointRoutingError as e:  # found while vLLM builds its config: one line, no trace
+        raise SystemExit(f"vllm-seqroute: {e}") from None
     return 0
 
 

@@ -345,6 +345,25 @@ def test_server_flag_refused_at_startup_in_one_line(tmp_path: Path) -> None:
     assert res.stderr.strip().splitlines()[-1] == "vllm-seqroute: --routing: " + MESSAGE, res.stderr[-2000:]
 
 
+@pytest.mark.vllm
+@pytest.mark.skipif(not has_vllm(), reason="needs vLLM")
+def test_recorded_topany_without_file_refused_in_one_line(model_dir: Any, tmp_path: Path) -> None:
+    """A checkpoint whose config.json records topany but has no learned file: ``serve`` with no
+    routing flag stops with one sentence (found while vLLM builds its config), not a traceback."""
+    ckpt = shutil.copytree(model_dir("qwen3_moe"), tmp_path / "recorded")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["seqroute"] = {"routing": TOPANY}
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    script = Path(sys.executable).with_name("vllm-seqroute")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "vllm_seqroute.cli"]
+    res = subprocess.run([*cmd, "serve", str(ckpt)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "VLLM_PLUGINS": "seqroute"})
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1] == "vllm-seqroute: config.json seqroute: " + MESSAGE, \
+        res.stderr[-2000:]
+
+
 # --- through real vLLM engines -----------------------------------------------------------------
 ENGINE_SERVER = {"routing": "topk", "routing_cap": 16}  # the model's TopK, width 16 (every expert)
 ENGINE_REQUESTS: list[dict[str, Any] | None] = [

@@ -134,6 +134,12 @@ def learned_refusal(policy: str, model: str, origin: str) -> None:
         raise ValueError(f"{origin}: {problem}")
 
 
+class CheckpointRoutingError(ValueError):
+    """A checkpoint's recorded routing (config.json ``"seqroute"``) cannot be served: raised
+    while vLLM builds its config, after the flags were read, so ``vllm-seqroute serve`` turns
+    it into one line itself (the flags' refusals exit from ``from_cli_args``)."""
+
+
 def adopt_checkpoint_routing(vllm_config: Any) -> None:
     """A checkpoint adapted with ``vllm-seqroute adapt`` records its policy in config.json
     (``"seqroute": {...}``); serve it that way unless flags or ``additional_config`` say otherwise."""
@@ -142,8 +148,11 @@ def adopt_checkpoint_routing(vllm_config: Any) -> None:
     recorded = getattr(vllm_config.model_config.hf_config, KEY, None)
     if not isinstance(recorded, dict):
         return
-    cfg = config_from_options(recorded)
-    learned_refusal(cfg.policy, vllm_config.model_config.model, "config.json seqroute")
+    try:
+        cfg = config_from_options(recorded)
+        learned_refusal(cfg.policy, vllm_config.model_config.model, "config.json seqroute")
+    except ValueError as e:
+        raise CheckpointRoutingError(str(e)) from None
     vllm_config.additional_config = {**(vllm_config.additional_config or {}), KEY: dict(recorded)}
     logger.info("vllm_seqroute: serving with the routing recorded in the checkpoint: %s (%s)",
                 recorded, cfg.policy)

@@ -49,9 +49,11 @@ class Case:
 
 
 def clone_ledger(ledger: CausalLedger, device: torch.device | str) -> CausalLedger:
-    out = CausalLedger(ledger.num_slots, pool=ledger.pool, device=device)
+    out = CausalLedger(ledger.num_slots, pool=ledger.pool, device=device,
+                       line_rows=ledger.hist is not None and ledger.hist.stride(0) != ledger.hist.shape[1])
     out.seen.copy_(ledger.seen)
     out.used.copy_(ledger.used)
+    out.pooled.copy_(ledger.pooled)  # slots whose policy never reads the pool keep none
     if ledger.hist is not None:  # the bounded pool's histogram and its block totals
         for name in ("hist", "block"):
             getattr(out, name).copy_(getattr(ledger, name))

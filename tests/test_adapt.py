@@ -296,7 +296,10 @@ def test_adapt_serve_and_eval_spell_every_declared_option_alike() -> None:
     serve = _routing_actions(glue_config.add_routing_args(argparse.ArgumentParser()))
     declared = {"--routing", *(options.flag(p.key) for p in registry.options().values())}
     assert set(adapt) == declared  # adapt: every declared option, nothing server-only
-    assert set(serve) - set(adapt) == {"--routing-allowed", "--routing-prefix-state-mib"}
+    # server-only: what a server admits and keeps, and the elastic budget's serving controls
+    assert set(serve) - set(adapt) == {"--routing-allowed", "--routing-prefix-state-mib",
+                                       "--routing-slo-tpot-ms", "--routing-slo-ttft-ms",
+                                       "--routing-budget-min"}
     for fl in declared - {"--routing"}:
         a, s = adapt[fl], serve[fl]
         assert (a.type, a.choices, a.help, a.dest) == (s.type, s.choices, s.help, s.dest), fl

@@ -311,7 +311,7 @@ def outputs(tok: RefToken, count: int, width: int, renormalize: bool = True) -> 
     return ids, w + [0.0] * (width - count)
 
 
-# --- topany (learned per-expert thresholds; /work/notes/TOPANY.md) ---------------------------
+# --- topany (learned per-expert thresholds; README "Top-Any") -------------------------------
 TOPANY_NORM_EPS = 1e-6
 
 

@@ -1,4 +1,4 @@
-"""Top-Any routing while training (/work/notes/TOPANY.md; serving: ``policies/topany.py``).
+"""Top-Any routing while training (serving: ``policies/topany.py``; README "Top-Any").
 
 Each MoE layer gets a learned threshold per expert, ``G [E]``, an ``nn.Parameter`` registered on
 its router (:data:`THRESHOLD_ATTR`, so the Trainer's optimizer, DDP and checkpointing see it) and

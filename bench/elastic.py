@@ -229,20 +229,20 @@ def time_mean(trace: list[list[Any]], lo: float, hi: float) -> float | None:
     return acc / total if total else None
 
 
-def recovery_s(trace: list[list[Any]], start: float, ceiling: float) -> float | None:
-    """Seconds from ``start`` until the budget is at the ceiling and stays there to the trace's end."""
-    after = [p for p in trace if float(p[0]) >= start]
+def recovery_s(trace: list[list[Any]], start: float, end: float,
+               ceiling: float) -> tuple[float | None, float | None]:
+    """(seconds from ``start`` until the budget is first at the ceiling in [start, end), None if
+    never; seconds from ``start`` of the first cut below it after that, None if it stayed)."""
     before = [p for p in trace if float(p[0]) < start]
-    at_top = [float(p[1]) >= ceiling - 1e-9 for p in trace]
-    if before and at_top[len(before) - 1] and all(at_top[len(before):]):
-        return 0.0
-    back = None
-    for p in after:
-        if float(p[1]) >= ceiling - 1e-9:
-            back = float(p[0]) if back is None else back
-        else:
-            back = None
-    return None if back is None else back - start
+    inside = [p for p in trace if start <= float(p[0]) < end]
+    top = ceiling - 1e-9
+    back = 0.0 if before and float(before[-1][1]) >= top else None
+    for p in inside:
+        if back is None and float(p[1]) >= top:
+            back = float(p[0]) - start
+        elif back is not None and float(p[1]) < top:
+            return back, float(p[0]) - start
+    return back, None
 
 
 def run_eval(rel_budgets: list[float], work: Path, windows: int,
@@ -251,6 +251,10 @@ def run_eval(rel_budgets: list[float], work: Path, windows: int,
     k = json.loads((SHARED / "config.json").read_text())["num_experts_per_tok"]
     specs = [f"topk:{k}"] + [f"seqtopk:{round(r * k, 3):g}" for r in rel_budgets]
     out = work / "eval"
+    done = out / "results.json"
+    if done.exists() and [r["routing"] for r in json.loads(done.read_text())] == [
+            s.replace(":", "@") for s in specs]:  # a finished eval of the same budgets (--reuse)
+        return k, list(json.loads(done.read_text()))
     print(f"[elastic] eval {' '.join(specs)} on {SHARED}", flush=True)
     subprocess.run([PY, "-m", "vllm_seqroute.cli", "eval", "--model", str(SHARED), "--texts", texts,
                     "--routing", *specs, "--out", str(out), "--window", "512", "--max-windows", str(windows),
@@ -371,7 +375,7 @@ def main() -> None:
             for name, res in runs.items()}
     el = runs[el_name]
     last_start = el["t0_unix"] + (len(args.phases) - 1) * args.phase_s
-    rec = recovery_s(el["trace"], last_start, float(k))
+    rec, recut = recovery_s(el["trace"], last_start, last_start + args.phase_s, float(k))
     budgets = [float(r["budget"]) for r in el["records"].values() if r.get("budget") is not None]
     in_range = all(kmin - 1e-9 <= b <= k + 1e-9 for b in budgets)
 
@@ -403,7 +407,8 @@ def main() -> None:
                      f"(elastic within the target where fixed exceeds it by >= 30 %; fixed "
                      f"{'does' if fixed_p90 >= 1.3 * target else 'does not'}).")
     lines += [f"- Last phase: budget back at the ceiling {fmt(rec, '.1f')} s after its start "
-              f"({'met' if rec is not None and rec <= 30 else 'missed'}: <= 30 s).",
+              f"({'met' if rec is not None and rec <= 30 else 'missed'}: <= 30 s)"
+              f"{'' if recut is None else f', cut again {recut:.1f} s after its start'}.",
               f"- Elastic: {failed} failed requests; {len(budgets)} recorded budgets, "
               f"{'all' if in_range else 'NOT all'} within [{kmin:g}, {k}]"
               f"{f' (min {min(budgets):.2f}, max {max(budgets):.2f})' if budgets else ''}."]

@@ -36,7 +36,9 @@ POINTS=${POINTS:-topk2 seqtopk1.5 topk1 seqtopk2 seqtopk1 topp entropy topany}
 # (measured on site-packages text: topp p=0.35 1.86, 0.40 2.16; entropy budget 1 1.93, 2 3.02)
 TOPP_P=${TOPP_P:-0.37}
 ENTROPY_BUDGET=${ENTROPY_BUDGET:-1}
-TOPANY_FLAGS=${TOPANY_FLAGS:-}
+# Top-Any starts at the model's K (4) and is pulled to the target by a penalty on the thresholds;
+# at the default pace (10 x lr, coef 1) a 60-step run never gets there (docs/frontier.md)
+TOPANY_FLAGS=${TOPANY_FLAGS:---routing-cap 8 --topany-target 2 --topany-coef 10 --topany-lr-scale 100}
 PY=.venv/bin/python
 SR=.venv/bin/vllm-seqroute
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}

@@ -327,9 +327,10 @@ def main() -> None:
     ap.add_argument("--phase-s", type=float, default=40.0, help="seconds per phase")
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=64)
-    ap.add_argument("--target-x", type=float, default=1.15,
+    ap.add_argument("--target-x", type=float, default=1.5,
                     help="target = this x seqtopk@K's ITL p90 in the first phase (the step time the "
-                         "controller measures)")
+                         "controller measures); the ceiling must hold it at 1x with margin: its 5 s "
+                         "windows' p90 swings with Poisson bursts (at 1.15x the controller cuts at 1x)")
     ap.add_argument("--target-ms", type=float, default=None, help="target TPOT in ms (instead of --target-x)")
     ap.add_argument("--eval-windows", type=int, default=8, help="held-out windows of 512 tokens (0: no eval)")
     ap.add_argument("--eval-texts", default=TEXTS)

@@ -94,7 +94,7 @@ class Settings:
     target_ttft_ms: float | None = None
     quantum: float = REAL_QUANTUM
     aim: float = 0.85  # a cut aims at this fraction of the target
-    raise_below: float = 0.7  # a raise must keep the (scaled) signal below this fraction
+    raise_below: float = 0.9  # a raise must keep the (scaled) signal below this fraction
     down_frac: float = 0.5  # largest cut: this fraction of ceiling - minimum
     up_frac: float = 0.25  # largest raise: this fraction of ceiling - minimum
     load_drop: float = 0.5  # arrivals below this fraction of their rate when over target: load fell

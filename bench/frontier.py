@@ -157,43 +157,58 @@ def markdown(rows: list[dict[str, Any]], dense: float | None) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> Path:
+def plot(rows: list[dict[str, Any]], path: Path, zoom_from: float = 1.85) -> Path:
     """Loss against experts/token: a line per policy, adapted solid, training-free dashed; the
-    straight line through adapted TopK@1 and TopK@2 drawn across the plot."""
+    straight line through adapted TopK@1 and TopK@2 drawn across the plot. A second panel
+    enlarges the points at ``zoom_from`` experts/token and above (where most policies sit near
+    TopK@2's compute), when there are any."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.6, 5.2), constrained_layout=True)
+    near = [r for r in rows if r["avg_experts"] >= zoom_from]
+    zoom = len(near) > 1 and len(near) < len(rows)
+    fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(13.5 if zoom else 7.6, 5.4), squeeze=False,
+                             constrained_layout=True)
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     xs = [r["avg_experts"] for r in rows]
     ad = {r["point"]: r for r in rows if r["kind"] == "adapted"}
-    if "topk1" in ad and "topk2" in ad:
-        a = (ad["topk1"]["avg_experts"], ad["topk1"]["loss"])
-        b = (ad["topk2"]["avg_experts"], ad["topk2"]["loss"])
-        lo, hi = min(xs) - 0.1, max(xs) + 0.1
-        ax.plot([lo, hi], [line_at(a, b, lo), line_at(a, b, hi)], color="0.6", lw=0.9, ls=":",
-                label="TopK@1-TopK@2 line (adapted)", zorder=1)
-    for i, pol in enumerate(policies):
-        color = f"C{ORDER.index(pol) if pol in ORDER else i}"
-        for kind, ls, face in (("adapted", "-", color), ("base", "--", "white")):
-            rs = sorted((r for r in rows if r["policy"] == pol and r["kind"] == kind),
-                        key=lambda r: r["avg_experts"])
-            if not rs:
-                continue
-            ax.plot([r["avg_experts"] for r in rs], [r["loss"] for r in rs], ls=ls, color=color, marker="o",
-                    markerfacecolor=face, markeredgecolor=color, lw=1.6 if kind == "adapted" else 1.1,
-                    label=f"{pol} {'adapted' if kind == 'adapted' else 'training-free'}", zorder=3)
-            for r in rs:
-                ax.annotate(r["routing"].split(",")[0], (r["avg_experts"], r["loss"]),
-                            textcoords="offset points", xytext=(5, 3 if kind == "adapted" else -10),
-                            fontsize=7, color=color)
-    ax.set_xlabel("experts per token (average over MoE layers, held-out text)")
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title("Quality per compute: each policy adapted at its budget, and training-free")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    for n, ax in enumerate(axes.flat):
+        if "topk1" in ad and "topk2" in ad:
+            a = (ad["topk1"]["avg_experts"], ad["topk1"]["loss"])
+            b = (ad["topk2"]["avg_experts"], ad["topk2"]["loss"])
+            lo, hi = min(xs) - 0.1, max(xs) + 0.1
+            ax.plot([lo, hi], [line_at(a, b, lo), line_at(a, b, hi)], color="0.6", lw=0.9, ls=":",
+                    label="TopK@1-TopK@2 line (adapted)", zorder=1)
+        for i, pol in enumerate(policies):
+            color = f"C{ORDER.index(pol) if pol in ORDER else i}"
+            for kind, ls, face in (("adapted", "-", color), ("base", "--", "white")):
+                rs = sorted((r for r in rows if r["policy"] == pol and r["kind"] == kind),
+                            key=lambda r: r["avg_experts"])
+                if not rs:
+                    continue
+                ax.plot([r["avg_experts"] for r in rs], [r["loss"] for r in rs], ls=ls, color=color,
+                        marker="o", markerfacecolor=face, markeredgecolor=color,
+                        lw=1.6 if kind == "adapted" else 1.1,
+                        label=f"{pol} {'adapted' if kind == 'adapted' else 'training-free'}", zorder=3)
+                for r in rs:
+                    if n == 1 or r["avg_experts"] < zoom_from or not zoom:
+                        ax.annotate(r["point"], (r["avg_experts"], r["loss"]), textcoords="offset points",
+                                    xytext=(5, 3 if kind == "adapted" else -10), fontsize=7, color=color)
+        ax.set_xlabel("experts per token (average over MoE layers, held-out text)")
+        ax.set_ylabel("held-out loss (nats/token)")
+        ax.grid(alpha=0.3)
+        if n == 1:
+            nx, ny = [r["avg_experts"] for r in near], [r["loss"] for r in near]
+            pad_x, pad_y = 0.15 * (max(nx) - min(nx)) + 0.01, 0.15 * (max(ny) - min(ny)) + 0.002
+            ax.set_xlim(min(nx) - pad_x, max(nx) + 2 * pad_x)
+            ax.set_ylim(min(ny) - pad_y, max(ny) + pad_y)
+            ax.set_title(f"the points at {zoom_from:g} experts/token and above", fontsize=10)
+        else:
+            ax.set_title("Quality per compute: each policy adapted at its budget, and training-free",
+                         fontsize=10)
+            ax.legend(fontsize=7, ncol=2)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
     plt.close(fig)

@@ -50,6 +50,8 @@ SLO_TPOT = "seqroute_slo_tpot_ms"
 METRIC_NAMES: tuple[str, ...] = (EXPERTS_PER_TOKEN, TOKENS, EXPERT_PAIRS, BUDGET_GRANTED, POLLS,
                                  EXPERTS_TOUCHED, ROUTED_STEPS, EXPERT_LOAD, BUDGET_CURRENT, BUDGET_CEILING,
                                  BUDGET_MIN, SLO_TPOT)
+# The elastic controller's gauges: exported only while a controller runs (``--routing-slo-*``)
+ELASTIC_NAMES: tuple[str, ...] = (BUDGET_CURRENT, BUDGET_CEILING, BUDGET_MIN, SLO_TPOT)
 # name -> (Prometheus type, labels, help)
 METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     EXPERTS_PER_TOKEN: ("histogram", (), "Experts used per (token, MoE layer) routing decision"),

@@ -20,6 +20,7 @@ from vllm_seqroute.policies import REGISTRY, RoutingConfig, TokenParams, registr
 from vllm_seqroute.policies.base import REAL, Body, Param, register_policy
 from vllm_seqroute.policies.config import POLICIES
 from vllm_seqroute.vllm_glue import config as glue_config
+from vllm_seqroute.vllm_glue import elastic
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -79,7 +80,8 @@ def test_readme_flag_table_lists_every_option_and_policy():
     rows = _readme_flag_rows()
     want = {"--routing", glue_config.flag(options.ALLOWED_KEY),
             glue_config.flag(glue_config.PREFIX_STATE_KEY)} | {
-        glue_config.flag(p.key) for p in registry.options().values()}
+        glue_config.flag(p.key) for p in registry.options().values()} | {
+        glue_config.flag(k) for k in (elastic.TPOT_KEY, elastic.TTFT_KEY, elastic.MIN_KEY)}
     assert set(rows) == want
     for name in POLICIES:
         assert f"`{name}`" in rows["--routing"], name

@@ -269,10 +269,13 @@ def test_stats_route_and_metrics(server: Server) -> None:
     time.sleep(1.5)
     m = server.metrics()
     from seqroute_server import METRIC_NAMES
+    from seqroute_server.telemetry import ELASTIC_NAMES
 
     names = {k.partition("{")[0] for k in m}
-    for name in METRIC_NAMES:  # every family is on vLLM's /metrics (per-expert: enabled here)
-        assert any(n == name or n.startswith(name + "_") for n in names), name
+    for name in METRIC_NAMES:  # every family is on vLLM's /metrics (per-expert: enabled here);
+        # the elastic gauges only with a controller (test_elastic_budget_timeline_in_chromium)
+        present = any(n == name or n.startswith(name + "_") for n in names)
+        assert present == (name not in ELASTIC_NAMES), name
     for k, v in before.items():  # monotonic across the reset
         if "_total" in k or k.endswith(("_count", "_sum")) or "_bucket" in k:
             assert m.get(k, 0) >= v, k

@@ -194,12 +194,7 @@
     var trace = (Array.isArray(e.trace) ? e.trace : []).filter(function (p) {
       return Array.isArray(p) && num(p[0]) && num(p[1]);
     });
-    var root = el('elastic');
-    while (root.firstChild) { root.removeChild(root.firstChild); }
-    var W = Math.max(360, Math.min(900, el('elastic-panel').clientWidth - 32)), H = 220;
-    root.setAttribute('width', W);
-    root.setAttribute('height', H);
-    root.setAttribute('viewBox', '0 0 ' + W + ' ' + H);
+    var root = el('elastic'), H = 220, W = canvas(root, 'elastic-panel', H);
     var left = 44, right = 56, top = 14, bottom = 30, plotW = W - left - right, plotH = H - top - bottom;
     var t0 = trace.length ? trace[0][0] : 0, t1 = trace.length ? trace[trace.length - 1][0] : 1;
     var dt = Math.max(t1 - t0, 1);
@@ -379,12 +374,7 @@
       row.forEach(function (c, k) { counts[k] = (counts[k] || 0) + c; });
     });
     for (var k = 0; k < counts.length; k++) { counts[k] = counts[k] || 0; }
-    var root = el('histogram');
-    while (root.firstChild) { root.removeChild(root.firstChild); }
-    var W = Math.max(360, Math.min(900, el('histogram-panel').clientWidth - 32)), H = 240;
-    root.setAttribute('width', W);
-    root.setAttribute('height', H);
-    root.setAttribute('viewBox', '0 0 ' + W + ' ' + H);
+    var root = el('histogram'), H = 240, W = canvas(root, 'histogram-panel', H);
     var left = 44, right = 12, top = 26, bottom = 36;
     var n = Math.max(counts.length, 1), total = sum(counts);
     var peak = Math.max.apply(null, counts.concat([1]));
@@ -424,16 +414,21 @@
       : '(no routed tokens in view)';
   }
 
-  // Per layer: mean distinct experts per step (experts_touched / steps_routed) against its experts.
-  function drawTouched(v) {
-    var touched = v.experts_touched || [], steps = v.steps_routed || [], load = v.expert_load || [];
-    var root = el('touched');
+  // Empty an SVG for a redraw and size it to its panel's width (at most 900 px) and height H.
+  function canvas(root, panelId, H) {
     while (root.firstChild) { root.removeChild(root.firstChild); }
-    var L = touched.length;
-    var W = Math.max(360, Math.min(900, el('touched-panel').clientWidth - 32)), H = 200;
+    var W = Math.max(360, Math.min(900, el(panelId).clientWidth - 32));
     root.setAttribute('width', W);
     root.setAttribute('height', H);
     root.setAttribute('viewBox', '0 0 ' + W + ' ' + H);
+    return W;
+  }
+
+  // Per layer: mean distinct experts per step (experts_touched / steps_routed) against its experts.
+  function drawTouched(v) {
+    var touched = v.experts_touched || [], steps = v.steps_routed || [], load = v.expert_load || [];
+    var root = el('touched'), H = 200, W = canvas(root, 'touched-panel', H);
+    var L = touched.length;
     var left = 44, right = 12, top = 18, bottom = 30;
     var bw = Math.min(64, (W - left - right) / Math.max(L, 1));
     var shown = 0, sumMean = 0, sumExperts = 0;

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vllm_seqroute.evaluate.report import model_dims
+from vllm_seqroute.evaluate.report import fmt_value, model_dims
 from vllm_seqroute.evaluate.runner import SPEC_KEYS
 
 KINDS = ("adapted", "base")
@@ -129,10 +129,6 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def _f(v: Any, fmt: str) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
-
-
 def markdown(rows: list[dict[str, Any]], dense: float | None) -> str:
     """One table: a row per (point, adapted / training-free), as the study's Tables II-VII."""
     base_k2 = next((r["loss"] for r in rows if r["kind"] == "base" and r["point"] == "topk2"), None)
@@ -147,10 +143,11 @@ def markdown(rows: list[dict[str, Any]], dense: float | None) -> str:
         tr = r.get("train") or {}
         lines.append("| " + " | ".join([
             r["routing"], "adapted" if r["kind"] == "adapted" else "base (training-free)",
-            _f(r["loss"], ".4f"), _f(r["ppl"], ".3f"), rel, _f(r["avg_experts"], ".3f"), imb,
-            _f(r.get("prefill_tok_s"), ".0f"), _f(r.get("decode_tok_s"), ".0f"),
-            _f(r.get("peak_rss_mib"), ".0f"),
-            _f(r["expert_mflops_per_token"], ".2f"),
+            fmt_value(r["loss"], ".4f"), fmt_value(r["ppl"], ".3f"), rel,
+            fmt_value(r["avg_experts"], ".3f"), imb,
+            fmt_value(r.get("prefill_tok_s"), ".0f"), fmt_value(r.get("decode_tok_s"), ".0f"),
+            fmt_value(r.get("peak_rss_mib"), ".0f"),
+            fmt_value(r["expert_mflops_per_token"], ".2f"),
             "n/a" if dense is None else f"{dense + r['expert_mflops_per_token']:.2f}",
             "n/a" if tr.get("elapsed_s") is None else f"{tr['elapsed_s'] / 60:.1f}",
         ]) + " |")
@@ -251,8 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         elif ns.cmd == "row":
             for r in json.loads((ns.eval_dir / "results.json").read_text()):
                 print(f"{r['routing']} loss {r['loss']:.4f} experts/token {r['avg_experts']:.3f} "
-                      f"prefill {_f(r.get('prefill_tok_s'), '.0f')} "
-                      f"decode {_f(r.get('decode_tok_s'), '.0f')} tok/s")
+                      f"prefill {fmt_value(r.get('prefill_tok_s'), '.0f')} "
+                      f"decode {fmt_value(r.get('decode_tok_s'), '.0f')} tok/s")
         elif ns.cmd == "trained":
             a = json.loads((ns.checkpoint / "adapt.json").read_text())
             print(f"{a['tokens_trained']} tokens in {a['elapsed_s'] / 60:.1f} min, "
@@ -274,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             if dims is not None:
                 text += (f"\nModel: {dims['moe_layers']} MoE layers x {dims['num_experts']} experts, hidden "
                          f"{dims['hidden']}, expert width {dims['expert_width']}; dense part "
-                         f"{_f(dense, '.2f')} MFLOP/token (weights outside the experts, LM head included).\n")
+                         f"{fmt_value(dense, '.2f')} MFLOP/token (weights outside the experts, LM head "
+                         "included).\n")
             dest.mkdir(parents=True, exist_ok=True)
             (dest / "frontier.md").write_text(text)
             (dest / "frontier.json").write_text(json.dumps(rows, indent=1) + "\n")

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     from vllm_seqroute.evaluate.data import load_texts, windows_for
     from vllm_seqroute.evaluate.difficulty_report import difficulty_views
     from vllm_seqroute.evaluate.heldout import heldout_loss_torch, routing_config
-    from vllm_seqroute.evaluate.report import markdown_table, model_dims, plots, summarize
+    from vllm_seqroute.evaluate.report import fmt_value, markdown_table, model_dims, plots, summarize
 
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -171,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         if not ns.no_progress:
             tqdm.write(f"{labels[m]:>16} {spec.label:<22} loss {row['loss']:.4f}  experts/token "
-                       f"{row['avg_experts']:.3f}  prefill {row['prefill_tok_s']:.0f} tok/s  "
-                       f"decode {row['decode_tok_s']:.0f} tok/s{_rho_text(row)}")
+                       f"{row['avg_experts']:.3f}  prefill {fmt_value(row['prefill_tok_s'], '.0f')} tok/s  "
+                       f"decode {fmt_value(row['decode_tok_s'], '.0f')} tok/s{_rho_text(row)}")
     table = markdown_table(rows)
     n_tok = rows[0]["tokens"] if rows else 0
     source = ", ".join(ns.texts) if len(ns.texts) <= 3 else (

@@ -58,7 +58,9 @@ def summarize(model: str, label: str, res: dict[str, Any], dims: dict[str, Any])
     }
 
 
-def _f(v: Any, fmt: str) -> str:
+def fmt_value(v: Any, fmt: str) -> str:
+    """``v`` formatted, or ``n/a`` where it is missing or NaN (e.g. a decode time a loaded
+    machine could not tell)."""
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
 
@@ -74,17 +76,18 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         "decode tok/s", "decode ms/step", "peak RSS MiB"] + (difficulty_report.HEAD if diff else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = ([r["model"]] if multi else []) + [r["routing"], _f(r["loss"], ".4f"), _f(r["ppl"], ".3f")]
+        cells = ([r["model"]] if multi else []) + [r["routing"], fmt_value(r["loss"], ".4f"),
+                                                   fmt_value(r["ppl"], ".3f")]
         if ref:
             t = r.get("torch_ref_loss")
-            cells += [_f(t, ".4f"), "n/a" if t is None else f"{100 * (r['loss'] - t) / t:+.3f} %"]
+            cells += [fmt_value(t, ".4f"), "n/a" if t is None else f"{100 * (r['loss'] - t) / t:+.3f} %"]
         imb = ("n/a" if r["imbalance_mean"] is None
                else f"{r['imbalance_mean']:.2f}, {r['imbalance_max']:.2f}")
-        cells += [_f(r["avg_experts"], ".3f"), _f(r["expert_mflops_per_token"], ".2f"), imb,
-                  _f(r["prefill_tok_s"], ".0f"), _f(r["decode_tok_s"], ".0f"),
+        cells += [fmt_value(r["avg_experts"], ".3f"), fmt_value(r["expert_mflops_per_token"], ".2f"), imb,
+                  fmt_value(r["prefill_tok_s"], ".0f"), fmt_value(r["decode_tok_s"], ".0f"),
                   "n/a" if r["decode_ms_per_step"] is None
                   else f"{r['decode_ms_per_step']:.1f} (batch {r['decode_batch']})",
-                  _f(r["peak_rss_mib"], ".0f")]
+                  fmt_value(r["peak_rss_mib"], ".0f")]
         if diff:
             cells += difficulty_report.table_cells(r)
         lines.append("| " + " | ".join(cells) + " |")

@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from vllm_seqroute.options import FIELDS, real, request_config
+from vllm_seqroute.options import FIELDS, flag, real, request_config
 from vllm_seqroute.policies import registry
 from vllm_seqroute.policies.base import REAL
 from vllm_seqroute.policies.config import RoutingConfig
@@ -295,12 +295,8 @@ class Controller:
 # --- configuration ------------------------------------------------------------------------------
 def _ms(key: str, v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
-        raise ValueError(f"{_flag(key)}: must be a positive number of milliseconds, got {v!r}"[:160])
+        raise ValueError(f"{flag(key)}: must be a positive number of milliseconds, got {v!r}"[:160])
     return float(v)
-
-
-def _flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
 
 
 def budget_policies() -> list[str]:
@@ -321,7 +317,7 @@ def check_options(opts: dict[str, Any], cfg: RoutingConfig) -> None:
     if target is None:
         for key in (TTFT_KEY, MIN_KEY):
             if opts.get(key) is not None:
-                raise ValueError(f"{_flag(key)}: needs {_flag(TPOT_KEY)} (the elastic budget is off without "
+                raise ValueError(f"{flag(key)}: needs {flag(TPOT_KEY)} (the elastic budget is off without "
                                  f"a TPOT target)")
         if opts.get(TIMING_KEY) is not None:
             Timing.from_options(opts[TIMING_KEY])
@@ -331,21 +327,21 @@ def check_options(opts: dict[str, Any], cfg: RoutingConfig) -> None:
         _ms(TTFT_KEY, opts[TTFT_KEY])
     Timing.from_options(opts.get(TIMING_KEY))
     if cfg.policy not in budget_policies():
-        raise ValueError(f"{_flag(TPOT_KEY)}: the {cfg.policy} policy has no budget to lower (the elastic "
+        raise ValueError(f"{flag(TPOT_KEY)}: the {cfg.policy} policy has no budget to lower (the elastic "
                          f"budget serves {', '.join(budget_policies())})")
     lo = opts.get(MIN_KEY)
     if lo is not None:
         if isinstance(lo, bool) or not isinstance(lo, (int, float)) or not lo > 0 or not math.isfinite(lo):
-            raise ValueError(f"{_flag(MIN_KEY)}: must be a positive number, got {lo!r}"[:160])
+            raise ValueError(f"{flag(MIN_KEY)}: must be a positive number, got {lo!r}"[:160])
         q = quantum(cfg.policy)
         if q == 1.0 and not float(lo).is_integer():
-            raise ValueError(f"{_flag(MIN_KEY)}: {cfg.policy} takes integer budgets, got {lo!r}")
+            raise ValueError(f"{flag(MIN_KEY)}: {cfg.policy} takes integer budgets, got {lo!r}")
         if cfg.budget is not None and lo > cfg.budget:
-            raise ValueError(f"{_flag(MIN_KEY)}: {real(lo)} is above the ceiling, --routing-budget "
+            raise ValueError(f"{flag(MIN_KEY)}: {real(lo)} is above the ceiling, --routing-budget "
                              f"{cfg.budget}")
         floor = cfg.floor if any(r == ("floor", "budget") for r in registry.spec(cfg.policy).rules) else None
         if floor is not None and lo < floor:
-            raise ValueError(f"{_flag(MIN_KEY)}: {real(lo)} is below --routing-floor {floor} "
+            raise ValueError(f"{flag(MIN_KEY)}: {real(lo)} is below --routing-floor {floor} "
                              f"({cfg.policy} needs floor <= budget)")
 
 
@@ -363,7 +359,7 @@ def settings_for(opts: dict[str, Any], cfg: RoutingConfig, model_k: int) -> Sett
         # known only once the model is loaded, after vLLM's startup handshake: an engine core
         # that raised there can leave the API server waiting, so one line and the ceiling instead
         logger.error("vllm_seqroute: %s: %s is above the ceiling, the model's K %d (set --routing-budget "
-                     "to serve another ceiling); the elastic budget stays at %d", _flag(MIN_KEY), real(lo),
+                     "to serve another ceiling); the elastic budget stays at %d", flag(MIN_KEY), real(lo),
                      model_k, model_k)
         lo = ceiling
     q = quantum(cfg.policy)

@@ -47,6 +47,12 @@ def _zeros_huge(*shapes: tuple[int, ...], dtype: torch.dtype) -> list[torch.Tens
             for sh, c, a in zip(shapes, counts, starts, strict=False)]
 
 
+
+def _block_totals(hist: torch.Tensor) -> torch.Tensor:
+    """``[..., NUM_BINS]`` histogram rows -> ``[..., NUM_BLOCKS]`` totals of each ``BLOCK`` bins."""
+    pad = torch.nn.functional.pad(hist, (0, NUM_BLOCKS * BLOCK - NUM_BINS))
+    return pad.view(*hist.shape[:-1], NUM_BLOCKS, BLOCK).sum(-1)
+
 class CausalLedger:
     """Ledger for ``num_slots`` request slots; slot ``-1`` (padding) maps to a sink row.
 
@@ -155,8 +161,7 @@ class CausalLedger:
     def refresh_blocks(self) -> None:
         """Recompute the block totals from the bins (after a kernel wrote the bins itself)."""
         if self.hist is not None and self.block is not None:
-            pad = torch.nn.functional.pad(self.hist, (0, NUM_BLOCKS * BLOCK - NUM_BINS))
-            self.block.copy_(pad.view(-1, NUM_BLOCKS, BLOCK).sum(-1))
+            self.block.copy_(_block_totals(self.hist))
 
     def load(self, slot: int, bins: torch.Tensor, charged: torch.Tensor) -> None:
         """Set ``slot`` to the state its request has after tokens whose candidates fell in pool
@@ -170,8 +175,7 @@ class CausalLedger:
         counts = torch.zeros(NUM_BINS + 1, dtype=torch.int32, device=self.hist.device)
         counts.index_add_(0, torch.where(b >= 0, b, NUM_BINS), torch.ones_like(b, dtype=torch.int32))
         self.hist[slot] = counts[:NUM_BINS]
-        pad = torch.nn.functional.pad(counts[:NUM_BINS], (0, NUM_BLOCKS * BLOCK - NUM_BINS))
-        self.block[slot] = pad.view(NUM_BLOCKS, BLOCK).sum(-1)
+        self.block[slot] = _block_totals(counts[:NUM_BINS])
         self.seen[slot] = bins.shape[0]
         self.used[slot] = charged.sum(dtype=torch.int64)
 

@@ -545,8 +545,9 @@ def test_engine_per_request_topany_matches_reference(checkpoints: Any, engine: A
 @pytest.mark.vllm
 @pytest.mark.skipif(not has_vllm(), reason="needs vLLM")
 def test_openai_server_serves_recorded_topany(checkpoints: Any, tmp_path: Path) -> None:
-    """``vllm-seqroute serve CHECKPOINT`` (no routing flag) serves the topany its config.json
-    records, through the OpenAI API: default requests route with topany, per-request topk and
+    """``vllm-seqroute serve CHECKPOINT`` (no routing flag, vLLM's default compiled mode) serves
+    the topany its config.json records, through the OpenAI API (the in-process engine test above
+    is eager): default requests route with topany, per-request topk and
     topany with options too; the stats and the workers' info say so, and PROBE's experts per
     layer are those the reference gave on the in-process engine."""
     from openai import OpenAI
@@ -556,7 +557,7 @@ def test_openai_server_serves_recorded_topany(checkpoints: Any, tmp_path: Path) 
     _, recorded, tensors = checkpoints
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     env.update(VLLM_PLUGINS="seqroute,seqroute_http", VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false")
-    args = [str(recorded), "--served-model-name", "tiny", "--api-key", KEY, "--enforce-eager", "--dtype",
+    args = [str(recorded), "--served-model-name", "tiny", "--api-key", KEY, "--dtype",
             "bfloat16", "--max-model-len", "256", "--max-num-seqs", "8", "--seed", "0",
             "--distributed-executor-backend", "uni", "--disable-uvicorn-access-log"]
     with running(args, env, tmp_path / "server.log") as srv:

@@ -8,14 +8,20 @@ the step). Configurations, at the model's K:
 - ``seqtopk@K``: ``--routing seqtopk`` (cap 2K: up to 2K experts for a token, K on average);
 - ``seqtopk@K/2``: ``--routing seqtopk --routing-budget K/2``;
 - ``ideal topk@K/2``: the same checkpoint with ``num_experts_per_tok = K/2``, vanilla: the
-  speed-up a half budget should give.
+  speed-up a half budget should give;
+- ``seqtopk@0.75K``, ``seqtopk@K/4``, ``ideal@0.75K``, ``ideal@K/4``: the same at the other
+  points of the budget sweep (budgets rounded to a whole expert; fractional budgets are served
+  too, but the ideal checkpoint needs a whole K).
+
+With the sweep's configurations, a last table sets each ``seqtopk@b`` beside the TopK line at b
+(``vanilla`` is TopK at K, the ``ideal`` checkpoints the other points): the issue's target is
+each within 10 %.
 
 Prints output tok/s, mean TTFT and TPOT, each ratio to vanilla, and experts per token: selected
 by the policy and computed by the expert kernels, and the distinct experts a step touched per
 layer (weights read; mean over layers) (from the plugin's stats, reset before each
 run). ``--rounds 2`` runs the cycle twice in alternating order (servers restarted) and reports
-the median. ``--configs`` runs some of them only (``vanilla topk@K seqtopk@K seqtopk@K/2
-ideal@K/2``; the ratios need ``vanilla``).
+the median. ``--configs`` runs some of them only (the ratios need ``vanilla``).
 
     .venv/bin/python bench/budget_compute.py [--models seqtopk-moe expert-heavy] [--rounds 1]
         [--configs vanilla seqtopk@K/2 ideal@K/2]
@@ -110,19 +116,37 @@ def run_client(model: Path, port: int, prompts: int, out_dir: Path, name: str) -
     return json.loads(result.read_text())
 
 
-CONFIGS = ("vanilla", "topk@K", "seqtopk@K", "seqtopk@K/2", "ideal@K/2")  # --configs names
+CONFIGS = ("vanilla", "topk@K", "seqtopk@K", "seqtopk@0.75K", "seqtopk@K/2", "seqtopk@K/4",
+           "ideal@0.75K", "ideal@K/2", "ideal@K/4")  # --configs names
+FRACTIONS = {"0.75K": 0.75, "K/2": 0.5, "K/4": 0.25}  # the sweep's budgets below K
 
 
 def configs(model: Path, k: int, work: Path, chosen: list[str]) -> list[tuple[str, Path, list[str]]]:
-    half = max(1, k // 2)
     every = {
         "vanilla": ("vanilla", model, []),
         "topk@K": (f"topk@{k}", model, ["--routing", "topk"]),
         "seqtopk@K": (f"seqtopk@{k}", model, ["--routing", "seqtopk"]),
-        "seqtopk@K/2": (f"seqtopk@{half}", model, ["--routing", "seqtopk", "--routing-budget", str(half)]),
-        "ideal@K/2": (f"ideal topk@{half}", with_k(model, half, work / f"k{half}"), []),
     }
+    for tag, f in FRACTIONS.items():
+        b = max(1, round(k * f))
+        flags = ["--routing", "seqtopk", "--routing-budget", str(b)]
+        every[f"seqtopk@{tag}"] = (f"seqtopk@{b}", model, flags)
+        every[f"ideal@{tag}"] = (f"ideal topk@{b}", with_k(model, b, work / f"k{b}"), [])
     return [every[c] for c in CONFIGS if c in chosen]
+
+
+def sweep_table(k: int, tput: dict[str, float]) -> None:
+    """Each seqtopk budget beside the TopK line at that budget (vanilla is TopK at K)."""
+    budgets = sorted({max(1, round(k * f)) for f in FRACTIONS.values()})
+    points = [(k, "vanilla", f"seqtopk@{k}")] + [(b, f"ideal topk@{b}", f"seqtopk@{b}") for b in budgets]
+    rows = [(b, tput[i], tput[s]) for b, i, s in points if i in tput and s in tput]
+    if not rows:
+        return
+    print("| budget | TopK line tok/s | seqtopk tok/s | seqtopk / line | within 10 % |")
+    print("|---|---|---|---|---|")
+    for b, line, seq in sorted(rows, reverse=True):
+        print(f"| {b} | {line:.0f} | {seq:.0f} | {seq / line:.3f} | {'yes' if seq >= 0.9 * line else 'no'} |")
+    print()
 
 
 def bench_model(label: str, model: Path, prompts: int, rounds: int, work: Path, port: int,
@@ -156,6 +180,7 @@ def bench_model(label: str, model: Path, prompts: int, rounds: int, work: Path, 
     print("| server | output tok/s | vs vanilla | mean TTFT ms | mean TPOT ms | experts/token selected "
           "| experts/token computed | experts touched/step |")
     print("|---|---|---|---|---|---|---|---|")
+    medians: dict[str, float] = {}
     for name, _, _ in cfgs:
         rs = runs[name]
         tput = statistics.median(x["output_throughput"] for x in rs)
@@ -178,7 +203,9 @@ def bench_model(label: str, model: Path, prompts: int, rounds: int, work: Path, 
                 touched = f"{sum(per_layer) / len(per_layer):.1f} of {len(s['expert_load'][0])}"
         ratio = f"{tput / base:.3f}" if base else "-"
         print(f"| {name} | {tput:.0f} | {ratio} | {ttft:.0f} | {tpot:.1f} | {sel} | {comp} | {touched} |")
+        medians[name] = tput
     print(flush=True)
+    sweep_table(k, medians)
 
 
 def main() -> None:

@@ -76,15 +76,18 @@ class Layer:
         self.experts.apply(**kw)
         return out
 
-    def wrapped(self, apply: Callable[..., None] | None = None) -> Any:
+    def wrapped(self, apply: Callable[..., None] | None = None, model_k: int = 2) -> Any:
         from vllm_seqroute.vllm_glue.compact_experts import ExpertsOnSelected
 
-        return ExpertsOnSelected(apply or self.apply, compact=True)
+        return ExpertsOnSelected(apply or self.apply, compact=True, model_k=model_k)
 
     def compact(self, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
-                apply: Callable[..., None] | None = None) -> tuple[torch.Tensor, Any]:
-        """Through the plugin's opaque op, as the modular kernel calls ``apply``."""
-        wrap = self.wrapped(apply)
+                apply: Callable[..., None] | None = None, native: bool = True,
+                model_k: int = 2) -> tuple[torch.Tensor, Any]:
+        """Through the plugin's opaque op, as the modular kernel calls ``apply``; ``native``: the
+        per-token combine in C (else torch's); ``model_k``: the layer's own K."""
+        wrap = self.wrapped(apply, model_k)
+        wrap.native = native and wrap.native
         out = torch.full_like(x, float("nan"))  # every row must be written
         wrap(output=out, hidden_states=x, w1=self.module.w13_weight, w2=self.module.w2_weight,
              topk_weights=w, topk_ids=ids, activation=self.activation, global_num_experts=E,
@@ -132,13 +135,17 @@ def mixed_counts(n: int, width: int, seed: int = 2) -> torch.Tensor:
     return counts
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["C-combine", "torch-combine"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,width", [(33, 8), (5, 4), (64, 2)])
-def test_mixed_counts_one_call_equal_weight0_and_reference(dtype: torch.dtype, n: int, width: int) -> None:
+def test_mixed_counts_one_call_equal_weight0_and_reference(dtype: torch.dtype, n: int, width: int,
+                                                           native: bool) -> None:
     layer = Layer(dtype)
     counts = mixed_counts(n, width)
     x, w, ids, ids0, keep = routing(n, width, counts, dtype)
-    out, wrap = layer.compact(x, w, ids)
+    out, wrap = layer.compact(x, w, ids, native=native)
+    if native:
+        assert wrap.native, "the C combine was not built"
     pairs = int(counts.sum())
     # one kernel call, one top-1 row per selected pair, never -1
     assert len(layer.calls) == 1
@@ -203,7 +210,7 @@ def test_same_count_everywhere_is_the_unchanged_call(count: int, vanilla_step: N
     layer = Layer(torch.bfloat16)
     n, width = 17, 8
     x, w, ids, _, _ = routing(n, width, torch.full((n,), count), torch.bfloat16)
-    out, wrap = layer.compact(x, w, ids)
+    out, wrap = layer.compact(x, w, ids, model_k=count)
     assert len(layer.calls) == 1 and layer.calls[0].shape == (n, count)
     assert torch.equal(out, layer.kernel(x, w[:, :count], ids[:, :count]))
     assert (wrap.pairs, wrap.tokens) == (n * count, n)

@@ -1,5 +1,6 @@
-"""The routing op's native CPU body: ``select_cpu.c``, built once with the system C compiler
-(cached by source hash under the user's cache folder) and called through ``ctypes``.
+"""The routing op's native CPU body, ``select_cpu.c``, and the CPU experts' per-token combine,
+``pairs_cpu.c``: built once with the system C compiler (cached by source hash under the user's
+cache folder) and called through ``ctypes``.
 
 Plain C with no torch headers builds in about a second, so it is built on first use rather
 than at install; where no compiler is found the torch twin serves, and the log says why once.
@@ -25,6 +26,7 @@ from vllm_seqroute.policies.ordering import NUM_BINS, POOL_BIN_PARAMS
 
 logger = logging.getLogger("vllm_seqroute")
 _SRC = Path(__file__).with_name("select_cpu.c")
+_PAIRS_SRC = Path(__file__).with_name("pairs_cpu.c")
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -63,7 +65,8 @@ def _build(src: Path, out: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", tmp, str(src), "-lm"], check=True,
+        # -O3: the combine's row sums vectorise (no -ffast-math: results stay IEEE-exact)
+        subprocess.run([cc, "-O3", "-shared", "-fPIC", "-o", tmp, str(src), "-lm"], check=True,
                        capture_output=True, text=True, timeout=120)
         os.replace(tmp, out)
     except subprocess.CalledProcessError as e:
@@ -74,23 +77,72 @@ def _build(src: Path, out: Path) -> None:
 
 
 @functools.cache
-def library() -> ctypes.CDLL | None:
-    """The built kernel library, or None (logged once) where it cannot be built or loaded."""
+def _load(src: Path) -> ctypes.CDLL | None:
+    """``src`` built and loaded, or None (logged once) where it cannot be."""
     if os.environ.get("SEQROUTE_NO_NATIVE") == "1":
         return None
-    digest = hashlib.sha256(_SRC.read_bytes()).hexdigest()[:16]
-    target = _cache_dir() / f"select_cpu-{digest}.so"
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
+    target = _cache_dir() / f"{src.stem}-{digest}.so"
     try:
         if not target.exists():
-            _build(_SRC, target)
-        lib = ctypes.CDLL(str(target))
+            _build(src, target)
+        return ctypes.CDLL(str(target))
     except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:
-        logger.warning("vllm_seqroute: native CPU routing kernel unavailable (%s); routing with the "
-                       "torch policies (slower)", e)
+        logger.warning("vllm_seqroute: native CPU kernel %s unavailable (%s); the torch code serves "
+                       "(slower)", src.name, e)
         return None
-    lib.seqroute_select_cpu.restype = ctypes.c_int
-    lib.seqroute_select_cpu.argtypes = [ctypes.POINTER(_Step)]
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The built routing kernel, or None where it cannot be built or loaded."""
+    lib = _load(_SRC)
+    if lib is not None:
+        lib.seqroute_select_cpu.restype = ctypes.c_int
+        lib.seqroute_select_cpu.argtypes = [ctypes.POINTER(_Step)]
     return lib
+
+
+@functools.cache
+def _pairs_library() -> ctypes.CDLL | None:
+    lib = _load(_PAIRS_SRC)
+    if lib is not None:
+        lib.seqroute_pair_sum.restype = ctypes.c_int
+        lib.seqroute_pair_sum.argtypes = [_P, ctypes.c_int32, _P, _I, _I, _P, ctypes.c_int32, _P]
+    return lib
+
+
+_PAIR_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # pairs_cpu.c's F32, BF16
+
+
+def pair_sum_available() -> bool:
+    return _pairs_library() is not None
+
+
+def pair_sum(rows: torch.Tensor, counts: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[t] = rows[o_t : o_t + counts[t]].sum(0)`` (``o_t``: the earlier tokens' counts), in
+    float32 in row order, rounded once to ``out``'s dtype; 0 rows give an exact 0. Float32 and
+    bfloat16 run as they are; other dtypes through float32 copies."""
+    lib = _pairs_library()
+    if lib is None:
+        raise RuntimeError("native CPU pair sum unavailable (see the log)")
+    n, h = out.shape
+    if rows.dim() != 2 or rows.shape[1] != h or counts.shape != (n,) or not (rows.is_cpu and out.is_cpu):
+        raise ValueError(f"pair sum: rows {tuple(rows.shape)}, counts {tuple(counts.shape)}, out "
+                         f"{tuple(out.shape)}")
+    src = rows if rows.dtype in _PAIR_DTYPES else rows.float()
+    dst = out if out.dtype in _PAIR_DTYPES and out.is_contiguous() else \
+        torch.empty((n, h), dtype=torch.float32)
+    src, cnt = src.contiguous(), counts.to(torch.int64).contiguous()
+    if int(cnt.sum()) != src.shape[0] or bool((cnt < 0).any()):  # C reads exactly these rows
+        raise ValueError(f"pair sum: counts sum to {int(cnt.sum())} for {src.shape[0]} rows")
+    acc = torch.empty(h, dtype=torch.float32)
+    rc = lib.seqroute_pair_sum(src.data_ptr(), _PAIR_DTYPES[src.dtype], cnt.data_ptr(), n, h,
+                               dst.data_ptr(), _PAIR_DTYPES[dst.dtype], acc.data_ptr())
+    if rc != 0:
+        raise RuntimeError(f"native CPU pair sum: error {rc}")
+    if dst is not out:
+        out.copy_(dst)
 
 
 def available(device: torch.device) -> bool:

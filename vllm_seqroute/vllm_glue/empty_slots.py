@@ -133,7 +133,8 @@ def configure(model: Any) -> tuple[dict[str, int], list[ExpertsOnSelected]]:
             reasons.add(reason)
         experts = fused_experts_of(module)
         if isinstance(experts, CPUUnquantizedExperts) and not isinstance(experts.apply, ExpertsOnSelected):
-            compact = ExpertsOnSelected(experts.apply, compact=mode == "compact")
+            compact = ExpertsOnSelected(experts.apply, compact=mode == "compact",
+                                        model_k=int(module.router.top_k))
             setattr(experts, "apply", compact)  # this instance only
             counters.append(compact)
     if sum(counts.values()):

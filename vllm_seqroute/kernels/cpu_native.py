@@ -27,6 +27,8 @@ from vllm_seqroute.policies.ordering import NUM_BINS, POOL_BIN_PARAMS
 logger = logging.getLogger("vllm_seqroute")
 _SRC = Path(__file__).with_name("select_cpu.c")
 _PAIRS_SRC = Path(__file__).with_name("pairs_cpu.c")
+# -O3: the pair sum's row loops vectorise (no -ffast-math: results stay IEEE-exact)
+_FLAGS = ("-O3", "-shared", "-fPIC")
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -65,8 +67,7 @@ def _build(src: Path, out: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        # -O3: the combine's row sums vectorise (no -ffast-math: results stay IEEE-exact)
-        subprocess.run([cc, "-O3", "-shared", "-fPIC", "-o", tmp, str(src), "-lm"], check=True,
+        subprocess.run([cc, *_FLAGS, "-o", tmp, str(src), "-lm"], check=True,
                        capture_output=True, text=True, timeout=120)
         os.replace(tmp, out)
     except subprocess.CalledProcessError as e:
@@ -81,7 +82,7 @@ def _load(src: Path) -> ctypes.CDLL | None:
     """``src`` built and loaded, or None (logged once) where it cannot be."""
     if os.environ.get("SEQROUTE_NO_NATIVE") == "1":
         return None
-    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256(src.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:16]
     target = _cache_dir() / f"{src.stem}-{digest}.so"
     try:
         if not target.exists():

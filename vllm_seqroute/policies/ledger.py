@@ -104,11 +104,12 @@ class CausalLedger:
         """Ledger row of each slot id (padding ``-1`` -> sink row)."""
         return torch.where(slot < 0, self.num_slots, slot)
 
-    def reset(self, slots: torch.Tensor | None = None, *, pooled: bool = True) -> None:
+    def reset(self, slots: torch.Tensor | None = None, *, pooled: bool | torch.Tensor = True) -> None:
         """Forget the given slots (all when ``None``): a new request starts with no history.
-        ``pooled=False``: the slots' requests route with a policy that never reads the pool (no
-        ``history`` in its ``needs``; a request's policy is fixed for its life), so their tokens
-        add nothing to it (``commit``, ``load``): less memory traffic per token."""
+        ``pooled=False`` (or False at a slot's place in a bool tensor like ``slots``): the slot's
+        request routes with a policy that never reads the pool (no ``history`` in its ``needs``; a
+        request's policy is fixed for its life), so its tokens add nothing to it (``commit``,
+        ``load``): less memory traffic per token."""
         if slots is None:
             slots = torch.arange(self.num_slots, device=self.seen.device)
         r = self.rows(slots.to(self.seen.device, torch.int64))

@@ -30,18 +30,17 @@ def on_scheduler_output(so: Any, resumed_params: Callable[[str], Any] | None = N
     s = st.STATE
     if s is None:
         return
-    for req_id in sorted(set(so.finished_req_ids) | set(so.preempted_req_ids or ())):
-        s.remove_request(req_id)
-    for new in so.scheduled_new_reqs:
-        s.add_request(new.req_id, _extra_args(new.sampling_params), new.num_computed_tokens,
-                      _first_group(new.block_ids))
+    s.remove_requests(sorted(set(so.finished_req_ids) | set(so.preempted_req_ids or ())))
+    added = [(new.req_id, _extra_args(new.sampling_params), new.num_computed_tokens,
+              _first_group(new.block_ids)) for new in so.scheduled_new_reqs]
     cached = so.scheduled_cached_reqs
     if resumed_params is not None:
         for i, (req_id, computed) in enumerate(zip(cached.req_ids, cached.num_computed_tokens,
                                                    strict=True)):
             if req_id in cached.resumed_req_ids:  # resumed: new_block_ids is its whole table
-                s.add_request(req_id, _extra_args(resumed_params(req_id)), computed,
-                              _first_group(cached.new_block_ids[i]))
+                added.append((req_id, _extra_args(resumed_params(req_id)), computed,
+                              _first_group(cached.new_block_ids[i])))
+    s.add_requests(added)  # one write per tensor for the step's new requests
 
 
 def _wrap(cls: type, name: str, make: Callable[[Callable], Callable]) -> None:

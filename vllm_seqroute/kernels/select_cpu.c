@@ -76,12 +76,18 @@ static inline int64_t pool_bin(int32_t key, const Step *s) {
     return k >= 0 ? s->half + 1 + c : s->half - 1 - c;
 }
 
+/* The block of a bin (bins are >= 0, blocks a power of two: checked on entry): a shift, not
+ * the 40-cycle integer division the compiler emits for a runtime divisor. */
+static inline int64_t block_of(int64_t bin, const Step *s) {
+    return bin >> __builtin_ctzll((unsigned long long)s->bs);
+}
+
 /* Pool entries of one request in bins [lo, hi): partial blocks bin by bin, whole blocks by
  * their block sums. */
 static inline int64_t count_between(const int32_t *h, const int32_t *blk, int64_t lo, int64_t hi,
                                     const Step *s) {
     if (hi <= lo) return 0;
-    const int64_t klo = lo / s->bs, khi = hi / s->bs;
+    const int64_t klo = block_of(lo, s), khi = block_of(hi, s);
     int64_t sum = 0;
     if (klo == khi) {
         for (int64_t i = lo; i < hi; ++i) sum += h[i];
@@ -123,11 +129,23 @@ static void candidates(const Step *s, int64_t t, int64_t *ids, int32_t *keys) {
         }
         return;
     }
-    int64_t m = 0;
-    for (int64_t x = 0; x < s->e; ++x) {
-        int32_t key = ordered_int(s->bias ? sc[x] + s->bias[x] : sc[x]);
-        if (m == u && !before(key, x, keys[u - 1], ids[u - 1])) continue;
-        insert_at(m < u ? m++ : u - 1, key, x, keys, ids); /* full: the worst entry drops out */
+    /* the first u experts fill the list; after that ids only grow, so a later expert enters
+     * only with a strictly higher key than the worst kept (it loses ties: a higher id), one
+     * integer compare for most experts */
+    const int64_t e = s->e, first = u < e ? u : e;
+    const float *b = s->bias;
+    for (int64_t x = 0; x < first; ++x)
+        insert_at(x, ordered_int(b ? sc[x] + b[x] : sc[x]), x, keys, ids);
+    for (int64_t x = first; x < u; ++x) { /* fewer experts than the width: -1 padding, last */
+        keys[x] = 0;
+        ids[x] = -1;
+    }
+    int32_t worst = keys[u - 1];
+    for (int64_t x = first; x < e; ++x) {
+        const int32_t key = ordered_int(b ? sc[x] + b[x] : sc[x]);
+        if (key <= worst) continue;
+        insert_at(u - 1, key, x, keys, ids); /* the worst entry drops out */
+        worst = keys[u - 1];
     }
 }
 
@@ -245,6 +263,7 @@ static void vanilla_step(Step *s) {
 
 int seqroute_select_cpu(Step *s) {
     const int64_t u = s->u;
+    if (s->bs <= 0 || (s->bs & (s->bs - 1))) return 3; /* block_of needs a power of two */
     for (int64_t t = 0; t < s->n; ++t) { /* every token's selector has a branch: else route none */
         const int64_t sid = s->policy[row_of(s, t)];
         if (sid < 0 || sid >= s->num_selectors || s->body[sid] < 0 || s->body[sid] >= NUM_BRANCHES)
@@ -271,7 +290,7 @@ int seqroute_select_cpu(Step *s) {
         for (int64_t j = 0; j < cap && s->pooled[r]; ++j) {
             if (ids[j] < 0) continue;
             s->hist[r * s->hstride + bins[j]] += 1;
-            s->block[r * s->nblocks + bins[j] / s->bs] += 1;
+            s->block[r * s->nblocks + block_of(bins[j], s)] += 1;
         }
         /* assembly */
         float *w = s->out_w + t * u;

@@ -236,8 +236,9 @@ class NativeLayer:
             raise ValueError(f"native CPU routing: scores {tuple(scores.shape)} on {scores.device}, "
                              f"built for at most {self._max_tokens} tokens of {s.e} experts on the CPU")
         u = s.u
-        out_w = torch.empty((n, u), dtype=torch.float32)
-        out_ids = torch.empty((n, u), dtype=torch.int32)
+        # sizes as arguments, not a tuple: 1.1 us per tensor instead of 1.5 (a decode call is ~20 us)
+        out_w = torch.empty(n, u, dtype=torch.float32)
+        out_ids = torch.empty(n, u, dtype=torch.int32)
         if n == 0:
             return out_w, out_ids
         f32, i32 = torch.float32, torch.int32

@@ -10,7 +10,8 @@ the selected (token, expert) pairs, in ONE call per layer whatever the mix of pe
   own result, bit for bit;
 - any other step, whatever its counts: each selected pair is a row of one top-1 call (the
   token's hidden row repeated, the pair's expert and weight), and the per-pair outputs are
-  summed per token in float32 (a segment sum) and cast once. The kernel groups its rows by
+  summed per token in float32 and cast once (``kernels/pairs_cpu.c``; torch's segment sum where
+  no C compiler is found). The kernel groups its rows by
   expert, so each used expert's weights are read once per layer call; the work is exactly the
   pairs. Tokens with no expert get an exact 0.
 

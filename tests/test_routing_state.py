@@ -25,7 +25,7 @@ def test_bad_offline_options_warn_once_per_problem(caplog: Any) -> None:
     assert lines[0].startswith("request bad0: routing_p") and "(1 request so far)" in lines[0]
     assert lines[1].startswith("request other: routing")
     assert s.bad_options_seen[next(iter(s.bad_options_seen))] == 3
-    assert s._slot_record(s.slot_of_req["other"])["policy"] == "seqtopk"  # the server's routing
+    assert s._slot_records([s.slot_of_req["other"]])[0]["policy"] == "seqtopk"  # the server's routing
 
 
 def _filled_state() -> st.RoutingState:

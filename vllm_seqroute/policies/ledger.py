@@ -47,11 +47,11 @@ def _zeros_huge(*shapes: tuple[int, ...], dtype: torch.dtype) -> list[torch.Tens
             for sh, c, a in zip(shapes, counts, starts, strict=False)]
 
 
-
 def _block_totals(hist: torch.Tensor) -> torch.Tensor:
     """``[..., NUM_BINS]`` histogram rows -> ``[..., NUM_BLOCKS]`` totals of each ``BLOCK`` bins."""
     pad = torch.nn.functional.pad(hist, (0, NUM_BLOCKS * BLOCK - NUM_BINS))
     return pad.view(*hist.shape[:-1], NUM_BLOCKS, BLOCK).sum(-1)
+
 
 class CausalLedger:
     """Ledger for ``num_slots`` request slots; slot ``-1`` (padding) maps to a sink row.

@@ -196,8 +196,7 @@ class RoutingState:
             self.slot_of_req[req_id] = slot
             slots.append(slot)
             cfgs.append(cfg)
-        self._write_slots(slots, cfgs)
-        idx = torch.tensor(slots, device=self.device)
+        idx = self._write_slots(slots, cfgs)
         # no pool kept for a policy that never reads it
         pooled = torch.tensor(["history" in c.selector().spec.needs for c in cfgs], device=self.device)
         for layer, sel in zip(self.layers, self.selected, strict=True):
@@ -240,9 +239,6 @@ class RoutingState:
             for req_id in req_ids:
                 self.recorder.remove_request(req_id)
 
-    def _slot_record(self, slot: int) -> dict[str, Any]:
-        return self._slot_records([slot])[0]
-
     def _slot_records(self, slots: list[int]) -> list[dict[str, Any]]:
         """Each slot's policy, budget and per-layer seen / used / selected (one read per tensor)."""
         if not slots:
@@ -257,8 +253,9 @@ class RoutingState:
                  "seen": per_layer[0][i], "used": per_layer[1][i], "selected": per_layer[2][i]}
                 for i, slot in enumerate(slots)]
 
-    def _write_slots(self, slots: list[int], cfgs: list[RoutingConfig]) -> None:
-        """Each slot's selector and per-token options: host lists, then one write per tensor."""
+    def _write_slots(self, slots: list[int], cfgs: list[RoutingConfig]) -> torch.Tensor:
+        """Each slot's selector and per-token options: host lists, then one write per tensor.
+        Returns the slots as an index tensor (the ledgers' resets take it too)."""
         rows = []
         for slot, cfg in zip(slots, cfgs, strict=True):
             sel = cfg.selector()
@@ -273,6 +270,7 @@ class RoutingState:
         self.policy[idx] = torch.tensor([self.slot_policy_host[s] for s in slots], device=self.device)
         for name, t in self.slot_params.items():
             t[idx] = torch.tensor([v[name] for v in rows], dtype=t.dtype, device=self.device)
+        return idx
 
     # --- steps --------------------------------------------------------------------------
     def set_step(self, req_ids: list[str], num_scheduled: Any) -> None:
